@@ -1,0 +1,88 @@
+# The front door. Every target is a thin wrapper over `python -m stereo ...`; `make help` lists them.
+SHELL := /bin/bash
+PY    ?= .venv/bin/python
+VENV  ?= .venv
+TORCH ?= torch==2.13.0
+CONFIG ?= tiny
+NPROC ?= 1
+# `make train CONFIG=x optim.lr=1e-5`: every command-line assignment whose name has a dot is a config override.
+OVERRIDES := $(strip $(foreach w,$(MAKEOVERRIDES),$(if $(findstring .,$(firstword $(subst =, ,$(w)))),$(w))) $(ARGS))
+
+.PHONY: help setup test test-gpu train demo-data shards bench bench-data eval compare infer export \
+        submit status logs cancel slurm-up slurm-down docker docker-build docker-run config clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+setup: $(VENV)/.setup-done ## build .venv with pinned versions (CPU or GPU machine) and the local Slurm packages
+	@bash slurm/local_cluster.sh install
+
+$(VENV)/.setup-done: requirements.txt docker/install.sh pyproject.toml
+	bash docker/install.sh $(VENV) "$(TORCH)"
+	touch $@
+
+test: ## run the test suite (CPU; real DeepSpeed, webdataset, Slurm, wandb offline)
+	$(PY) -m pytest -m "not gpu" tests
+
+test-gpu: ## run the GPU-marked tests (on a GPU node)
+	$(PY) -m pytest -m gpu tests
+
+demo-data: ## write the procedurally generated demo shards to shards/demo
+	$(PY) -m stereo demo-data --out shards/demo
+
+train: ## train CONFIG (default tiny: demo shards, CPU, a few minutes); overrides as a.b=value
+	@if [ "$(CONFIG)" = tiny ] && [ ! -f shards/demo/train/manifest.json ]; then $(MAKE) --no-print-directory demo-data; fi
+	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) -m stereo train $(CONFIG) $(OVERRIDES)
+
+config: ## print CONFIG fully resolved (validates it)
+	$(PY) -m stereo config $(CONFIG) $(OVERRIDES)
+
+shards: ## convert a data set: DATASET=kitti15 SRC=/data/KITTI OUT=shards/kitti15
+	$(PY) -m stereo shards --dataset $(DATASET) --src $(SRC) --out $(OUT)
+
+bench: ## time a training step and inference (GPU): median step, samples/s, peak memory, MFU
+	$(PY) -m stereo bench --out runs/bench.json
+
+bench-data: ## data-loading throughput per core on FSD-like samples
+	$(PY) -m stereo bench-data
+
+eval: ## evaluate: CKPT=... BENCH=kitti15 DATA=/data/KITTI
+	$(PY) -m stereo eval --ckpt $(CKPT) --bench $(BENCH) --data $(DATA) $(if $(OUT),--out $(OUT))
+
+compare: ## compare runs: RUNS="runs/a runs/b"
+	$(PY) -m stereo compare $(RUNS)
+
+infer: ## one pair: CKPT=... LEFT=... RIGHT=... OUT=...
+	$(PY) -m stereo infer --ckpt $(CKPT) --left $(LEFT) --right $(RIGHT) --out $(OUT)
+
+export: ## released-format checkpoint from a run: RUN=runs/x OUT=model.pth
+	$(PY) -m stereo export $(RUN) --out $(OUT) --ema
+
+submit: ## submit CONFIG to Slurm through submitit (validated first)
+	$(PY) -m stereo submit $(CONFIG) $(OVERRIDES)
+
+status: ## Slurm state of the last submitted run (or RUN=...)
+	$(PY) -m stereo status $(RUN)
+
+logs: ## log of the last submitted run (or RUN=...)
+	$(PY) -m stereo logs $(RUN)
+
+cancel: ## cancel the last submitted run (or RUN=...)
+	$(PY) -m stereo cancel $(RUN)
+
+slurm-up: ## start the single-node local Slurm cluster (tests use it)
+	bash slurm/local_cluster.sh up
+
+slurm-down: ## stop the local Slurm cluster
+	bash slurm/local_cluster.sh down
+
+docker: docker-build ## alias of docker-build
+
+docker-build: ## build the CUDA image (IMAGE=foundation-stereo:latest)
+	docker build -t $(or $(IMAGE),foundation-stereo:latest) .
+
+docker-run: ## run a subcommand in the image: make docker-run ARGS="train configs/stereo_v1.yaml"
+	docker run --gpus all --ipc=host -v /data:/data -v $(CURDIR)/runs:/runs $(or $(IMAGE),foundation-stereo:latest) $(ARGS)
+
+clean: ## remove runs, demo shards and caches (keeps .venv)
+	rm -rf runs shards/demo .pytest_cache

@@ -1,0 +1,5 @@
+import sys
+
+from stereo.cli import main
+
+sys.exit(main())

@@ -1,0 +1,63 @@
+"""`python -m stereo <command> ...`: one entry point; each command lives in its own module.
+
+A command module exposes `add_arguments(parser)` and `run(args) -> int`. Modules are imported only when their
+command runs, so `--help` stays fast and the library stays importable without the trainer's dependencies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from stereo.config.errors import ConfigError
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("stereo.train.cli", "train FoundationStereo (torchrun/Slurm launch it; CONFIG [a.b=value ...])"),
+    "shards": ("stereo.data.cli", "convert a public stereo data set into WebDataset shards"),
+    "demo-data": ("stereo.data.demo", "write the procedurally generated demo shards"),
+    "bench-data": ("stereo.data.bench", "measure data-loading throughput (decode + augmentation)"),
+    "eval": ("stereo.eval.cli", "evaluate a checkpoint on a benchmark (KITTI, Middlebury, ETH3D, Scene Flow)"),
+    "metrics": ("stereo.eval.metrics_cli", "EPE / BP-x / D1 for one prediction and ground truth, as JSON"),
+    "compare": ("stereo.eval.compare", "compare runs: table of metrics and config differences, loss plots"),
+    "infer": ("stereo.infer", "disparity (and depth) for one stereo pair"),
+    "export": ("stereo.train.export", "write a run's weights in the released checkpoint format"),
+    "bench": ("stereo.bench", "time a training step and inference; peak memory and MFU"),
+    "model": ("stereo.model.cli", "model tools: summary (state-dict manifest)"),
+    "config": ("stereo.config.cli", "validate a config and print it fully resolved"),
+    "submit": ("jobs.submit", "submit a training run to Slurm through submitit"),
+    "status": ("jobs.manage", "state of a submitted run's Slurm job"),
+    "logs": ("jobs.manage", "print a submitted run's job log"),
+    "cancel": ("jobs.manage", "cancel a submitted run's Slurm job"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: python -m stereo <command> [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "`python -m stereo <command> --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, text = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"python -m stereo {name}", description=text)
+    if module_name == "jobs.manage":
+        parser.set_defaults(action=name)
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    try:
+        return int(module.run(args) or 0)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return ConfigError.exit_code

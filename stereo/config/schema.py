@@ -1,0 +1,248 @@
+"""Typed configuration: one small dataclass per component.
+
+Every field has a default so that a YAML file only states what differs. `validate()` checks value ranges
+that a type alone cannot express; the loader (`stereo.config.load`) checks keys and types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from stereo.config.errors import ConfigError
+
+
+@dataclass
+class ActivationCheckpointing:
+    """Recompute these parts in the backward pass instead of storing their activations."""
+
+    features: bool = False  # EdgeNeXt branch, fusion decoder, context network
+    cost_filtering: bool = False  # hourglass + disparity transformer
+    update: bool = False  # every GRU iteration
+
+
+@dataclass
+class PretrainedConfig:
+    """Local files that initialise the backbones when training from scratch (nothing is downloaded)."""
+
+    depth_anything: str | None = None  # depth_anything_v2_vit{s,b,l}.pth
+    edgenext: str | None = None  # timm edgenext_small ImageNet weights (.pth or .safetensors)
+
+
+@dataclass
+class ModelConfig:
+    size: Literal["tiny", "vits", "vitb", "vitl"] = "vitl"
+    max_disp: int = 416  # full-resolution pixels; the cost volume has max_disp/4 bins
+    train_iters: int = 22
+    valid_iters: int = 32
+    hidden_dims: list[int] = field(default_factory=lambda: [128, 128, 128])
+    corr_radius: int = 4
+    corr_levels: int = 2
+    freeze_vit: bool = True  # the DepthAnything-V2 part; unfreeze for full fine-tuning (see optim.vit_lr)
+    init_from: str | None = None  # a released model_best_bp2.pth or one of our exports
+    pretrained: PretrainedConfig = field(default_factory=PretrainedConfig)
+    activation_checkpointing: ActivationCheckpointing = field(default_factory=ActivationCheckpointing)
+    channels_last: bool = False
+
+    def validate(self) -> None:
+        if self.max_disp % 16 or self.max_disp <= 0:
+            raise ConfigError("model.max_disp", f"a positive multiple of 16, got {self.max_disp}")
+        if len(self.hidden_dims) != 3:
+            raise ConfigError("model.hidden_dims", f"three widths (1/4, 1/8, 1/16), got {self.hidden_dims}")
+        for key in ("train_iters", "valid_iters", "corr_radius", "corr_levels"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"model.{key}", f">= 1, got {getattr(self, key)}")
+
+
+@dataclass
+class DatasetSpec:
+    """One data set of the training mix: where its shards are and how often it is drawn."""
+
+    name: str = ""
+    shards: str = ""  # a directory with manifest.json, a brace pattern, a list file, or a `pipe:` command
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    train: list[DatasetSpec] = field(default_factory=list)
+    val: list[DatasetSpec] = field(default_factory=list)
+    batch_size: int = 4  # per GPU (per process)
+    num_workers: int = 4
+    seed: int = 0
+    max_bad_sample_rate: float = 0.01  # above this fraction of bad samples in a shard, stop with an error
+    val_samples: int | None = None  # cap on validation samples (None: all held-out samples)
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError("data.batch_size", f">= 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            raise ConfigError("data.num_workers", f">= 0, got {self.num_workers}")
+        for split in ("train", "val"):
+            for i, spec in enumerate(getattr(self, split)):
+                if not spec.shards:
+                    raise ConfigError(f"data.{split}[{i}].shards", "a shard location, got nothing")
+                if spec.weight <= 0:
+                    raise ConfigError(f"data.{split}[{i}].weight", f"> 0, got {spec.weight}")
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentation; defaults follow RAFT-Stereo's augmentor, which the paper points to."""
+
+    crop: list[int] = field(default_factory=lambda: [320, 736])  # H, W
+    spatial_prob: float = 1.0
+    scale: list[float] = field(default_factory=lambda: [-0.2, 0.4])  # log2 of the random zoom
+    stretch_prob: float = 0.8
+    max_stretch: float = 0.2  # log2 of the extra horizontal/vertical factor
+    yjitter: int = 2  # right view shifted by up to this many rows (imperfect rectification)
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: list[float] = field(default_factory=lambda: [0.0, 1.4])
+    hue: float = 0.5 / 3.14159
+    gamma: list[float] = field(default_factory=lambda: [1.0, 1.0])  # range of the random gamma
+    asymmetric_color_prob: float = 0.2
+    eraser_prob: float = 0.5
+    hflip_prob: float = 0.0  # swaps the views; needs the right-view disparity
+    vflip_prob: float = 0.0
+
+    def validate(self) -> None:
+        if len(self.crop) != 2 or any(c <= 0 or c % 32 for c in self.crop):
+            raise ConfigError("augment.crop", f"[H, W], each a positive multiple of 32, got {self.crop}")
+        for key in ("spatial_prob", "stretch_prob", "asymmetric_color_prob", "eraser_prob", "hflip_prob", "vflip_prob"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"augment.{key}", f"a probability in [0, 1], got {getattr(self, key)}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    vit_lr: float = 1e-5  # used only when model.freeze_vit is false
+    grad_clip: float = 1.0  # global norm; 0 disables
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError("optim.lr", f"> 0, got {self.lr}")
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate multiplier as a pure function of the step (see stereo.train.schedules)."""
+
+    kind: Literal["step", "cosine", "onecycle", "constant"] = "step"
+    warmup_steps: int = 0
+    decay_at: float = 0.8  # step: fraction of training after which lr is multiplied by decay_factor
+    decay_factor: float = 0.1
+    min_ratio: float = 0.0  # cosine: final lr / peak lr
+    pct_start: float = 0.3  # onecycle: fraction spent rising
+
+
+@dataclass
+class LossConfig:
+    """Paper Eq. 11: init_weight * L_init(d0) + sum_i gamma^(N-1-i) * L_seq(d_i)."""
+
+    init_kind: Literal["smooth_l1", "l1", "epe"] = "smooth_l1"
+    seq_kind: Literal["smooth_l1", "l1", "epe"] = "l1"
+    init_weight: float = 1.0
+    gamma: float = 0.9
+    rescale_gamma: bool = False  # RAFT-Stereo: gamma ** (15 / (N - 1))
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200_000
+    grad_accum: int = 1
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    seed: int = 0
+    ema_decay: float | None = 0.9999  # None disables the EMA
+    val_every: int = 5000
+    max_bad_steps: int = 10  # consecutive non-finite steps before the run stops
+    run_dir: str | None = None  # default: runs/<config name>-<timestamp>
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ConfigError("train.steps", f">= 1, got {self.steps}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError("train.ema_decay", f"in (0, 1) or null, got {self.ema_decay}")
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 1
+    offload_optimizer: bool = False
+    fp16_initial_scale_power: int = 16
+    fp16_loss_scale_window: int = 1000
+
+    def validate(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError("deepspeed.zero_stage", f"0, 1, 2 or 3, got {self.zero_stage}")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 5000
+    keep_last: int = 3
+    keep_every: int | None = None  # additionally keep every M-th step forever
+
+    def validate(self) -> None:
+        if self.keep_last < 2:
+            raise ConfigError("checkpoint.keep_last", f">= 2 (a crash while writing must leave one), got {self.keep_last}")
+
+
+@dataclass
+class LoggingConfig:
+    wandb: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: online iff WANDB_API_KEY is set
+    project: str = "foundation-stereo"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    every: int = 20
+    image_every: int = 1000
+
+
+@dataclass
+class SlurmConfig:
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    nodes: int = 1
+    gpus_per_node: int = 8
+    cpus_per_task: int = 8
+    mem_gb: int | None = None
+    time_min: int = 240
+    constraint: str | None = None
+    extra_sbatch: dict[str, str] = field(default_factory=dict)
+    signal_delay_s: int = 120
+    max_requeues: int = 20
+    container_image: str | None = None
+    container_runtime: Literal["pyxis", "apptainer"] = "pyxis"
+    folder: str = "runs/slurm"
+
+
+@dataclass
+class EvalConfig:
+    benchmark: str | None = None
+    data: str | None = None
+    iters: int | None = None  # default: model.valid_iters
+    max_disp: int | None = None  # default: model.max_disp
+    save_images: bool = True
+
+
+@dataclass
+class Config:
+    name: str = "unnamed"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
