@@ -27,6 +27,8 @@ class PretrainedConfig:
 
     depth_anything: str | None = None  # depth_anything_v2_vit{s,b,l}.pth
     edgenext: str | None = None  # timm edgenext_small ImageNet weights (.pth or .safetensors)
+    # A frozen ViT that was never initialised gives random features forever: refused unless this is set (demo only).
+    allow_random_vit: bool = False
 
 
 @dataclass
