@@ -119,6 +119,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(key, f"an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, f"a number, got {value!r}")
         return float(value)
