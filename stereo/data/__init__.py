@@ -1,0 +1,1 @@
+"""Stereo data: file codecs, public data-set sources, WebDataset shards (writer, stream, augmentation)."""
