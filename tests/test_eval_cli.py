@@ -1,0 +1,58 @@
+"""The `metrics` and `eval` commands end to end, on real files."""
+
+import json
+
+import numpy as np
+import pytest
+
+from stereo.cli import main
+from stereo.data.codecs import encode_kitti_png, encode_mask, write_pfm
+
+# Errors 0.5, 4, 0 on gt 10, 20, 40; the gt-0 pixel and (in PFM) the inf pixel are not evaluated.
+GT = np.array([[10.0, 20.0], [0.0, 40.0]], np.float32)
+PRED = np.array([[10.5, 24.0], [3.0, 40.0]], np.float32)
+
+
+def _metrics_json(capsys, *argv):
+    assert main(["metrics", *map(str, argv)]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_metrics_cli_on_pfm(tmp_path, capsys):
+    gt = GT.copy()
+    gt[1, 0] = np.inf
+    write_pfm(tmp_path / "gt.pfm", gt)
+    write_pfm(tmp_path / "pred.pfm", PRED)
+    values = _metrics_json(capsys, "--pred", tmp_path / "pred.pfm", "--gt", tmp_path / "gt.pfm")
+    assert values["pixels"] == 3
+    assert values["epe"] == pytest.approx(4.5 / 3)
+    assert values["d1"] == pytest.approx(100 / 3)
+    assert values["bp_0.5"] == pytest.approx(100 / 3)
+    assert values["epe_noc"] is None
+
+
+def test_metrics_cli_on_kitti_png_with_masks(tmp_path, capsys):
+    (tmp_path / "gt.png").write_bytes(encode_kitti_png(GT))
+    (tmp_path / "pred.png").write_bytes(encode_kitti_png(PRED))
+    (tmp_path / "valid.png").write_bytes(encode_mask(np.array([[1, 1], [1, 0]], bool)))
+    (tmp_path / "nocc.png").write_bytes(encode_mask(np.array([[1, 0], [1, 1]], bool)))
+    values = _metrics_json(capsys, "--pred", tmp_path / "pred.png", "--gt", tmp_path / "gt.png",
+                           "--mask", tmp_path / "valid.png", "--nocc", tmp_path / "nocc.png")
+    # the mask admits the gt-0 pixel (error 3) and drops gt 40: errors 0.5, 4, 3
+    assert values["pixels"] == 3
+    assert values["epe"] == pytest.approx(7.5 / 3)
+    assert values["bp_2"] == pytest.approx(200 / 3)
+    assert values["pixels_noc"] == 2  # gt 10 (error 0.5) and gt 0 (error 3)
+    assert values["epe_noc"] == pytest.approx(1.75)
+    assert values["d1_noc"] == pytest.approx(0.0)  # 3 px is not > 3 px
+
+
+def test_metrics_cli_names_bad_files(tmp_path, capsys):
+    (tmp_path / "gt.png").write_bytes(encode_mask(GT > 0))  # an 8-bit PNG where 16 bit is expected
+    write_pfm(tmp_path / "pred.pfm", PRED)
+    assert main(["metrics", "--pred", str(tmp_path / "pred.pfm"), "--gt", str(tmp_path / "gt.png")]) == 1
+    err = capsys.readouterr().err
+    assert "gt.png" in err and "uint16" in err
+    write_pfm(tmp_path / "small.pfm", PRED[:1])
+    assert main(["metrics", "--pred", str(tmp_path / "small.pfm"), "--gt", str(tmp_path / "pred.pfm")]) == 1
+    assert "small.pfm" in capsys.readouterr().err
