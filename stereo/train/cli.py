@@ -1,0 +1,17 @@
+"""`python -m stereo train CONFIG [a.b=value ...]`, launched by torchrun (or Slurm through jobs/)."""
+
+from __future__ import annotations
+
+from stereo.config import load_config
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("config", help="a file under configs/ (name or path)")
+    parser.add_argument("overrides", nargs="*", help="a.b=value overrides, type-checked")
+
+
+def run(args) -> int:
+    cfg = load_config(args.config, args.overrides)  # a bad config fails here, before any process group starts
+    from stereo.train.loop import train
+
+    return train(cfg, list(args.overrides))

@@ -1,0 +1,135 @@
+"""The training loop. `train(cfg, overrides)` reads top to bottom: setup, resume, steps, checkpoints, exit.
+
+One optimizer step = `train.grad_accum` micro-batches. A micro-batch whose loss is not finite on any rank is
+dropped on every rank (no backward, no update, no EMA) and counted; `train.max_bad_steps` in a row stop the run.
+A step DeepSpeed itself skips (non-finite gradients, fp16 overflow) is counted the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from stereo.config import Config
+from stereo.train import engine as ds_engine
+from stereo.train.checkpoint import CheckpointManager
+from stereo.train.ema import EMA
+from stereo.train.logging import RunLogger
+from stereo.train.loss import stereo_loss
+from stereo.train.rng import rng_state, seed_everything, set_rng_state
+from stereo.train.run import (RunState, Validator, Window, batches_forever, nan_injection_steps, prepare_run_dir,
+                              training_panel)
+from stereo.train.schedules import lr_multiplier
+from stereo.train.signals import EXIT_PREEMPTED, TrainerSignals
+
+EXIT_TOO_MANY_BAD_STEPS = 3
+
+
+def train(cfg: Config, overrides: list[str]) -> int:
+    from stereo.data.loader import build_train_loader
+    from stereo.model import build_model
+    from stereo.model.io import initialise
+
+    env = ds_engine.init_distributed()
+    signals = TrainerSignals().install()
+    run_dir, git_revision = prepare_run_dir(cfg, env.rank)
+    seed_everything(cfg.train.seed, env.rank)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    precision = ds_engine.resolve_precision(cfg.train.precision, env.device)
+
+    ckpts = CheckpointManager(run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every, env.rank)
+    resume_from = ckpts.latest()
+    model = build_model(cfg.model)
+    if resume_from is None:  # resuming beats model.init_from: the checkpoint has every weight
+        initialise(model, cfg.model)
+    engine = ds_engine.build_engine(model, cfg, env, precision)
+    ema = EMA(engine.module, cfg.train.ema_decay) if cfg.train.ema_decay else None
+    loader = build_train_loader(cfg.data, cfg.augment, cfg.model.max_disp, env.rank, env.world_size)
+    log = RunLogger(run_dir, cfg, overrides, git_revision, env.rank)
+    state = RunState()
+    if resume_from is not None:
+        saved = ckpts.load(engine, resume_from)
+        state = RunState.restore(saved, env.world_size, resume_from)
+        loader.load_state_dict(saved["loader"])
+        if ema is not None:
+            ema.load_state_dict(saved["ema"])
+        set_rng_state(saved["rng"])
+        log.truncate_after(state.step)
+        print(f"[rank {env.rank}] resumed from {resume_from} at step {state.step}", file=sys.stderr, flush=True)
+
+    validator = Validator(cfg, engine.module, ema, env, log)
+    if state.step == 0:
+        validator.run(0, "before")
+    nan_steps = nan_injection_steps(env.rank)
+    batches = batches_forever(loader, env.device)
+    progress = tqdm(total=cfg.train.steps, initial=state.step, desc="train", disable=env.rank != 0,
+                    file=sys.stderr, dynamic_ncols=True, mininterval=2.0)
+    window = Window()
+    exit_code = 0
+    while state.step < cfg.train.steps:
+        lr = ds_engine.set_learning_rate(engine, lr_multiplier(state.step, cfg.train.steps, cfg.schedule))
+        good = 0
+        while good < cfg.train.grad_accum:  # a dropped micro-batch is replaced by the next one
+            wait_start = time.perf_counter()
+            batch = next(batches)
+            window.data_wait += time.perf_counter() - wait_start
+            init_disp, preds = engine(batch["left"], batch["right"], iters=cfg.model.train_iters, test_mode=False)
+            terms = stereo_loss(init_disp, preds, batch["disp"], batch["valid"], cfg.model.max_disp, cfg.loss)
+            if state.step in nan_steps:  # test hook (STEREO_TEST_NAN_STEPS): poison this rank's loss
+                terms["total"] = terms["total"] * float("nan")
+            agreed = signals.agree(~torch.isfinite(terms["total"].detach()))
+            if agreed.bad_loss:
+                state.count_bad_step(env.rank, "non-finite loss")
+                if state.bad_streak >= cfg.train.max_bad_steps:
+                    break
+                continue
+            engine.backward(terms["total"])
+            engine.step()
+            good += 1
+            window.add(terms, batch["left"].shape[0] * env.world_size)
+        if state.bad_streak >= cfg.train.max_bad_steps:
+            print(f"[rank {env.rank}] stopping: {state.bad_streak} non-finite steps in a row at step {state.step} "
+                  f"(train.max_bad_steps={cfg.train.max_bad_steps}); the last good checkpoint is kept",
+                  file=sys.stderr, flush=True)
+            exit_code = EXIT_TOO_MANY_BAD_STEPS
+            break
+        if engine.was_step_applied():
+            state.bad_streak = 0
+            if ema is not None:
+                ema.update()
+        else:
+            state.count_bad_step(env.rank, "DeepSpeed skipped the update (non-finite gradients or fp16 overflow)")
+        state.step += 1
+        state.samples_seen += cfg.data.batch_size * cfg.train.grad_accum * env.world_size
+        progress.update(1)
+        if state.step % cfg.logging.every == 0 or state.step == cfg.train.steps:
+            scalars = window.flush(lr, engine.get_global_grad_norm(), state.skipped_steps, loader)
+            log.log(state.step, scalars)
+            progress.set_postfix(loss=f"{scalars['loss']:.3f}", lr=f"{lr:.2e}")
+        if cfg.logging.image_every and state.step % cfg.logging.image_every == 0:
+            log.log_image(state.step, "train/disparity", training_panel(batch, preds[-1]))
+        if state.step % cfg.train.val_every == 0 and state.step < cfg.train.steps:
+            validator.run(state.step)
+        if agreed.stop or agreed.checkpoint or state.step % cfg.checkpoint.every == 0 \
+                or state.step == cfg.train.steps:
+            ckpts.save(engine, state.step, state.trainer_state(loader, ema, rng_state(), engine, cfg, git_revision))
+            signals.checkpoint_done()
+        if agreed.stop:
+            print(f"[rank {env.rank}] signal received: checkpointed at step {state.step}, exiting "
+                  f"{EXIT_PREEMPTED} for requeue", file=sys.stderr, flush=True)
+            exit_code = EXIT_PREEMPTED
+            break
+    progress.close()
+    if exit_code == 0:
+        validator.run(state.step, "after")
+        validator.print_summary()
+    log.finish()
+    if dist.is_initialized():
+        dist.barrier()
+    return exit_code

@@ -1,0 +1,173 @@
+"""The loop's helpers: run directory, trainer state, batches, the logging window, validation, the NaN test hook."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from stereo.config import Config, dump_yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def prepare_run_dir(cfg: Config, rank: int) -> tuple[Path, str | None]:
+    """train.run_dir or runs/<name>-<UTC time> (rank 0 picks the time; all ranks get the same path)."""
+    chosen = [cfg.train.run_dir or f"runs/{cfg.name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}", git_revision()]
+    if dist.is_initialized():
+        dist.broadcast_object_list(chosen, src=0)
+    run_dir, revision = Path(chosen[0]), chosen[1]
+    if rank == 0:
+        print(f"run directory: {run_dir.resolve()}", flush=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    if dist.is_initialized():
+        dist.barrier()
+    return run_dir, revision
+
+
+@dataclass
+class RunState:
+    step: int = 0
+    samples_seen: int = 0
+    skipped_steps: int = 0
+    bad_streak: int = 0
+    skipped_at: list[int] = field(default_factory=list)
+
+    def count_bad_step(self, rank: int, why: str) -> None:
+        self.skipped_steps += 1
+        self.bad_streak += 1
+        self.skipped_at.append(self.step)
+        print(f"[rank {rank}] skipped step {self.step}: {why} (skipped so far: {self.skipped_steps})",
+              file=sys.stderr, flush=True)
+
+    def trainer_state(self, loader, ema, rng: dict, engine, cfg: Config, revision: str | None) -> dict:
+        return {"step": self.step, "samples_seen": self.samples_seen, "skipped_steps": self.skipped_steps,
+                "bad_streak": self.bad_streak, "skipped_at": list(self.skipped_at),
+                "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                "loader": loader.state_dict(), "rng": rng, "ema": ema.state_dict() if ema is not None else None,
+                "loss_scale": float(getattr(engine.optimizer, "cur_scale", getattr(engine.optimizer, "loss_scale", 1.0))
+                                    or 1.0),
+                "config": dump_yaml(cfg), "git_revision": revision}
+
+    @classmethod
+    def restore(cls, saved: dict, world_size: int, where: Path) -> "RunState":
+        if saved["world_size"] != world_size:
+            raise RuntimeError(f"{where}: saved by {saved['world_size']} processes, resuming with {world_size}; "
+                               "the data-loader and RNG states are per rank, so use the same process count")
+        return cls(saved["step"], saved["samples_seen"], saved["skipped_steps"], saved["bad_streak"],
+                   list(saved["skipped_at"]))
+
+
+def batches_forever(loader, device: torch.device):
+    """Endless stream of batches on the device (a finite loader is simply restarted)."""
+    while True:
+        for batch in loader:
+            yield {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def nan_injection_steps(rank: int) -> set[int]:
+    """Test hook: STEREO_TEST_NAN_STEPS=3,4 poisons the loss at those steps, on STEREO_TEST_NAN_RANK (default all)."""
+    steps = os.environ.get("STEREO_TEST_NAN_STEPS", "")
+    only_rank = os.environ.get("STEREO_TEST_NAN_RANK")
+    if not steps or (only_rank is not None and int(only_rank) != rank):
+        return set()
+    return {int(s) for s in steps.split(",")}
+
+
+class Window:
+    """Sums of the loss terms between two log lines, kept on the device: one host sync per logged line."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.micro_batches = 0
+        self.samples = 0
+        self.data_wait = 0.0
+        self.start = time.perf_counter()
+
+    def add(self, terms: dict[str, torch.Tensor], samples: int) -> None:
+        for key, value in terms.items():
+            value = value.detach().float()
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+        self.micro_batches += 1
+        self.samples += samples
+
+    def flush(self, lr: float, grad_norm, skipped_steps: int, loader) -> dict[str, float]:
+        elapsed = time.perf_counter() - self.start
+        n = max(self.micro_batches, 1)
+        means = {k: v.item() / n for k, v in self.sums.items()}
+        scalars = {"loss": means.get("total", math.nan), "loss/init": means.get("init", math.nan),
+                   "loss/seq": means.get("seq", math.nan), "train/epe": means.get("epe", math.nan),
+                   "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+                   "samples_per_s": self.samples / max(elapsed, 1e-9), "data_wait_s": self.data_wait,
+                   "skipped_steps": skipped_steps}
+        if torch.cuda.is_available():
+            scalars["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        for name, count in (loader.bad_sample_counts() or {}).items():
+            scalars[f"bad_samples/{name}"] = count
+        self.__init__()
+        return scalars
+
+
+def training_panel(batch: dict, pred: torch.Tensor) -> np.ndarray:
+    """left | gt | prediction | error for the batch's first sample."""
+    from stereo.eval.report import disparity_panel
+
+    def first(t: torch.Tensor) -> np.ndarray:
+        return t[0].detach().float().cpu().numpy()
+
+    return disparity_panel(first(batch["left"]), first(batch["disp"]), first(pred), first(batch["valid"]))
+
+
+class Validator:
+    """E's evaluate() on the held-out samples with the EMA weights (rank 0; the others wait at a barrier)."""
+
+    def __init__(self, cfg: Config, module: torch.nn.Module, ema, env, log):
+        self.cfg, self.module, self.ema, self.env, self.log = cfg, module, ema, env, log
+        self.epe: dict[str, float] = {}
+
+    def run(self, step: int, label: str | None = None) -> None:
+        if not self.cfg.data.val:
+            return
+        if self.env.rank == 0:
+            from stereo.data.loader import iter_val_samples
+            from stereo.eval.runner import evaluate
+
+            was_training = self.module.training
+            self.module.eval()
+            with (self.ema.applied() if self.ema is not None else contextlib.nullcontext()), torch.no_grad():
+                metrics = evaluate(self.module, iter_val_samples(self.cfg.data), self.cfg.model.valid_iters,
+                                   self.env.device)
+            self.module.train(was_training)
+            scalars = {f"val/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+            self.log.log(step, scalars)
+            epe = next((v for k, v in scalars.items() if k.lower() == "val/epe"), math.nan)
+            if label:
+                self.epe[label] = epe
+            print(f"validation at step {step}: EPE {epe:.3f}", file=sys.stderr, flush=True)
+        if dist.is_initialized():
+            dist.barrier()
+
+    def print_summary(self) -> None:
+        if self.env.rank == 0 and "before" in self.epe and "after" in self.epe:
+            print(f"validation EPE before training {self.epe['before']:.3f} -> after {self.epe['after']:.3f} "
+                  f"(EMA weights, {self.cfg.data.val[0].name})", flush=True)
+
