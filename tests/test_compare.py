@@ -9,22 +9,22 @@ from stereo.cli import main
 from stereo.eval.compare import flatten
 
 
-def _write_run(path, lr, speed, epe_scale):
+def _write_run(path, lr, speed, epe_scale, time_offset=0.0):
     path.mkdir(parents=True)
     config = {"name": "tiny", "optim": {"lr": lr, "betas": [0.9, 0.999]}, "train": {"steps": 30}}
     (path / "config.yaml").write_text(yaml.safe_dump(config))
     lines = []
     for step in range(10, 31, 10):
-        lines.append({"step": step, "time": step / speed, "loss": 10.0 / step, "loss/init": 4.0 / step,
+        lines.append({"step": step, "time": time_offset + step / speed, "loss": 10.0 / step, "loss/init": 4.0 / step,
                       "loss/seq": 6.0 / step, "lr": lr, "samples_per_s": speed})
-        lines.append({"step": step, "time": step / speed + 1, "val/demo_val/epe/pooled": epe_scale * (40 - step),
+        lines.append({"step": step, "time": time_offset + step / speed + 1, "val/demo_val/epe/pooled": epe_scale * (40 - step),
                       "val/demo_val/epe/mean_image": 1.0, "val/demo_val/bp_2/pooled": 50.0})
     (path / "metrics.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
 
 
 def test_compare_writes_table_with_differences_and_plots(tmp_path, capsys):
     _write_run(tmp_path / "a", lr=1e-3, speed=4.0, epe_scale=1.0)
-    _write_run(tmp_path / "b", lr=2e-4, speed=2.0, epe_scale=2.0)
+    _write_run(tmp_path / "b", lr=2e-4, speed=2.0, epe_scale=2.0, time_offset=1.7e9)  # Unix timestamps
     out = tmp_path / "cmp"
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 0
     text = (out / "compare.md").read_text()
@@ -32,6 +32,8 @@ def test_compare_writes_table_with_differences_and_plots(tmp_path, capsys):
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in text.splitlines()
             if line.startswith("| ")}
     assert rows["last step"] == ["30", "30"]
+    # a: 30 / 4 + 1 = 8.5 s since start; b: timestamps, made relative to its first line (16 - 5 = 11 s)
+    assert rows["wall time (min)"] == [f"{8.5 / 60:.3f}", f"{11 / 60:.3f}"]
     assert rows["final val/demo_val/epe/pooled"] == ["10.000", "20.000"]
     assert rows["best val/demo_val/epe/pooled"] == ["10.000", "20.000"]
     assert rows["median samples/s"] == ["4.000", "2.000"]

@@ -34,9 +34,17 @@ class Run:
     config: dict[str, Any]
 
     def series(self, key: str) -> tuple[list[float], list[float], list[float]]:
-        """(steps, wall seconds, values) of every line that has a finite number under `key`."""
+        """(steps, wall seconds since start, values) of every line that has a finite number under `key`."""
         rows = [r for r in self.records if _is_number(r.get(key))]
-        return [r.get("step", math.nan) for r in rows], [r.get("time", math.nan) for r in rows], [r[key] for r in rows]
+        times = [r.get("time", math.nan) - self.time_origin for r in rows]
+        return [r.get("step", math.nan) for r in rows], times, [r[key] for r in rows]
+
+    @property
+    def time_origin(self) -> float:
+        """`time` is wall seconds since the start; a log holding Unix timestamps instead (> 1e8, i.e. after 1973)
+        is made relative to its first line so that runs still line up."""
+        first = next((r["time"] for r in self.records if _is_number(r.get("time"))), 0.0)
+        return first if first > 1e8 else 0.0
 
 
 def _is_number(value: Any) -> bool:
