@@ -109,7 +109,7 @@ def summary_rows(runs: list[Run]) -> tuple[list[str], list[list[Any]]]:
         return values[-1] if values else None
 
     rows.append(["last step", *(last(run, "step") for run in runs)])
-    rows.append(["wall time (min)", *((t / 60 if (t := last(run, "time")) is not None else None) for run in runs)])
+    rows.append(["wall time (min)", *((t[-1] / 60 if (t := run.series("time")[1]) else None) for run in runs)])
     for key in LOSS_KEYS:
         rows.append([f"final {key}", *(last(run, key) for run in runs)])
     rows.append(["median samples/s", *((statistics.median(v) if (v := run.series("samples_per_s")[2]) else None)
