@@ -1,0 +1,159 @@
+"""Training augmentation after RAFT-Stereo's augmentor (which the FoundationStereo paper points to).
+
+All geometry (view-swap flip, vertical flip, scale + stretch, crop, right-view y-jitter) is folded into one affine
+map per output and applied with a single `cv2.warpAffine` that computes only the crop's pixels, so the cost does
+not grow with the zoom. Disparity is multiplied by the horizontal factor. Invalid disparity never leaks into valid
+pixels: the warp interpolates disparity * valid and valid separately and divides, keeping pixels where most of the
+interpolation weight was valid. Images smaller than the crop (or not zoomed enough) are *upscaled* to the smallest
+size that fits, never padded. Colour (brightness, contrast, saturation, hue in a random order, then gamma) and the
+occlusion eraser work on the crop, which is cheaper and equivalent up to the image statistics they use.
+
+The stereo invariant left(x, y) = right(x - d(x, y), y) survives every geometric op (tests/test_augment.py checks
+each one on a synthetic scene); only the y-jitter breaks it on purpose, by up to `yjitter` rows.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import cv2
+import numpy as np
+
+from stereo.config.schema import AugmentConfig
+
+Sample = dict[str, Any]
+CROP_ATTEMPTS = 10  # crops tried before the sample is given up as having no valid pixel
+VALID_WEIGHT = 0.5  # a warped pixel is valid when at least this share of its interpolation weight was valid
+ERASER_SIZE = (50, 100)  # box side range in pixels, as RAFT-Stereo
+GRAY = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def _affine(scale: float, offset: float, mirror: bool, size: int) -> tuple[float, float]:
+    """Output coordinate u -> source coordinate a*u + b for a zoom `scale`, crop `offset` and optional mirror
+    (pixel centres aligned, as cv2.resize does)."""
+    a, b = 1.0 / scale, (offset + 0.5) / scale - 0.5
+    return (-a, size - 1 - b) if mirror else (a, b)
+
+
+def _warp(image: np.ndarray, x: tuple[float, float], y: tuple[float, float], shape: tuple[int, int],
+          interpolation: int = cv2.INTER_LINEAR) -> np.ndarray:
+    matrix = np.array([[x[0], 0.0, x[1]], [0.0, y[0], y[1]]], dtype=np.float64)
+    return cv2.warpAffine(image, matrix, (shape[1], shape[0]), flags=interpolation | cv2.WARP_INVERSE_MAP,
+                          borderMode=cv2.BORDER_REPLICATE)
+
+
+def warp_disparity(disp: np.ndarray, valid: np.ndarray, x, y, shape, factor: float) -> tuple[np.ndarray, np.ndarray]:
+    weight = _warp(valid.astype(np.float32), x, y, shape)
+    total = _warp(np.where(valid, disp, 0.0).astype(np.float32), x, y, shape)
+    valid_out = weight >= VALID_WEIGHT
+    disp_out = np.where(valid_out, total / np.maximum(weight, 1e-6) * factor, 0.0).astype(np.float32)
+    return disp_out, valid_out
+
+
+class Augmentor:
+    """`augmentor(sample, rng)` -> the augmented crop, or None when no crop with a valid pixel was found."""
+
+    def __init__(self, cfg: AugmentConfig, max_disp: float):
+        self.cfg, self.max_disp = cfg, max_disp
+        self.crop = (int(cfg.crop[0]), int(cfg.crop[1]))
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample | None:
+        out = self.geometry(sample, rng)
+        if out is None:
+            return None
+        self.colour(out, rng)
+        self.erase(out["right"], rng)
+        return out
+
+    # -- geometry -----------------------------------------------------------------------------------------------
+    def geometry(self, sample: Sample, rng: np.random.Generator) -> Sample | None:
+        cfg, (crop_h, crop_w) = self.cfg, self.crop
+        left, right, disp, valid = sample["left"], sample["right"], sample["disp"], sample["valid"]
+        swap = sample.get("disp_right") is not None and rng.random() < cfg.hflip_prob
+        if swap:  # mirrored views swap roles; the right view's disparity becomes the left one
+            left, right = right, left
+            disp = sample["disp_right"]
+            valid = np.isfinite(disp) & (disp > 0)
+        vflip = rng.random() < cfg.vflip_prob
+        height, width = disp.shape
+        scale_x = scale_y = 1.0
+        if rng.random() < cfg.spatial_prob:
+            scale_x = scale_y = 2.0 ** rng.uniform(*cfg.scale)
+            if rng.random() < cfg.stretch_prob:
+                scale_x *= 2.0 ** rng.uniform(-cfg.max_stretch, cfg.max_stretch)
+                scale_y *= 2.0 ** rng.uniform(-cfg.max_stretch, cfg.max_stretch)
+        # too small for the crop (plus the jitter margin): upscale to the smallest size that fits
+        scale_x = max(scale_x, (crop_w + 1) / width)
+        scale_y = max(scale_y, (crop_h + 2 * cfg.yjitter + 1) / height)
+        max_x = max(int(math.floor(width * scale_x)) - crop_w, 0)
+        max_y = max(int(math.floor(height * scale_y)) - crop_h - cfg.yjitter, cfg.yjitter)
+        for _ in range(CROP_ATTEMPTS):
+            x0 = int(rng.integers(0, max_x + 1))
+            y0 = int(rng.integers(cfg.yjitter, max_y + 1))
+            ax = _affine(scale_x, x0, swap, width)
+            ay = _affine(scale_y, y0, vflip, height)
+            disp_out, valid_out = warp_disparity(disp, valid, ax, ay, self.crop, scale_x)
+            valid_out &= disp_out < self.max_disp
+            if valid_out.any():
+                break
+        else:
+            return None
+        y_right = y0 + int(rng.integers(-cfg.yjitter, cfg.yjitter + 1)) if cfg.yjitter else y0
+        out = dict(sample)
+        out.update(
+            left=_warp(left, ax, ay, self.crop),
+            right=_warp(right, ax, _affine(scale_y, y_right, vflip, height), self.crop),
+            disp=np.where(valid_out, disp_out, 0.0).astype(np.float32),
+            valid=valid_out,
+            disp_right=None,
+            nocc=None,
+        )
+        return out
+
+    # -- photometric --------------------------------------------------------------------------------------------
+    def colour(self, sample: Sample, rng: np.random.Generator) -> None:
+        left = sample["left"].astype(np.float32)
+        right = sample["right"].astype(np.float32)
+        if rng.random() < self.cfg.asymmetric_color_prob:
+            left, right = self._jitter(left, rng), self._jitter(right, rng)
+        else:  # one set of factors for the pair, statistics over both views
+            both = self._jitter(np.concatenate([left, right], axis=0), rng)
+            left, right = both[: left.shape[0]], both[left.shape[0]:]
+        sample["left"], sample["right"] = left, right
+
+    def _jitter(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        cfg = self.cfg
+        brightness = rng.uniform(max(0.0, 1 - cfg.brightness), 1 + cfg.brightness)
+        contrast = rng.uniform(max(0.0, 1 - cfg.contrast), 1 + cfg.contrast)
+        saturation = rng.uniform(*cfg.saturation)
+        hue = rng.uniform(-cfg.hue, cfg.hue)
+        gamma = rng.uniform(*cfg.gamma)
+        for op in rng.permutation(4):
+            if op == 0:
+                image *= brightness
+            elif op == 1:
+                mean = float(np.clip(image, 0, 255).reshape(-1, 3).mean(axis=0) @ GRAY)
+                image = (image - mean) * contrast + mean
+            elif op == 2:
+                gray = np.clip(image, 0, 255) @ GRAY
+                image = (image - gray[..., None]) * saturation + gray[..., None]
+            elif hue:
+                hsv = cv2.cvtColor(np.clip(image, 0, 255) / 255.0, cv2.COLOR_RGB2HSV)  # float: H in degrees
+                hsv[..., 0] = (hsv[..., 0] + hue * 360.0) % 360.0
+                image = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB) * 255.0
+            np.clip(image, 0, 255, out=image)
+        if gamma != 1.0:
+            image = 255.0 * (image / 255.0) ** gamma
+        return image.astype(np.float32, copy=False)
+
+    def erase(self, right: np.ndarray, rng: np.random.Generator) -> None:
+        """Occlusion: 1-2 boxes on the right view filled with its mean colour (left disparity stays valid)."""
+        if rng.random() >= self.cfg.eraser_prob:
+            return
+        height, width = right.shape[:2]
+        mean = right.reshape(-1, 3).mean(axis=0)
+        for _ in range(int(rng.integers(1, 3))):
+            x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
+            dx, dy = (int(v) for v in rng.integers(*ERASER_SIZE, size=2))
+            right[y0:y0 + dy, x0:x0 + dx] = mean

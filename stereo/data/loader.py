@@ -1,0 +1,184 @@
+"""The trainer's data entry points: `build_train_loader` (batches, resumable) and `iter_val_samples`.
+
+torch's DataLoader hands out batches round-robin over its workers, always in the same order. The main process
+therefore keeps, per role, the state that came with the last batch it *consumed* and how many batches it consumed;
+on restore, worker slot i takes role (i + consumed) % workers and starts from that role's state, so batches that
+were prefetched but never consumed are produced again and the resumed run sees exactly the batches of the
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from stereo.config.schema import AugmentConfig, DataConfig, DatasetSpec
+from stereo.data.augment import Augmentor
+from stereo.data.reader import UnreadableSample, index_tar, iter_pipe, read_indexed
+from stereo.data.shardlist import resolve_shards
+from stereo.data.stream import DatasetSource, RoleState, RoleStream, Sample, Transform, decode_checked
+
+log = logging.getLogger(__name__)
+STATE_VERSION = 1
+
+
+def collate(samples: list[Sample]) -> dict[str, torch.Tensor]:
+    def images(name: str) -> torch.Tensor:
+        return torch.from_numpy(np.stack([s[name] for s in samples]).transpose(0, 3, 1, 2).astype(np.float32))
+
+    return {
+        "left": images("left"),
+        "right": images("right"),
+        "disp": torch.from_numpy(np.stack([s["disp"] for s in samples])[:, None].astype(np.float32)),
+        "valid": torch.from_numpy(np.stack([s["valid"] for s in samples])[:, None].astype(bool)),
+    }
+
+
+class _RoleBatches(IterableDataset):
+    """What one DataLoader worker runs: the batches of its role, each with the role's state after it."""
+
+    def __init__(self, sources: list[DatasetSource], seed: int, rank: int, slots: int, num_roles: int,
+                 batch_size: int, max_bad_rate: float, transform: Transform | None, states: dict[int, dict],
+                 offset: int):
+        super().__init__()
+        self.sources, self.seed, self.rank, self.slots, self.num_roles = sources, seed, rank, slots, num_roles
+        self.batch_size, self.max_bad_rate, self.transform = batch_size, max_bad_rate, transform
+        self.states, self.offset = states, offset
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        if info is not None:  # one core per worker: OpenCV and torch must not start their own thread pools
+            cv2.setNumThreads(1)
+            torch.set_num_threads(1)
+        role = self.rank * self.slots + ((info.id if info else 0) + self.offset) % self.slots
+        state = RoleState.from_dict(self.states[role]) if role in self.states else RoleState()
+        stream = RoleStream(self.sources, role, self.num_roles, self.seed, self.max_bad_rate, state, self.transform)
+        while True:
+            batch: dict[str, Any] = collate([stream.next() for _ in range(self.batch_size)])
+            batch["_role"], batch["_state"] = role, state.to_dict()
+            yield batch
+
+
+class TrainLoader:
+    """Endless training batches for one rank; `state_dict()` is small and JSON-able."""
+
+    def __init__(self, sources: list[DatasetSource], *, seed: int, rank: int, world_size: int, num_workers: int,
+                 batch_size: int, max_bad_rate: float, transform: Transform | None):
+        self.sources, self.seed, self.rank, self.world_size = sources, seed, rank, world_size
+        self.num_workers, self.batch_size, self.max_bad_rate = num_workers, batch_size, max_bad_rate
+        self.transform = transform
+        self.slots = max(num_workers, 1)
+        self.num_roles = world_size * self.slots
+        self.role_states: dict[int, dict] = {}
+        self.consumed = 0
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        dataset = _RoleBatches(self.sources, self.seed, self.rank, self.slots, self.num_roles, self.batch_size,
+                               self.max_bad_rate, self.transform, dict(self.role_states),
+                               self.consumed % self.slots)
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                            prefetch_factor=2 if self.num_workers else None)
+        for batch in loader:
+            self.role_states[int(batch.pop("_role"))] = batch.pop("_state")
+            self.consumed += 1
+            yield batch
+
+    def _identity(self) -> dict[str, Any]:
+        return {"world_size": self.world_size, "rank": self.rank, "num_workers": self.num_workers,
+                "seed": self.seed, "datasets": [s.name for s in self.sources]}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, **self._identity(), "consumed": self.consumed,
+                "roles": {str(role): state for role, state in sorted(self.role_states.items())}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise ValueError(f"data loader state: expected a dict with version {STATE_VERSION}, got "
+                             f"{state.get('version') if isinstance(state, dict) else type(state).__name__}")
+        for key, expected in self._identity().items():
+            if state.get(key) != expected:
+                raise ValueError(f"data loader state: saved with {key}={state.get(key)!r} but this run has "
+                                 f"{expected!r}; exact resume needs the same world size, workers, seed and data "
+                                 "sets (start the data stream afresh by not loading this state)")
+        self.consumed = int(state["consumed"])
+        self.role_states = {int(role): RoleState.from_dict(s).to_dict() for role, s in state["roles"].items()}
+
+    def bad_sample_counts(self) -> dict[str, int]:
+        """Bad samples skipped so far, per reason, by the roles of this rank (up to the last consumed batch)."""
+        totals: dict[str, int] = {}
+        for state in self.role_states.values():
+            for reason, count in state["bad"].items():
+                totals[reason] = totals.get(reason, 0) + count
+        return totals
+
+
+def sources_from_specs(specs: list[DatasetSpec]) -> list[DatasetSource]:
+    names = [spec.name for spec in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"data set names must be unique (they seed the shard order): {names}")
+    return [DatasetSource(spec.name, resolve_shards(spec.shards), spec.weight) for spec in specs]
+
+
+def build_train_loader(data_cfg: DataConfig, augment_cfg: AugmentConfig | None, max_disp: int, rank: int,
+                       world_size: int) -> TrainLoader:
+    """`augment_cfg=None` turns augmentation off (samples keep their full size, so batch_size must be 1 unless
+    all samples share a size)."""
+    if not data_cfg.train:
+        raise ValueError("data.train: at least one data set, got none")
+    transform = Augmentor(augment_cfg, max_disp) if augment_cfg is not None else None
+    return TrainLoader(sources_from_specs(data_cfg.train), seed=data_cfg.seed, rank=rank, world_size=world_size,
+                       num_workers=data_cfg.num_workers, batch_size=data_cfg.batch_size,
+                       max_bad_rate=data_cfg.max_bad_sample_rate, transform=transform)
+
+
+def iter_val_samples(data_cfg: DataConfig) -> Iterator[Sample]:
+    """Each held-out sample once, in shard order, full size; capped by `data_cfg.val_samples`. Bad ones are skipped
+    with a warning (validation must not die on one broken file, nor silently shrink)."""
+    remaining = data_cfg.val_samples
+    for source in sources_from_specs(data_cfg.val):
+        for shard in source.shards:
+            for item in _shard_samples(shard):
+                if remaining is not None and remaining <= 0:
+                    return
+                if isinstance(item, UnreadableSample):
+                    log.warning("validation: skipped a sample of %s (%s)", shard.url, item)
+                    continue
+                item["dataset"] = source.name
+                yield item
+                if remaining is not None:
+                    remaining -= 1
+
+
+def _shard_samples(shard) -> Iterator[Sample | UnreadableSample]:
+    if shard.is_pipe:
+        raw = iter_pipe(shard.url)
+    else:
+        try:
+            index = index_tar(shard.url)
+        except UnreadableSample as bad:
+            yield bad
+            return
+        raw = _read_all(index)
+    for item in raw:
+        if isinstance(item, UnreadableSample):
+            yield item
+            continue
+        try:
+            yield decode_checked(item[1], item[0])
+        except UnreadableSample as bad:
+            yield bad
+
+
+def _read_all(index) -> Iterator[tuple[str, dict[str, bytes]] | UnreadableSample]:
+    with open(index.path, "rb") as handle:
+        for entry in index.samples:
+            try:
+                yield entry.key, read_indexed(handle, index, entry)
+            except UnreadableSample as bad:
+                yield bad

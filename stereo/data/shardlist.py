@@ -1,0 +1,76 @@
+"""Resolve a data set's `shards:` string into the list of shards to read.
+
+Accepted forms: a directory holding `manifest.json` (written by `stereo.data.shards.write_shards`), a text file
+listing one shard per line, a brace pattern (`shards/fsd/{000000..000999}.tar`), a single tar path, and `pipe:`
+commands (`pipe:aws s3 cp s3://bucket/fsd/{000000..000099}.tar -`), which are brace-expanded too.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from braceexpand import braceexpand
+
+PIPE_PREFIX = "pipe:"
+
+
+class ShardListError(ValueError):
+    """A shard source that cannot be resolved; the message names it and says what was expected."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    url: str  # a local path or a `pipe:` command whose stdout is the tar
+    num_samples: int | None = None  # from the manifest, when there is one
+
+    @property
+    def is_pipe(self) -> bool:
+        return self.url.startswith(PIPE_PREFIX)
+
+
+def resolve_shards(source: str) -> list[Shard]:
+    source = source.strip()
+    if not source:
+        raise ShardListError("empty shard source: expected a directory, a list file, a pattern or a pipe: command")
+    if source.startswith(PIPE_PREFIX):
+        return [Shard(url) for url in braceexpand(source)]
+    path = Path(source)
+    if path.is_dir():
+        return _from_manifest(path)
+    if path.is_file() and path.suffix in (".txt", ".list"):
+        return _from_list_file(path)
+    shards = [Shard(url) for url in braceexpand(source)]
+    missing = [s.url for s in shards if not Path(s.url).is_file()]
+    if missing:
+        raise ShardListError(f"{source}: {len(missing)} of {len(shards)} shard files do not exist (first: {missing[0]}); "
+                             "expected a directory with manifest.json, a list file, a tar path or brace pattern, "
+                             "or a pipe: command")
+    return shards
+
+
+def _from_manifest(directory: Path) -> list[Shard]:
+    manifest_path = directory / "manifest.json"
+    if not manifest_path.is_file():
+        raise ShardListError(f"{directory}: no manifest.json; expected a shard directory written by `python -m stereo "
+                             "shards` or `demo-data` (or give a brace pattern of tar files)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        entries = manifest["shards"]
+        shards = [Shard(str(directory / entry["name"]), int(entry["num_samples"])) for entry in entries]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise ShardListError(f"{manifest_path}: not a valid manifest ({exc!r}); expected "
+                             '{"shards": [{"name", "num_samples", ...}, ...]}') from None
+    if not shards:
+        raise ShardListError(f"{manifest_path}: lists no shards")
+    return shards
+
+
+def _from_list_file(path: Path) -> list[Shard]:
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    urls = [line for line in lines if line and not line.startswith("#")]
+    if not urls:
+        raise ShardListError(f"{path}: the list file names no shards")
+    return [Shard(url if url.startswith(PIPE_PREFIX) or Path(url).is_absolute() else str(path.parent / url))
+            for url in urls]
