@@ -1,0 +1,133 @@
+"""The checkpointable submitit job: runs the trainer as a child process and turns Slurm's signals into requeues.
+
+Contract with the trainer (docs/architecture.md): on SIGUSR1 or SIGTERM it finishes the current step on every rank,
+writes a checkpoint at that step and exits with EXIT_PREEMPTED; a restart on the same run directory resumes.
+
+- Preemption / time limit: Slurm (or `job._interrupt()`) sends USR2; submitit calls `checkpoint()` on task 0,
+  which forwards SIGUSR1 to its trainer, waits for it to save and exit, and hands submitit a fresh copy of this job
+  to requeue. The trainer's all-reduced stop flag stops the other ranks at the same step.
+- Outside `scontrol requeue` / `scancel`: Slurm sends SIGTERM to every process of the step; submitit ignores it in
+  this process, the trainer saves and exits 75, and Slurm requeues (or cancels) the job itself.
+- Any other trainer exit code is a failure: the job stops with the reason in its log and is not requeued.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import submitit
+
+from jobs.rendezvous import trainer_env
+
+EXIT_PREEMPTED = 75  # the trainer's "saved, please requeue" code (docs/architecture.md, Signals)
+# After an outside SIGTERM Slurm kills the step within KillWait (30 s on most clusters); wait a little longer.
+OUTSIDE_SIGNAL_GRACE_S = 120.0
+RESEND_EVERY_S = 2.0  # the trainer may not have installed its handler yet when the first SIGUSR1 lands
+
+
+class JobStopped(RuntimeError):
+    """The job ends without a requeue; the message says why (it lands in the job log and the result file)."""
+
+
+def log(message: str) -> None:
+    print(f"[jobs] {time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
+
+
+def _ignore_usr_signals() -> None:
+    # Slurm signals every process of the step: USR2 is submitit's, and SIGUSR1 would kill the trainer before it
+    # installs its handler. Ignored dispositions survive exec; the trainer's own handler replaces SIGUSR1's.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+@dataclass
+class TrainingJob:
+    """One Slurm task: one trainer process, with the torch.distributed rendezvous taken from Slurm."""
+
+    python_args: list[str]  # the trainer, run by this job's own python: [-m, stereo, train, RUN_DIR/submit_config.yaml]
+    cwd: str
+    run_dir: str
+    max_requeues: int
+    save_timeout_s: float  # how long checkpoint() waits for the trainer to save and exit
+    _proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
+    _exit_code: int | None = field(default=None, init=False, repr=False)
+
+    def __getstate__(self) -> dict:
+        # A requeue pickles the job again: the running child belongs to this incarnation only.
+        return {k: v for k, v in self.__dict__.items() if k not in ("_proc", "_exit_code")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _proc=None, _exit_code=None)
+
+    def __call__(self) -> dict:
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        env = trainer_env(os.environ)
+        log(f"task {env['RANK']}/{env['WORLD_SIZE']} on {os.uname().nodename}, start {restarts + 1}, "
+            f"rendezvous {env['MASTER_ADDR']}:{env['MASTER_PORT']}, run {self.run_dir}")
+        if restarts > self.max_requeues:
+            raise JobStopped(f"requeued {restarts} times, more than slurm.max_requeues={self.max_requeues}: "
+                             "not training again")
+        self._start(env)
+        code = self._wait(None)
+        if code == 0:
+            log("trainer finished")
+            return {"run_dir": self.run_dir, "restarts": restarts}
+        if code == EXIT_PREEMPTED:
+            log("trainer saved and exited after an outside SIGTERM (scontrol requeue, preemption or scancel); "
+                "Slurm requeues or ends the job now")
+            time.sleep(OUTSIDE_SIGNAL_GRACE_S)
+            raise JobStopped(f"trainer exited {EXIT_PREEMPTED} after a SIGTERM but Slurm did not end the job "
+                             f"within {OUTSIDE_SIGNAL_GRACE_S:.0f} s: not requeued")
+        raise JobStopped(f"trainer exited with code {code} (0 = done, {EXIT_PREEMPTED} = preempted): a failure, "
+                         "not requeued; its output is above in this log")
+
+    def checkpoint(self) -> submitit.helpers.DelayedSubmission | None:
+        """submitit's hook on USR2 (task 0 only): make the trainer save, then requeue a fresh copy of this job."""
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        if self._proc is not None and self._exit_code is None:
+            log(f"preemption/time-limit signal: asking the trainer to checkpoint (SIGUSR1, "
+                f"waiting up to {self.save_timeout_s:.0f} s)")
+            code = self._wait(self.save_timeout_s, resend=signal.SIGUSR1)
+            if code is None:
+                log("the trainer did not exit in time: killing it; the requeued job resumes from its newest "
+                    "complete checkpoint")
+                self._proc.kill()
+                self._wait(30.0)
+            elif code not in (0, EXIT_PREEMPTED):
+                log(f"not requeued: the trainer exited with code {code} while saving (a failure)")
+                return None
+        if restarts >= self.max_requeues:
+            log(f"not requeued: reached slurm.max_requeues={self.max_requeues} (SLURM_RESTART_COUNT={restarts}); "
+                f"the run can be resumed by submitting again with train.run_dir={self.run_dir}")
+            return None
+        log(f"requeueing (restart {restarts + 1} of at most {self.max_requeues})")
+        return submitit.helpers.DelayedSubmission(TrainingJob(self.python_args, self.cwd, self.run_dir,
+                                                              self.max_requeues, self.save_timeout_s))
+
+    def _start(self, rendezvous: dict[str, str]) -> None:
+        self._proc = subprocess.Popen([sys.executable, *self.python_args], cwd=self.cwd, env={**os.environ, **rendezvous},
+                                      preexec_fn=_ignore_usr_signals)
+        # A thread owns the blocking wait: the signal handler (checkpoint) must never contend for Popen's lock.
+        threading.Thread(target=self._reap, daemon=True).start()
+
+    def _reap(self) -> None:
+        assert self._proc is not None
+        self._exit_code = self._proc.wait()
+
+    def _wait(self, timeout_s: float | None, resend: signal.Signals | None = None) -> int | None:
+        """The trainer's exit code, or None at the timeout; optionally (re)sends a signal while waiting."""
+        assert self._proc is not None
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        last_sent = -RESEND_EVERY_S
+        while self._exit_code is None and (deadline is None or time.monotonic() < deadline):
+            if resend is not None and time.monotonic() - last_sent >= RESEND_EVERY_S:
+                self._proc.send_signal(resend)
+                last_sent = time.monotonic()
+            time.sleep(0.2)
+        return self._exit_code

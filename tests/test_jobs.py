@@ -1,0 +1,235 @@
+"""jobs/ without a running cluster: rendezvous from Slurm variables, the submission record, the sbatch script that
+the config's slurm section produces, and the checkpointable job driving a real stand-in trainer process."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from jobs.job import EXIT_PREEMPTED, JobStopped, TrainingJob
+from jobs.record import Submission
+from jobs.rendezvous import expand_hostlist, master_port, trainer_env
+from jobs.submit import make_executor
+from stereo.config import load_config
+
+# A stand-in for `python -m stereo train` with the same contract (docs/architecture.md): checkpoints under
+# RUN_DIR/checkpoints/step_NNNNNNNN with a COMPLETE marker and a `latest` pointer, resume from the newest one, and
+# on SIGUSR1/SIGTERM finish the step, save at that step and exit 75. Its "weights" depend only on the step count,
+# so an interrupted and resumed run must end with exactly the weights of an uninterrupted one.
+STANDIN_TRAINER = r'''
+import json, os, signal, sys, time
+from pathlib import Path
+
+run_dir, steps, every, step_s = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+fail_at = int(sys.argv[5]) if len(sys.argv) > 5 else -1
+stop = []
+for sig in (signal.SIGUSR1, signal.SIGTERM):
+    signal.signal(sig, lambda signum, frame: stop.append(signum))
+ckpts = run_dir / "checkpoints"
+
+def save(step, weights):
+    step_dir = ckpts / f"step_{step:08d}"
+    step_dir.mkdir(parents=True, exist_ok=True)
+    (step_dir / "weights.json").write_text(json.dumps(weights))
+    (step_dir / "COMPLETE").write_text(f"{step}\n")
+    (ckpts / "latest").write_text(step_dir.name + "\n")
+
+step, weights = 0, [0.0, 1.0]
+if (ckpts / "latest").is_file():
+    name = (ckpts / "latest").read_text().strip()
+    step, weights = int(name[len("step_"):]), json.loads((ckpts / name / "weights.json").read_text())
+env = os.environ
+start = {"step": step, "wandb_id": (run_dir / "wandb_id").read_text().strip(), "pid": os.getpid(),
+         "restart": int(env.get("SLURM_RESTART_COUNT", "0")), "rank": env.get("RANK"), "world": env.get("WORLD_SIZE"),
+         "master": f"{env.get('MASTER_ADDR')}:{env.get('MASTER_PORT')}"}
+with open(run_dir / "starts.jsonl", "a") as f:
+    f.write(json.dumps(start) + "\n")
+while step < steps:
+    time.sleep(step_s)
+    step += 1
+    weights = [weights[0] * 0.5 + step, weights[1] * 1.01]
+    if step == fail_at:
+        print(f"stand-in: simulated crash at step {step}", file=sys.stderr, flush=True)
+        sys.exit(3)
+    (run_dir / "progress").write_text(str(step))
+    if stop:
+        save(step, weights)
+        print(f"stand-in: signal {stop[0]}: saved at step {step}", file=sys.stderr, flush=True)
+        sys.exit(75)
+    if step % every == 0:
+        save(step, weights)
+save(step, weights)
+(run_dir / "final.json").write_text(json.dumps(weights))
+'''
+
+
+def write_standin(folder: Path) -> Path:
+    path = folder / "standin_trainer.py"
+    path.write_text(STANDIN_TRAINER)
+    return path
+
+
+def reference_weights(tmp: Path, steps: int) -> list[float]:
+    """An uninterrupted stand-in run, outside any job."""
+    run_dir = tmp / "reference"
+    run_dir.mkdir()
+    (run_dir / "wandb_id").write_text("reference\n")
+    subprocess.run([sys.executable, str(write_standin(tmp)), str(run_dir), str(steps), "5", "0"], check=True)
+    return json.loads((run_dir / "final.json").read_text())
+
+
+def wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def progress(run_dir: Path) -> int:
+    path = run_dir / "progress"
+    return int(path.read_text() or 0) if path.is_file() else 0
+
+
+# --- rendezvous -------------------------------------------------------------------------------------------------
+
+def test_hostlist_expansion_keeps_order_and_zero_padding():
+    assert expand_hostlist("gpu[01-03,7],login2") == ["gpu01", "gpu02", "gpu03", "gpu7", "login2"]
+    assert expand_hostlist("rack[1-2]-n[08-09]") == ["rack1-n08", "rack1-n09", "rack2-n08", "rack2-n09"]
+    assert expand_hostlist("localhost") == ["localhost"]
+
+
+def test_master_port_is_stable_per_job_and_in_range():
+    assert master_port("123456") == master_port("123456")
+    assert master_port("123456") != master_port("123457")
+    assert all(20000 <= master_port(str(j)) < 40000 for j in (0, 1, 19999, 20000, 987654321))
+
+
+def test_trainer_env_maps_slurm_task_to_torch_distributed():
+    env = trainer_env({"SLURM_JOB_ID": "4242", "SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
+                       "SLURM_NODEID": "1", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "node[07-08]"})
+    assert env == {"MASTER_ADDR": "node07", "MASTER_PORT": str(master_port("4242")), "RANK": "5",
+                   "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "NODE_RANK": "1"}
+    with pytest.raises(RuntimeError, match="SLURM_JOB_ID"):
+        trainer_env({})
+
+
+# --- record -----------------------------------------------------------------------------------------------------
+
+def test_submission_record_round_trip_and_last_submit_pointer(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no submission yet"):
+        Submission.load()
+    run_dir = tmp_path / "runs" / "tiny-x"
+    run_dir.mkdir(parents=True)
+    record = Submission(job_id="77", run_dir=str(run_dir), folder=str(tmp_path / "slurm"), wandb_id="abcd1234",
+                        wandb_name="tiny-x", config="tiny", overrides=["train.steps=4"], submitted_at="now")
+    record.save()
+    assert Submission.load() == record
+    assert Submission.load(str(run_dir)) == record
+    assert record.log_path() == tmp_path / "slurm" / "77_0_log.out"
+    with pytest.raises(FileNotFoundError, match="not a submitted run"):
+        Submission.load(str(tmp_path))
+
+
+# --- the sbatch script from the config ----------------------------------------------------------------------------
+
+def sbatch_script(tmp_path: Path, overrides: list[str], tasks_per_node: int = 1) -> str:
+    cfg = load_config("tiny", overrides)
+    executor = make_executor(cfg.slurm, folder=tmp_path / "slurm", job_name="tiny-test",
+                             tasks_per_node=tasks_per_node, mounts=[tmp_path, tmp_path / "runs"])
+    return executor._make_submission_file_text(executor._submitit_command_str, "uid")
+
+
+def test_sbatch_script_follows_the_slurm_section(tmp_path):
+    script = sbatch_script(tmp_path, ["slurm.partition=gpu", "slurm.account=vision", "slurm.qos=high",
+                                      "slurm.nodes=4", "slurm.gpus_per_node=8", "slurm.cpus_per_task=10",
+                                      "slurm.mem_gb=480", "slurm.time_min=1440", "slurm.signal_delay_s=180",
+                                      "slurm.constraint=a100", "slurm.extra_sbatch={exclusive: '', reservation: r1}"],
+                           tasks_per_node=8)
+    for flag in ("--partition=gpu", "--account=vision", "--qos=high", "--nodes=4", "--ntasks-per-node=8",
+                 "--gpus-per-node=8", "--cpus-per-task=10", "--mem=480GB", "--time=1440", "--signal=USR2@180",
+                 "--constraint=a100", "--reservation=r1", "--job-name=tiny-test"):
+        assert f"#SBATCH {flag}\n" in script, flag
+    assert "#SBATCH --exclusive\n" in script
+    assert "--gpus-per-node" not in sbatch_script(tmp_path, ["slurm.gpus_per_node=0"])
+
+
+def test_container_runtimes_wrap_the_job(tmp_path):
+    pyxis = sbatch_script(tmp_path, ["slurm.container_image=registry#stereo:1", "slurm.container_runtime=pyxis"])
+    srun_line = next(line for line in pyxis.splitlines() if line.startswith("srun"))
+    assert "--container-image=registry#stereo:1" in srun_line
+    mounts = next(arg for arg in srun_line.split() if arg.startswith("--container-mounts="))
+    assert set(mounts.split("=", 1)[1].split(",")) == {f"{tmp_path}:{tmp_path}", f"{tmp_path}/runs:{tmp_path}/runs"}
+    assert " python -u -m submitit.core._submit" in srun_line
+    apptainer = sbatch_script(tmp_path, ["slurm.container_image=/images/stereo.sif",
+                                         "slurm.container_runtime=apptainer"])
+    srun_line = next(line for line in apptainer.splitlines() if line.startswith("srun"))
+    assert "apptainer exec --nv --bind" in srun_line and "/images/stereo.sif python -u -m submitit" in srun_line
+
+
+# --- the job, driving a real trainer process ----------------------------------------------------------------------
+
+@pytest.fixture
+def slurm_task_env(monkeypatch):
+    for key, value in {"SLURM_JOB_ID": "31337", "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0",
+                       "SLURM_NODEID": "0", "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "localhost",
+                       "SLURM_RESTART_COUNT": "0"}.items():
+        monkeypatch.setenv(key, value)
+
+
+def standin_job(tmp_path: Path, steps: int, step_s: float, fail_at: int = -1, max_requeues: int = 3) -> TrainingJob:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(exist_ok=True)
+    (run_dir / "wandb_id").write_text("w1\n")
+    args = [str(write_standin(tmp_path)), str(run_dir), str(steps), "5", str(step_s), str(fail_at)]
+    return TrainingJob(python_args=args, cwd=str(tmp_path), run_dir=str(run_dir), max_requeues=max_requeues,
+                       save_timeout_s=20)
+
+
+def test_checkpoint_hook_saves_then_requeued_copy_resumes_to_identical_weights(tmp_path, slurm_task_env):
+    expected = reference_weights(tmp_path, steps=40)
+    job = standin_job(tmp_path, steps=40, step_s=0.05)
+    run_dir = Path(job.run_dir)
+    # In Slurm, checkpoint() runs in submitit's signal handler while __call__ waits; a thread plays __call__ here
+    # (after the hook the real job is requeued and killed, so the thread is left behind).
+    threading.Thread(target=job, daemon=True).start()
+    wait_for(lambda: progress(run_dir) >= 7, 30, "the stand-in to pass step 7")
+    requeued = job.checkpoint()
+    assert job._exit_code == EXIT_PREEMPTED
+    stopped_at = progress(run_dir)
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{stopped_at:08d}"
+    assert 7 <= stopped_at < 40
+    fresh = pickle.loads(pickle.dumps(requeued)).function  # what submitit writes for the requeued job
+    assert fresh._proc is None and fresh.run_dir == job.run_dir
+    assert fresh() == {"run_dir": job.run_dir, "restarts": 0}
+    assert json.loads((run_dir / "final.json").read_text()) == expected
+    starts = [json.loads(line) for line in (run_dir / "starts.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in starts] == [0, stopped_at]
+    assert {s["wandb_id"] for s in starts} == {"w1"}
+    assert starts[0]["master"] == f"localhost:{master_port('31337')}"
+
+
+def test_trainer_failure_stops_the_job_with_its_exit_code(tmp_path, slurm_task_env):
+    job = standin_job(tmp_path, steps=20, step_s=0.01, fail_at=3)
+    with pytest.raises(JobStopped, match="trainer exited with code 3 .*not requeued"):
+        job()
+
+
+def test_job_past_max_requeues_refuses_to_train(tmp_path, slurm_task_env, monkeypatch):
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "3")
+    job = standin_job(tmp_path, steps=20, step_s=0.01, max_requeues=2)
+    with pytest.raises(JobStopped, match="requeued 3 times, more than slurm.max_requeues=2"):
+        job()
+    assert not (Path(job.run_dir) / "starts.jsonl").exists()
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    assert job.checkpoint() is None  # the last allowed start: a signal now saves but does not requeue
