@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -229,7 +230,7 @@ def _run_pool(todo: list[_ShardJob], workers: int, finish: Callable[[dict[str, A
     """At most `workers` shards in flight (bounded memory: jobs carry their items, not their bytes)."""
     pending = iter(todo)
     with ProcessPoolExecutor(max_workers=min(workers, len(todo))) as pool:
-        running = {pool.submit(_write_shard, job) for job, _ in zip(pending, range(workers))}
+        running = {pool.submit(_write_shard, job) for job in islice(pending, workers)}
         while running:
             done, running = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
