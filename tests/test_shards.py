@@ -160,3 +160,20 @@ def test_leftover_tmp_and_damaged_shard_are_rewritten(tmp_path: Path):
     assert not (out / "000002.tar.tmp").exists()
     with pytest.raises(ShardWriteError, match="different plan"):
         write_shards(items, encode_number, out, "numbers", shard_bytes=300, workers=0, size_of=lambda _: 100)
+
+
+def test_cli_source_options_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    from fakedata import make_sintel
+    from stereo.cli import main
+
+    make_sintel(tmp_path / "sintel")
+    out = tmp_path / "out"
+    assert main(["shards", "--dataset", "sintel", "--src", str(tmp_path / "sintel"), "--out", str(out),
+                 "--workers", "0", "--option", "passes=final"]) == 0
+    assert sorted(read_all(out)) == ["final/alley_1/frame_0001", "final/alley_1/frame_0002",
+                                     "final/bamboo_2/frame_0001"]
+    assert main(["shards", "--dataset", "sintel", "--src", str(tmp_path / "sintel"), "--out", str(out),
+                 "--option", "split=test"]) == 2
+    assert "sintel: unknown option(s) split (options: passes)" in capsys.readouterr().err
+    assert main(["shards", "--dataset", "kitti15", "--src", str(tmp_path / "none"), "--out", str(out)]) == 2
+    assert "kitti15: " in capsys.readouterr().err
