@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 
 from stereo.config.schema import DataConfig, DatasetSpec
+from stereo.data.shards import read_manifest
 from stereo.data.sources import get_source, load_raw
 
 Sample = dict[str, Any]
@@ -144,9 +145,13 @@ class BenchmarkSamples:
                 self.data, **{**benchmark.source_options, **(options or {})})[:limit]
 
     def __len__(self) -> int:
-        if self.raw is None:
-            raise TypeError("the number of samples in shards is known only after reading them")
-        return len(self.raw)
+        if self.raw is not None:
+            return len(self.raw)
+        manifest = read_manifest(self.data) if Path(self.data).is_dir() else None
+        if manifest is None:  # a pattern, list file or pipe: known only after reading
+            raise TypeError(f"{self.data}: the number of samples is unknown without a manifest.json")
+        count = manifest["num_samples"]
+        return count if self.limit is None else min(count, self.limit)
 
     def __iter__(self) -> Iterator[Sample]:
         if self.raw is not None:
