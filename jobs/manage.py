@@ -13,6 +13,9 @@ from pathlib import Path
 
 from jobs.record import Submission
 
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+                "PREEMPTED", "UNKNOWN"}
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("run", nargs="?", default=None, help="run directory (default: the one in runs/last_submit)")
@@ -55,6 +58,10 @@ def logs(submission: Submission, args) -> int:
 
 
 def cancel(submission: Submission, args) -> int:
+    state, _ = job_state(submission.job_id)
+    if state.split()[0] in FINAL_STATES:
+        print(f"job {submission.job_id} already ended: {state}")
+        return 0
     # scancel sends SIGTERM first: the trainer saves a checkpoint if KillWait leaves it the time.
     done = subprocess.run(["scancel", submission.job_id], capture_output=True, text=True)
     if done.returncode:

@@ -1,0 +1,143 @@
+"""Against a real single-node Slurm cluster (slurm/local_cluster.sh, brought up and down here): submission, the
+three preemption paths (submitit's interrupt, the time-limit signal, an outside `scontrol requeue`), each resuming
+to the weights of an uninterrupted run in one run directory and one wandb run; refusals and failures that must
+not requeue. The preemption paths use a stand-in trainer with the trainer's exact contract (tests/test_jobs.py),
+so they take seconds; `make submit CONFIG=tiny` runs the real trainer end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import submitit
+
+from jobs.manage import FINAL_STATES, job_state
+from jobs.record import Submission
+from jobs.submit import submit
+from stereo.config import load_config
+from test_jobs import progress, reference_weights, wait_for, write_standin
+
+pytestmark = pytest.mark.slurm
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 40
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """The local cluster, up for this module; SLURM_CONF points every client (sbatch, squeue, submitit) at it."""
+    script = ROOT / "slurm" / "local_cluster.sh"
+    was_up = subprocess.run(["bash", str(script), "status"], capture_output=True).returncode == 0
+    up = subprocess.run(["bash", str(script), "up"], capture_output=True, text=True)
+    assert up.returncode == 0, f"local cluster did not start (run `make setup` as root first):\n{up.stderr}"
+    conf = up.stdout.strip().split("SLURM_CONF=", 1)[1]
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = conf
+    yield conf
+    if previous is None:
+        del os.environ["SLURM_CONF"]
+    else:
+        os.environ["SLURM_CONF"] = previous
+    if not was_up:
+        subprocess.run(["bash", str(script), "down"], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def expected_weights(tmp_path_factory) -> list[float]:
+    """The shared uninterrupted reference run."""
+    return reference_weights(tmp_path_factory.mktemp("reference"), STEPS)
+
+
+def submit_standin(tmp: Path, step_s: float, overrides: list[str] = (), fail_at: int = -1) -> Submission:
+    run_dir = tmp / "run"
+    overrides = [f"train.run_dir={run_dir}", f"slurm.folder={tmp / 'slurm'}", "slurm.cpus_per_task=1",
+                 "slurm.mem_gb=2", *overrides]
+    cfg = load_config("tiny", overrides)
+    args = [str(write_standin(tmp)), str(run_dir), str(STEPS), "5", str(step_s), str(fail_at)]
+    return submit(cfg, config="tiny", overrides=overrides, python_args=args)
+
+
+def wait_until_ended(job_id: str, timeout_s: float) -> str:
+    return wait_for(lambda: (lambda s: s if s.split()[0] in FINAL_STATES else None)(job_state(job_id)[0]),
+                    timeout_s, f"job {job_id} to end")
+
+
+def assert_resumed_identically(submission: Submission, expected: list[float]) -> list[dict]:
+    run_dir = Path(submission.run_dir)
+    assert wait_until_ended(submission.job_id, 240) == "COMPLETED", submission.log_path().read_text()
+    starts = [json.loads(line) for line in (run_dir / "starts.jsonl").read_text().splitlines()]
+    assert len(starts) >= 2 and job_state(submission.job_id)[1] >= 1, "the job was never requeued"
+    assert starts[0]["step"] == 0 and all(s["step"] > 0 for s in starts[1:]), "a restart did not resume"
+    assert [s["restart"] for s in starts] == list(range(len(starts)))
+    assert {s["wandb_id"] for s in starts} == {submission.wandb_id}
+    assert json.loads((run_dir / "final.json").read_text()) == expected
+    return starts
+
+
+def test_submitit_interrupt_checkpoints_requeues_and_resumes(cluster, tmp_path, expected_weights):
+    submission = submit_standin(tmp_path, step_s=0.25)
+    wait_for(lambda: progress(Path(submission.run_dir)) >= 8, 60, "training to pass step 8")
+    submitit.SlurmJob(folder=submission.folder, job_id=submission.job_id)._interrupt()  # TERM, then USR2
+    starts = assert_resumed_identically(submission, expected_weights)
+    log = submission.log_path().read_text()
+    assert "asking the trainer to checkpoint" in log and "requeueing (restart 1" in log
+    assert starts[1]["step"] >= 8
+
+
+def test_time_limit_signal_checkpoints_requeues_and_resumes(cluster, tmp_path, expected_weights):
+    # A 1-minute limit with the signal 50 s before it: slurmctld checks limits about every 30 s, so the signal
+    # lands 10-40 s into each start; 40 steps of 1 s outlast the first start.
+    submission = submit_standin(tmp_path, step_s=1.0, overrides=["slurm.time_min=1", "slurm.signal_delay_s=50"])
+    assert_resumed_identically(submission, expected_weights)
+    log = submission.log_path().read_text()
+    assert "this job is timed-out" in log and "requeueing (restart 1" in log
+
+
+def test_outside_scontrol_requeue_resumes(cluster, tmp_path, expected_weights):
+    submission = submit_standin(tmp_path, step_s=0.25)
+    wait_for(lambda: progress(Path(submission.run_dir)) >= 8, 60, "training to pass step 8")
+    subprocess.run(["scontrol", "requeue", submission.job_id], check=True)
+    assert_resumed_identically(submission, expected_weights)
+    assert "after an outside SIGTERM" in submission.log_path().read_text()
+
+
+def test_trainer_failure_is_not_requeued_and_the_log_says_why(cluster, tmp_path):
+    submission = submit_standin(tmp_path, step_s=0.05, fail_at=6)
+    assert wait_until_ended(submission.job_id, 60) == "FAILED"
+    assert job_state(submission.job_id)[1] == 0
+    log = submission.log_path().read_text()
+    assert "simulated crash at step 6" in log
+    assert "trainer exited with code 3 (0 = done, 75 = preempted): a failure, not requeued" in log
+    status = subprocess.run([sys.executable, "-m", "stereo", "status", submission.run_dir], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout
+    assert "FAILED" in status and "stopped: jobs.job.JobStopped: trainer exited with code 3" in status
+
+
+def test_max_requeues_reached_stops_with_the_reason(cluster, tmp_path):
+    submission = submit_standin(tmp_path, step_s=0.25, overrides=["slurm.max_requeues=0"])
+    wait_for(lambda: progress(Path(submission.run_dir)) >= 4, 60, "training to pass step 4")
+    submitit.SlurmJob(folder=submission.folder, job_id=submission.job_id)._interrupt()
+    assert wait_until_ended(submission.job_id, 60) == "FAILED"
+    assert job_state(submission.job_id)[1] == 0
+    log = submission.log_path().read_text()
+    assert "not requeued: reached slurm.max_requeues=0" in log
+    saved = (Path(submission.run_dir) / "checkpoints" / "latest").read_text().strip()
+    assert saved == f"step_{progress(Path(submission.run_dir)):08d}", "the trainer must still save before stopping"
+
+
+def test_bad_config_is_refused_before_the_queue(cluster, tmp_path):
+    before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, check=True).stdout
+    last_submit = ROOT / "runs" / "last_submit"
+    pointer = last_submit.read_text() if last_submit.is_file() else None
+    done = subprocess.run([sys.executable, "-m", "stereo", "submit", "tiny", "optim.lr=-1",
+                           f"train.run_dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "optim.lr: > 0, got -1.0" in done.stderr
+    assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout == before
+    assert not (tmp_path / "run").exists()
+    assert (last_submit.read_text() if last_submit.is_file() else None) == pointer
