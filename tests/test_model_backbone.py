@@ -214,3 +214,27 @@ def test_sdta_block_with_uneven_channel_chunks():
     assert [c.weight.shape[0] for c in block.convs] == [54, 54]  # chunks 54, 54, 52 as timm's
     x = torch.randn(2, 160, 5, 7)
     assert block(x).shape == x.shape
+
+
+def test_bf16_autocast_forward_backward_on_cpu():
+    feature = Feature(backbone_dims("tiny"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        feats, vit_feat = feature(tiny_input(2, 64, 128))
+    assert all(f.isfinite().all() for f in [*feats, vit_feat])
+    sum(f.float().square().mean() for f in feats).backward()
+    assert feature.stem[0].weight.grad is not None
+
+
+@pytest.mark.gpu
+def test_vitl_feature_training_crop_on_gpu_in_bf16():
+    feature = Feature(backbone_dims("vitl")).cuda().train()
+    x = torch.randn(4, 3, 320, 736, device="cuda")  # B=2 pairs at the paper's crop
+    torch.cuda.reset_peak_memory_stats()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        feats, vit_feat = feature(x)
+    assert [tuple(f.shape) for f in feats] == [(4, 224, 80, 184), (4, 192, 40, 92), (4, 320, 20, 46), (4, 304, 10, 23)]
+    assert tuple(vit_feat.shape) == (4, 128, 80, 184)
+    assert all(f.isfinite().all() for f in [*feats, vit_feat])
+    sum(f.float().square().mean() for f in feats).backward()
+    assert all(p.grad is None for p in feature.dino.parameters())
+    assert feature.deconv8_4.conv1.conv.weight.grad is not None

@@ -78,7 +78,7 @@ _PRESETS = {
     "tiny": BackboneDims(
         "tiny",
         ViTDims(48, 4, 3, (0, 1, 2, 3)),
-        DPTDims((16, 32, 48, 48), 32),
+        DPTDims((16, 16, 32, 32), 16),
         EdgeNeXtDims(
             dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), kernel_sizes=(3, 5, 5, 7), heads=(4, 4, 4, 4)
         ),
