@@ -8,8 +8,11 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 
 python3 -m venv "$venv"
 pip="$venv/bin/python -m pip --disable-pip-version-check -q"
+# Python 3.12 venvs come without setuptools; the builds below run without build isolation and need it.
+$pip install setuptools==84.2.1
 $pip install "$torch_spec"
 $pip install -r "$here/requirements.txt"
-# DeepSpeed from its source release without prebuilt ops (they JIT-build on first use); it must see torch.
+# DeepSpeed from its source release; it must see torch. Ops JIT-build on first use unless DS_BUILD_<OP>=1 prebuilds
+# them (the Dockerfile prebuilds the fused ones for TORCH_CUDA_ARCH_LIST).
 DS_BUILD_OPS=${DS_BUILD_OPS:-0} $pip install --no-build-isolation deepspeed==0.19.8
 $pip install --no-deps --no-build-isolation -e "$here"
