@@ -56,3 +56,24 @@ def test_metrics_cli_names_bad_files(tmp_path, capsys):
     write_pfm(tmp_path / "small.pfm", PRED[:1])
     assert main(["metrics", "--pred", str(tmp_path / "small.pfm"), "--gt", str(tmp_path / "pred.pfm")]) == 1
     assert "small.pfm" in capsys.readouterr().err
+
+
+def test_disparity_panel_shares_one_colour_scale_and_blacks_out_invalid():
+    from stereo.eval.report import disparity_panel
+
+    gt = np.tile(np.linspace(1, 50, 8, dtype=np.float32), (4, 1))
+    valid = np.ones_like(gt, bool)
+    valid[0, 0] = False
+    pred = gt.copy()
+    pred[3, 7] += 10  # one wrong pixel
+    left_chw = np.full((3, 4, 8), 100.0, np.float32)  # the trainer passes CHW float tensors' numpy
+    panel = disparity_panel(left_chw, gt, pred[None], valid[None])
+    assert panel.shape == (4, 32, 3) and panel.dtype == np.uint8
+    left, gt_rgb, pred_rgb, err_rgb = np.split(panel, 4, axis=1)
+    assert (left == 100).all()
+    assert (gt_rgb[0, 0] == 0).all() and (err_rgb[0, 0] == 0).all()  # no ground truth: black
+    same = valid.copy()
+    same[3, 7] = False
+    assert (gt_rgb[same] == pred_rgb[same]).all()  # equal values, equal colours
+    assert len(np.unique(gt_rgb[same], axis=0)) == 8  # the scale spreads the 8 distinct values
+    assert not (err_rgb[3, 7] == err_rgb[2, 7]).all()  # the wrong pixel stands out in the error map

@@ -39,19 +39,22 @@ def _file_name(key: str) -> str:
 
 def evaluate(model: torch.nn.Module, samples: Iterable[dict[str, Any]], iters: int, device: str | torch.device,
              out_dir: str | Path | None = None, max_disp: float | None = None, progress: bool = True, *,
-             headline: Sequence[str] = DEFAULT_HEADLINE, title: str = "evaluation") -> dict[str, Any]:
+             headline: Sequence[str] = DEFAULT_HEADLINE, title: str = "evaluation", save_images: bool = True,
+             metadata: dict[str, Any] | None = None) -> dict[str, Any]:
     """Predict every sample, score it, and return the summary (flat: `epe/pooled`, `d1_noc/mean_image`, ...,
     `images`, `pixels`, `seconds_per_image`) plus `rows`: the per-image rows (key, metrics, seconds, size).
 
     `max_disp` drops ground truth >= max_disp from the metrics (None: no cap; see stereo.eval.metrics).
-    With `out_dir`: a panel PNG per image under `images/`, `results.json`, `results.md` and `summary.png`.
+    With `out_dir`: `results.json` and `results.md` (both led by `metadata`), and unless `save_images` is false a
+    panel PNG per image under `images/` and `summary.png`.
     `headline` names the summary keys shown in the table and sheet; its first entry (without the `/pooled` or
     `/mean_image` suffix) ranks the images for the sheet.
     """
     device = torch.device(device)
     out = Path(out_dir) if out_dir is not None else None
+    panels = out is not None and save_images
     if out is not None:
-        (out / "images").mkdir(parents=True, exist_ok=True)
+        (out / "images" if panels else out).mkdir(parents=True, exist_ok=True)
     accumulator = MetricAccumulator(max_disp)
     rows: list[dict[str, Any]] = []
     was_training = model.training
@@ -72,7 +75,7 @@ def evaluate(model: torch.nn.Module, samples: Iterable[dict[str, Any]], iters: i
             pred = disp.float().cpu().numpy().reshape(sample["disp"].shape)
             row = {"key": sample["key"], **accumulator.add(pred, sample["disp"], sample["valid"], sample.get("nocc")),
                    "seconds": seconds, "height": pred.shape[0], "width": pred.shape[1]}
-            if out is not None:
+            if panels:
                 panel_path = out / "images" / f"{len(rows):04d}_{_file_name(sample['key'])}.png"
                 Image.fromarray(disparity_panel(sample["left"], sample["disp"], pred, sample["valid"])).save(panel_path)
                 row["panel"] = str(panel_path.relative_to(out))
@@ -83,7 +86,7 @@ def evaluate(model: torch.nn.Module, samples: Iterable[dict[str, Any]], iters: i
     summary["seconds_per_image"] = float(np.mean([r["seconds"] for r in rows])) if rows else None
     result = {**summary, "rows": rows}
     if out is not None:
-        write_report(out, result, headline, title)
+        write_report(out, result, headline, title, metadata)
     return result
 
 
@@ -99,14 +102,15 @@ def _json_safe(value: Any) -> Any:
 
 
 def write_report(out: Path, result: dict[str, Any], headline: Sequence[str], title: str,
-                 extra: dict[str, Any] | None = None) -> None:
+                 metadata: dict[str, Any] | None = None) -> None:
     """results.json (everything), results.md (headline table + per-image table), summary.png (worst/best)."""
-    rows = result["rows"]
+    rows, metadata = result["rows"], metadata or {}
     summary = {k: v for k, v in result.items() if k != "rows"}
-    (out / "results.json").write_text(json.dumps(_json_safe({**(extra or {}), "summary": summary, "images": rows}),
+    (out / "results.json").write_text(json.dumps(_json_safe({**metadata, "summary": summary, "images": rows}),
                                                  indent=2) + "\n")
     per_image_keys = list(dict.fromkeys(k.rsplit("/", 1)[0] for k in headline))
-    text = f"# {title}\n\n" + markdown_table(["metric", "value"], [(k, summary.get(k)) for k in headline])
+    text = f"# {title}\n\n" + "".join(f"- {k}: {v}\n" for k, v in metadata.items()) + "\n"
+    text += markdown_table(["metric", "value"], [(k, summary.get(k)) for k in headline])
     text += f"\n{summary['images']} images, {summary.get('seconds_per_image') or 0:.3f} s per image\n\n"
     text += markdown_table(["image", *per_image_keys], [(r["key"], *(r.get(k) for k in per_image_keys)) for r in rows])
     (out / "results.md").write_text(text)

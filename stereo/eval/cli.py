@@ -1,0 +1,122 @@
+"""`python -m stereo eval --ckpt CKPT --bench NAME --data DIR [--iters N] [--out DIR] [--device D]`.
+
+Writes results.json, results.md, a panel per image and summary.png (see docs/evaluation.md). The checkpoint is a
+released-format .pth, one of our exports (.pth / .safetensors) or a run directory (its newest complete checkpoint,
+EMA weights when the run kept them, as in training validation). The model config is the one stored with the
+checkpoint when there is one, else `--config`, else the released defaults of `--size`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from stereo.config import Config, from_dict, load_config
+from stereo.config.errors import ConfigError
+from stereo.data.codecs import CodecError
+from stereo.data.sources import SourceError, parse_options
+from stereo.eval.benchmarks import BENCHMARKS, BenchmarkSamples, get_benchmark
+from stereo.eval.runner import evaluate
+from stereo.model import build_model
+
+
+def _run_directory_weights(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict, str]:
+    """(state dict, config tree, description) of a run directory's newest complete checkpoint.
+
+    Consolidating DeepSpeed/ZeRO checkpoints is the exporter's job; it is imported only on this path, so
+    evaluating released or exported weights never needs the trainer's stack.
+    """
+    from stereo.train.checkpoint import find_checkpoint
+    from stereo.train.export import consolidated_state_dict
+
+    step_dir = find_checkpoint(run_dir)
+    try:
+        state, trainer_state = consolidated_state_dict(step_dir, use_ema=True)
+        weights = "EMA"
+    except ValueError:  # the run kept no EMA
+        state, trainer_state = consolidated_state_dict(step_dir, use_ema=False)
+        weights = "live"
+    return state, yaml.safe_load(trainer_state["config"]), f"{step_dir} ({weights} weights)"
+
+
+def _file_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict | None, str]:
+    """(state dict, embedded config tree or None, description) of a .pth / .safetensors checkpoint."""
+    from stereo.model.io import read_checkpoint
+
+    state, config = read_checkpoint(path)
+    return state, config, str(path)
+
+
+def model_config(embedded: dict | None, config: str | None, size: str | None, source: str) -> Config:
+    if embedded is not None:
+        return from_dict(embedded, source=f"{source} (embedded config)")
+    if config is not None:
+        return load_config(config)
+    if size is None:
+        raise ConfigError("--config/--size", f"{source} stores no config: name the model with --config C or --size S")
+    cfg = Config()
+    cfg.model.size = size
+    return cfg
+
+
+def load_model(ckpt: Path, config: str | None, size: str | None, device: torch.device
+               ) -> tuple[torch.nn.Module, Config, str]:
+    if not ckpt.exists():
+        raise FileNotFoundError(f"{ckpt}: no such checkpoint file or run directory")
+    state, embedded, description = _run_directory_weights(ckpt) if ckpt.is_dir() else _file_weights(ckpt)
+    cfg = model_config(embedded, config, size, str(ckpt))
+    if size is not None and embedded is not None and size != cfg.model.size:
+        raise ConfigError("--size", f"{cfg.model.size} (the checkpoint's own config), got {size}", source=str(ckpt))
+    model = build_model(cfg.model)
+    model.load_state_dict(state, strict=True)  # every weight, the frozen ViT included, comes from the checkpoint
+    return model.to(device), cfg, description
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt", type=Path, required=True, help="released .pth, our export, or a run directory")
+    parser.add_argument("--bench", required=True, choices=sorted(BENCHMARKS), help="benchmark protocol")
+    parser.add_argument("--data", required=True, help="the benchmark's raw directory (official layout) or its shards")
+    parser.add_argument("--config", help="model config when the checkpoint stores none (a file or configs/ name)")
+    parser.add_argument("--size", choices=["tiny", "vits", "vitb", "vitl"], help="model size when no config is known")
+    parser.add_argument("--iters", type=int, help="GRU iterations (default: the config's model.valid_iters)")
+    parser.add_argument("--out", type=Path, help="output directory (default runs/eval/<bench>-<checkpoint name>)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cuda, cuda:N or cpu (default: cuda when available)")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N pairs")
+    parser.add_argument("--max-disp", type=float, help="drop gt >= this from the metrics (default: no cap)")
+    parser.add_argument("--option", "-o", action="append", default=[], metavar="NAME=VALUE",
+                        help="data source option, repeatable (e.g. passes=clean for sceneflow)")
+    parser.add_argument("--no-images", action="store_true", help="skip the per-image panels and summary sheet")
+
+
+def run(args: argparse.Namespace) -> int:
+    bench = get_benchmark(args.bench)
+    device = torch.device(args.device)
+    try:
+        samples = BenchmarkSamples(bench, args.data, args.limit, parse_options(args.option))
+        model, cfg, description = load_model(args.ckpt, args.config, args.size, device)
+    except (FileNotFoundError, SourceError, CodecError) as exc:
+        print(f"eval: {exc}", file=sys.stderr)
+        return 1
+    iters = args.iters or cfg.model.valid_iters
+    out = args.out or Path("runs/eval") / f"{bench.name}-{args.ckpt.resolve().name.split('.')[0]}"
+    metadata: dict[str, Any] = {
+        "benchmark": bench.name, "title": bench.title, "protocol": bench.protocol, "data": str(args.data),
+        "checkpoint": description, "model": cfg.model.size, "iters": iters, "max_disp": args.max_disp,
+        f"paper ({bench.headline[0]})": bench.paper,
+    }
+    print(f"eval {bench.title}: {description}, {iters} iterations, {device}", file=sys.stderr)
+    result = evaluate(model, samples, iters, device, out_dir=out, max_disp=args.max_disp,
+                      headline=bench.headline, title=bench.title, save_images=not args.no_images, metadata=metadata)
+    for key in bench.headline:
+        value = result[key]
+        print(f"{key:>24}: {'-' if value is None else f'{value:.4f}'}")
+    print(f"{'paper':>24}: {bench.paper} ({bench.headline[0]}, FoundationStereo zero-shot)")
+    print(f"wrote {out}/results.json, results.md" + ("" if args.no_images else ", images/, summary.png"),
+          file=sys.stderr)
+    return 0
