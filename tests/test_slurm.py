@@ -15,11 +15,13 @@ from pathlib import Path
 
 import pytest
 import submitit
+import torch
 
 from jobs.manage import FINAL_STATES, job_state
 from jobs.record import Submission
 from jobs.submit import submit
 from stereo.config import load_config
+from stereo.train.export import consolidated_state_dict
 from test_jobs import progress, reference_weights, wait_for, write_standin
 
 pytestmark = pytest.mark.slurm
@@ -141,3 +143,67 @@ def test_bad_config_is_refused_before_the_queue(cluster, tmp_path):
     assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout == before
     assert not (tmp_path / "run").exists()
     assert (last_submit.read_text() if last_submit.is_file() else None) == pointer
+
+
+# --- the real trainer: `make submit CONFIG=tiny` ------------------------------------------------------------------
+
+TINY = ["train.steps=8", "checkpoint.every=4", "train.val_every=1000", "logging.every=1", "logging.image_every=1000",
+        "logging.wandb=offline", "slurm.cpus_per_task=1", "slurm.mem_gb=6"]
+
+
+def make_submit(tmp: Path, *extra: str) -> Submission:
+    done = subprocess.run(["make", "--no-print-directory", "submit", "CONFIG=tiny", *TINY, *extra,
+                           f"train.run_dir={tmp / 'run'}", f"slurm.folder={tmp / 'slurm'}"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"run directory: {tmp / 'run'}" in done.stdout and "wandb run: run (id " in done.stdout
+    return Submission.load(str(tmp / "run"))
+
+
+def final_weights(run_dir: Path) -> dict:
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    return consolidated_state_dict(run_dir / "checkpoints" / latest, use_ema=False)[0]
+
+
+def wandb_run_ids(run_dir: Path) -> set[str]:
+    """wandb's offline run folders are named offline-run-<time>-<id>: one per start, one id per run."""
+    return {p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*")}
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(cluster, tmp_path_factory):
+    """An uninterrupted `make submit CONFIG=tiny` and a second one interrupted by submitit, side by side."""
+    reference = make_submit(tmp_path_factory.mktemp("tiny_reference"))
+    interrupted = make_submit(tmp_path_factory.mktemp("tiny_interrupted"))
+    metrics = Path(interrupted.run_dir) / "metrics.jsonl"
+    wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2, 300,
+             "the interrupted run to log two steps")
+    submitit.SlurmJob(folder=interrupted.folder, job_id=interrupted.job_id)._interrupt()
+    for submission in (reference, interrupted):
+        assert wait_until_ended(submission.job_id, 600) == "COMPLETED", submission.log_path().read_text()
+    return reference, interrupted
+
+
+def test_make_submit_tiny_runs_to_completion(tiny_runs):
+    reference, _ = tiny_runs
+    run_dir = Path(reference.run_dir)
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000008"
+    assert (run_dir / "wandb_id").read_text().strip() == reference.wandb_id
+    assert wandb_run_ids(run_dir) == {reference.wandb_id}
+    status = subprocess.run(["make", "--no-print-directory", "status", f"RUN={run_dir}"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout
+    assert "COMPLETED" in status and "finished" in status and "step_00000008" in status
+    logs = subprocess.run(["make", "--no-print-directory", "logs", f"RUN={run_dir}"], cwd=ROOT,
+                          capture_output=True, text=True, check=True).stdout
+    assert "trainer finished" in logs
+
+
+def test_real_trainer_interrupted_resumes_to_identical_weights(tiny_runs):
+    reference, interrupted = tiny_runs
+    run_dir = Path(interrupted.run_dir)
+    assert job_state(interrupted.job_id)[1] >= 1, "the job was never requeued"
+    assert "requeueing (restart 1" in interrupted.log_path().read_text()
+    assert wandb_run_ids(run_dir) == {interrupted.wandb_id}
+    expected, got = final_weights(Path(reference.run_dir)), final_weights(run_dir)
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected), "resumed weights differ from the reference"
