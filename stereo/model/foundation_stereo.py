@@ -1,0 +1,199 @@
+"""FoundationStereo (Wen et al., CVPR 2025), weight-compatible with the released checkpoints.
+
+Top-level modules are registered in the released order so that `state_dict()` lists keys as the manifests do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from stereo.config.schema import ModelConfig
+from stereo.model.backbone import Feature, backbone_dims
+from stereo.model.context import ChannelAttention, ContextNet, SpatialAttention
+from stereo.model.cost_volume import concat_volume, gwc_volume, soft_argmin
+from stereo.model.filtering import Hourglass
+from stereo.model.layers import BasicConv, Conv2x
+from stereo.model.layers3d import BasicConv3d, FeatureAtt, ResnetBasicBlock3D
+from stereo.model.lookup import GeometryLookup
+from stereo.model.update import UpdateBlock
+from stereo.model.upsample import context_upsample
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Built and kept in the state dict (strict loading of released checkpoints) but never used in forward.
+UNUSED_MODULES = ("cnet.down", "cnet.norm", "context_zqr_convs", "stem_4")
+
+
+@dataclass(frozen=True)
+class StereoWidths:
+    """Widths of the stereo side (everything but `feature`). The released sizes share one set."""
+
+    volume: int = 28  # cost-volume channels after corr_stem
+    groups: int = 8  # group-wise correlation groups
+    concat: int = 12  # proj_cmb channels per view in the concatenation volume
+    kernel_disp: int = 17  # disparity kernel of the axial-planar convs
+    dt_heads: int = 4
+    dt_layers: int = 4
+    cnet: tuple[int, int, int] = (64, 96, 128)  # context trunk at 1, 1/2, 1/4
+    motion: tuple[int, int] = (256, 64)  # motion encoder: geometry branch, disparity branch
+    mask: tuple[int, int] = (64, 32)  # mask head; the second is also the upsampler width
+    stem: int = 32  # stem_2 width (= mask[1])
+    stem_4: int = 48
+    classifier_kernel: int = 7
+
+
+def stereo_widths(size: str) -> StereoWidths:
+    if size == "tiny":
+        return StereoWidths(volume=8, groups=4, concat=2, kernel_disp=5, dt_heads=2, dt_layers=2,
+                            cnet=(16, 24, 32), motion=(48, 16), mask=(16, 8), stem=8, stem_4=8,
+                            classifier_kernel=3)  # a 7x7x7 conv is slow on CPU
+    return StereoWidths()
+
+
+def normalise(image: torch.Tensor) -> torch.Tensor:
+    """RGB 0..255 -> ImageNet-normalised."""
+    mean = torch.tensor(IMAGENET_MEAN, device=image.device, dtype=image.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=image.device, dtype=image.dtype).view(1, 3, 1, 1)
+    return (image / 255.0 - mean) / std
+
+
+class FoundationStereo(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        if len(set(cfg.hidden_dims)) != 1:
+            raise ValueError(f"model.hidden_dims: one width for all three levels (cam/sam are shared), "
+                             f"got {cfg.hidden_dims}")
+        self.cfg = cfg
+        wd = stereo_widths(cfg.size)
+        hidden = cfg.hidden_dims[0]
+        self.feature_checkpoint = cfg.activation_checkpointing.features
+        feature = Feature(backbone_dims(cfg.size), freeze_vit=cfg.freeze_vit,
+                          checkpoint=cfg.activation_checkpointing.features)
+        d_out = list(feature.d_out)
+        lookup_dim = cfg.corr_levels * (2 * cfg.corr_radius + 1) * (wd.volume + 1)
+
+        self.cnet = ContextNet(wd.cnet, feature.vit_feat_dim, hidden)
+        self.update_block = UpdateBlock(hidden, lookup_dim, *wd.motion, mask_dims=wd.mask)
+        self.sam = SpatialAttention()
+        self.cam = ChannelAttention(hidden)
+        self.context_zqr_convs = nn.ModuleList(nn.Conv2d(hidden, 3 * hidden, 3, padding=1) for _ in range(3))
+        self.feature = feature
+        self.proj_cmb = nn.Conv2d(d_out[0], wd.concat, 1)
+        self.stem_2 = nn.Sequential(BasicConv(3, wd.stem, 3, stride=2, padding=1, norm="instance"),
+                                    nn.Conv2d(wd.stem, wd.stem, 3, padding=1, bias=False),
+                                    nn.InstanceNorm2d(wd.stem), nn.ReLU())
+        self.stem_4 = nn.Sequential(BasicConv(wd.stem, wd.stem_4, 3, stride=2, padding=1, norm="instance"),
+                                    nn.Conv2d(wd.stem_4, wd.stem_4, 3, padding=1, bias=False),
+                                    nn.InstanceNorm2d(wd.stem_4), nn.ReLU())
+        self.spx_2_gru = Conv2x(wd.mask[1], wd.stem, norm="none")
+        self.spx_gru = nn.Sequential(nn.ConvTranspose2d(2 * wd.stem, 9, 4, stride=2, padding=1))
+        self.corr_stem = nn.Sequential(
+            nn.Conv3d(wd.groups + 2 * wd.concat, wd.volume, 1),
+            BasicConv3d(wd.volume, wd.volume, kernel_size=3, padding=1),
+            ResnetBasicBlock3D(wd.volume), ResnetBasicBlock3D(wd.volume))
+        self.corr_feature_att = FeatureAtt(wd.volume, d_out[0])
+        self.cost_agg = Hourglass(wd.volume, d_out, cfg.max_disp, wd.kernel_disp, wd.dt_heads, wd.dt_layers)
+        self.classifier = nn.Sequential(
+            BasicConv3d(wd.volume, wd.volume // 2, kernel_size=3, padding=1),
+            ResnetBasicBlock3D(wd.volume // 2),
+            nn.Conv3d(wd.volume // 2, 1, wd.classifier_kernel, padding=wd.classifier_kernel // 2))
+        self.widths = wd
+        self.channels_last = False
+        for name in UNUSED_MODULES:
+            self.get_submodule(name).requires_grad_(False)
+
+    # ----- parameters -------------------------------------------------------------------------------------------
+
+    def vit_parameters(self) -> list[nn.Parameter]:
+        """The DepthAnything-V2 part (DINOv2 + DPT): frozen by `Feature` unless model.freeze_vit is false."""
+        return list(self.feature.dino.parameters())
+
+    def param_groups(self, lr: float, vit_lr: float) -> list[dict]:
+        """AdamW groups of the trainable parameters; the ViT gets its own group (and lr) only when unfrozen."""
+        vit_ids = {id(p) for p in self.vit_parameters()}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in vit_ids]
+        groups = [{"params": rest, "lr": lr, "name": "stereo"}]
+        vit = [p for p in self.vit_parameters() if p.requires_grad]
+        if vit:
+            groups.append({"params": vit, "lr": vit_lr, "name": "vit"})
+        return groups
+
+    def use_channels_last(self) -> None:
+        """NHWC weights for the 2-D convs (the 3-D ones keep their layout); inputs are converted in forward."""
+        self.channels_last = True
+        for p in self.parameters():
+            if p.dim() == 4:
+                p.data = p.data.contiguous(memory_format=torch.channels_last)
+
+    # ----- forward ----------------------------------------------------------------------------------------------
+
+    def _maybe_checkpoint(self, enabled: bool, fn, *args):
+        if enabled and self.training and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def _cost_volume(self, left: list[torch.Tensor], right: list[torch.Tensor]) -> torch.Tensor:
+        num_disp = self.cfg.max_disp // 4
+        gwc = gwc_volume(left[0], right[0], num_disp, self.widths.groups)
+        cat = concat_volume(self.proj_cmb(left[0]), self.proj_cmb(right[0]), num_disp)
+        volume = self.corr_stem(torch.cat([gwc.to(cat.dtype), cat], 1))
+        volume = self.corr_feature_att(volume, left[0])
+        return self.cost_agg(volume, left)
+
+    def _context(self, image: torch.Tensor, vit_feat: torch.Tensor):
+        levels = self.cnet(image, vit_feat)
+        net = [torch.tanh(h) for h, _ in levels]
+        inp = [torch.relu(c) for _, c in levels]
+        inp = [self.cam(x) * x for x in inp]
+        att = [self.sam(x) for x in inp]
+        return net, inp, att
+
+    def _upsample(self, disp: torch.Tensor, mask_feat: torch.Tensor, stem_2x: torch.Tensor) -> torch.Tensor:
+        logits = self.spx_gru(self.spx_2_gru(mask_feat, stem_2x))
+        return context_upsample(disp, logits)
+
+    def _iteration(self, lookup: GeometryLookup, net, inp, att, disp, stem_2x, upsample: bool):
+        net, mask_feat, delta = self.update_block(net, inp, att, lookup(disp), disp)
+        disp = disp + delta.float()
+        full = self._upsample(disp, mask_feat, stem_2x) if upsample else None
+        return net, disp, full
+
+    def forward(self, left: torch.Tensor, right: torch.Tensor, iters: int | None = None, test_mode: bool = False):
+        """left/right (B,3,H,W) RGB 0..255, H and W multiples of 32.
+
+        Train: (init_disp (B,1,H/4,W/4) in 1/4-res px, [disparity (B,1,H,W)] * iters); test: the last disparity.
+        """
+        if iters is None:
+            iters = self.cfg.valid_iters if test_mode else self.cfg.train_iters
+        ac = self.cfg.activation_checkpointing
+        b = left.shape[0]
+        left_n, right_n = normalise(left.float()), normalise(right.float())
+        if self.channels_last:
+            left_n = left_n.contiguous(memory_format=torch.channels_last)
+            right_n = right_n.contiguous(memory_format=torch.channels_last)
+        feats, vit_feat = self.feature(torch.cat([left_n, right_n], 0))
+        feat_l = [f[:b] for f in feats]
+        feat_r = [f[b:] for f in feats]
+        stem_2x = self.stem_2(left_n)
+
+        volume = self._maybe_checkpoint(ac.cost_filtering, self._cost_volume, feat_l, feat_r)
+        init_disp = soft_argmin(self.classifier(volume).squeeze(1))
+        net, inp, att = self._maybe_checkpoint(ac.features, self._context, left_n, vit_feat[:b])
+        lookup = GeometryLookup(volume, feat_l[0], feat_r[0], self.cfg.corr_levels, self.cfg.corr_radius)
+
+        disp = init_disp
+        preds = []
+        for i in range(iters):
+            upsample = not test_mode or i == iters - 1
+            net, disp, full = self._maybe_checkpoint(ac.update, self._iteration, lookup, net, inp, att,
+                                                     disp.detach(), stem_2x, upsample)
+            if full is not None:
+                preds.append(full)
+        return preds[-1] if test_mode else (init_disp, preds)

@@ -1,0 +1,62 @@
+"""Geometry lookup (fp32): taps of the filtered cost volume and of the all-pairs correlation around the disparity.
+
+Sampling is exact 1-D linear interpolation with zero padding, the same numbers as `grid_sample(bilinear,
+align_corners=True, zeros)` on a one-pixel-high grid, done with two gathers: the 2r+1 taps around a position p
+share the fractional part of p, so the 2r+2 integer neighbours of floor(p) - r suffice. No host syncs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def sample_taps(values: torch.Tensor, position: torch.Tensor, radius: int) -> torch.Tensor:
+    """values (N,C,L), position (N,) in index units -> (N,C,2r+1) at position + (-r..r), zero outside [0, L-1]."""
+    n, c, length = values.shape
+    base = torch.floor(position)
+    frac = (position - base)[:, None, None]
+    index = base.long()[:, None] + torch.arange(-radius, radius + 2, device=values.device)  # (N, 2r+2)
+    inside = ((index >= 0) & (index < length)).to(values.dtype)[:, None, :]
+    picked = torch.gather(values, 2, index.clamp(0, length - 1)[:, None, :].expand(n, c, -1)) * inside
+    return picked[..., :-1] * (1 - frac) + picked[..., 1:] * frac
+
+
+class GeometryLookup:
+    """Built once per forward from the filtered volume (B,C,D,h,w) and the 1/4 features (B,F,h,w) of both views.
+
+    `__call__(disp)` with disp (B,1,h,w) in 1/4-res px returns (B, levels*(2r+1)*(C+1), h, w): per level the
+    volume taps (index c*(2r+1) + tap) then the correlation taps; level i works at 1/2^i along its sampled axis.
+    """
+
+    def __init__(self, volume: torch.Tensor, left: torch.Tensor, right: torch.Tensor, levels: int, radius: int) -> None:
+        b, c, d, h, w = volume.shape
+        self.shape = (b, h, w)
+        self.radius = radius
+        self.device_type = volume.device.type
+        with torch.autocast(device_type=self.device_type, enabled=False):
+            self._build(volume, left, right, levels)
+
+    def _build(self, volume: torch.Tensor, left: torch.Tensor, right: torch.Tensor, levels: int) -> None:
+        b, c, d, h, w = volume.shape
+        geo = volume.float().permute(0, 3, 4, 1, 2).reshape(b * h * w, c, d)
+        lf = F.normalize(left.float(), dim=1)
+        rf = F.normalize(right.float(), dim=1)
+        corr = torch.einsum("bchx,bchy->bhxy", lf, rf).reshape(b * h * w, 1, w)
+        self.geo_levels = [geo]
+        self.corr_levels = [corr]
+        for _ in range(levels - 1):
+            self.geo_levels.append(F.avg_pool1d(self.geo_levels[-1], 2, stride=2))
+            self.corr_levels.append(F.avg_pool1d(self.corr_levels[-1], 2, stride=2))
+        self.column = torch.arange(w, device=volume.device, dtype=torch.float32).repeat(b * h)
+
+    def __call__(self, disp: torch.Tensor) -> torch.Tensor:
+        b, h, w = self.shape
+        d = disp.float().reshape(-1)
+        out = []
+        with torch.autocast(device_type=self.device_type, enabled=False):
+            for i, (geo, corr) in enumerate(zip(self.geo_levels, self.corr_levels)):
+                scale = 2.0 ** i
+                out.append(sample_taps(geo, d / scale, self.radius).flatten(1))
+                out.append(sample_taps(corr, self.column / scale - d / scale, self.radius).flatten(1))
+        return torch.cat(out, 1).reshape(b, h, w, -1).permute(0, 3, 1, 2)
