@@ -1,0 +1,94 @@
+"""`python -m stereo infer --ckpt CKPT --left L --right R --out DIR [--iters N] [--focal F --baseline B]`.
+
+Writes `disp.pfm` (float32 px), `disp.png` (16-bit, value = disparity x 256, as KITTI), `disp_color.png`
+(turbo) and, with --focal (px) and --baseline (m), `depth.pfm` (metres, 0 where the disparity is not positive).
+Any image size works. The checkpoint is a released-format .pth, one of our exports or a run directory; its model
+config comes from the checkpoint, else --config, else the released defaults of --size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stereo.config.errors import ConfigError
+from stereo.data.codecs import CodecError, encode_png, read_image, write_pfm
+from stereo.model.pretrained import WeightMismatchError
+
+PNG_SCALE = 256.0
+
+
+def disparity_to_depth(disp: np.ndarray, focal_px: float, baseline_m: float) -> np.ndarray:
+    depth = np.zeros_like(disp, dtype=np.float32)
+    positive = disp > 0
+    depth[positive] = focal_px * baseline_m / disp[positive]
+    return depth
+
+
+def write_outputs(disp: np.ndarray, out: Path, focal: float | None, baseline: float | None) -> list[Path]:
+    from stereo.eval.report import colorize_disparity
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "disp.pfm", out / "disp.png", out / "disp_color.png"]
+    write_pfm(written[0], disp)
+    written[1].write_bytes(encode_png(np.clip(np.round(disp * PNG_SCALE), 0, 65535).astype(np.uint16)))
+    finite = disp[np.isfinite(disp)]
+    vmax = float(np.percentile(finite, 99)) if finite.size else 1.0
+    written[2].write_bytes(encode_png(colorize_disparity(disp, 0.0, max(vmax, 1e-3))))
+    if focal is not None and baseline is not None:
+        written.append(out / "depth.pfm")
+        write_pfm(written[-1], disparity_to_depth(disp, focal, baseline))
+    return written
+
+
+def read_pair(left_path: Path, right_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    for path in (left_path, right_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: image file not found")
+    left, right = read_image(left_path), read_image(right_path)
+    if left.shape != right.shape:
+        raise ValueError(f"{right_path}: {right.shape[1]}x{right.shape[0]} does not match the left image "
+                         f"{left_path} ({left.shape[1]}x{left.shape[0]}); a rectified pair has one size")
+    return left, right
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ckpt", type=Path, required=True, help="released .pth, our export, or a run directory")
+    parser.add_argument("--left", type=Path, required=True, help="left image (PNG/JPEG)")
+    parser.add_argument("--right", type=Path, required=True, help="right image, same size")
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--iters", type=int, help="GRU iterations (default: the config's model.valid_iters)")
+    parser.add_argument("--focal", type=float, help="focal length in pixels (with --baseline: writes depth.pfm)")
+    parser.add_argument("--baseline", type=float, help="stereo baseline in metres")
+    parser.add_argument("--config", help="model config when the checkpoint stores none (a file or configs/ name)")
+    parser.add_argument("--size", choices=["tiny", "vits", "vitb", "vitl"], help="model size when no config is known")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+
+
+def run(args: argparse.Namespace) -> int:
+    from stereo.eval.cli import load_model
+    from stereo.model.infer import predict
+
+    if (args.focal is None) != (args.baseline is None):
+        raise ConfigError("--focal/--baseline", "both (depth needs the focal length and the baseline) or neither")
+    device = torch.device(args.device)
+    try:
+        left, right = read_pair(args.left, args.right)
+        model, cfg, description = load_model(args.ckpt, args.config, args.size, device)
+    except (FileNotFoundError, ValueError, CodecError, WeightMismatchError) as exc:
+        print(f"infer: {exc}", file=sys.stderr)
+        return 1
+    iters = args.iters or cfg.model.valid_iters
+    print(f"infer: {description}, {left.shape[1]}x{left.shape[0]}, {iters} iterations on {device}", file=sys.stderr)
+
+    def tensor(image: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float().to(device)
+
+    disp = predict(model, tensor(left), tensor(right), iters)[0, 0].cpu().numpy()
+    for path in write_outputs(disp, args.out, args.focal, args.baseline):
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
