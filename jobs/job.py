@@ -79,10 +79,11 @@ class TrainingJob:
             log("trainer finished")
             return {"run_dir": self.run_dir, "restarts": restarts}
         if code == EXIT_PREEMPTED:
-            log("trainer saved and exited after an outside SIGTERM (scontrol requeue, preemption or scancel); "
-                "Slurm requeues or ends the job now")
+            # SIGTERM from Slurm (outside requeue, preemption, scancel), or on other tasks task 0's stop request.
+            log(f"trainer saved and exited {EXIT_PREEMPTED} after a stop signal; waiting for Slurm (or task 0) to "
+                "requeue or end the job")
             time.sleep(OUTSIDE_SIGNAL_GRACE_S)
-            raise JobStopped(f"trainer exited {EXIT_PREEMPTED} after a SIGTERM but Slurm did not end the job "
+            raise JobStopped(f"trainer exited {EXIT_PREEMPTED} after a stop signal but Slurm did not end the job "
                              f"within {OUTSIDE_SIGNAL_GRACE_S:.0f} s: not requeued")
         raise JobStopped(f"trainer exited with code {code} (0 = done, {EXIT_PREEMPTED} = preempted): a failure, "
                          "not requeued; its output is above in this log")
