@@ -77,3 +77,61 @@ def test_disparity_panel_shares_one_colour_scale_and_blacks_out_invalid():
     assert (gt_rgb[same] == pred_rgb[same]).all()  # equal values, equal colours
     assert len(np.unique(gt_rgb[same], axis=0)) == 8  # the scale spreads the 8 distinct values
     assert not (err_rgb[3, 7] == err_rgb[2, 7]).all()  # the wrong pixel stands out in the error map
+
+
+@pytest.fixture(scope="module")
+def demo_checkpoint(tmp_path_factory):
+    """A tiny model exported the way `python -m stereo export` does, with its config embedded."""
+    import torch
+
+    from stereo.config.load import load_config, to_dict
+    from stereo.model import build_model
+    from stereo.model.io import export_released
+
+    torch.manual_seed(0)
+    cfg = load_config("tiny")
+    folder = tmp_path_factory.mktemp("ckpt")
+    export_released(build_model(cfg.model), folder / "demo.pth", global_step=0, epoch=0, config=to_dict(cfg))
+    export_released(build_model(cfg.model), folder / "bare.pth", global_step=0, epoch=0)  # no config inside
+    return folder
+
+
+def test_eval_cli_writes_json_table_and_pictures(tmp_path, demo_checkpoint, capsys):
+    import fakedata
+    from PIL import Image
+
+    fake = fakedata.make_kitti15(tmp_path / "kitti")
+    out = tmp_path / "out"
+    argv = ["eval", "--ckpt", str(demo_checkpoint / "demo.pth"), "--bench", "kitti15", "--data", str(fake.root),
+            "--iters", "1", "--out", str(out), "--device", "cpu", "--limit", "2"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "d1/pooled" in printed and "2.8" in printed  # the headline and the paper's number
+    results = json.loads((out / "results.json").read_text())
+    assert results["benchmark"] == "kitti15" and results["iters"] == 1 and results["model"] == "tiny"
+    assert results["summary"]["images"] == 2 and len(results["images"]) == 2
+    assert 0.0 <= results["summary"]["d1/pooled"] <= 100.0
+    table = (out / "results.md").read_text()
+    assert "| d1/pooled |" in table and "000001_10" in table
+    panels = sorted((out / "images").glob("*.png"))
+    assert len(panels) == 2
+    with Image.open(panels[0]) as panel:
+        assert panel.size == (4 * fakedata.W, fakedata.H)  # left | gt | prediction | error
+    with Image.open(out / "summary.png") as sheet:
+        assert sheet.width == 1024 and sheet.height > 200
+
+
+def test_eval_cli_needs_a_config_for_a_bare_checkpoint(tmp_path, demo_checkpoint, capsys):
+    import fakedata
+
+    fake = fakedata.make_eth3d(tmp_path / "eth3d")
+    argv = ["eval", "--ckpt", str(demo_checkpoint / "bare.pth"), "--bench", "eth3d", "--data", str(fake.root),
+            "--iters", "1", "--out", str(tmp_path / "out"), "--device", "cpu", "--no-images"]
+    assert main(argv) == 2
+    assert "--config" in capsys.readouterr().err
+    assert main(argv + ["--size", "tiny"]) == 1  # released defaults for tiny have other widths than configs/tiny
+    assert "bare.pth into a tiny model" in capsys.readouterr().err  # names the file and the keys that differ
+    assert main(argv + ["--config", "tiny", "--limit", "1"]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["summary"]["bp_1_noc/mean_image"] is not None
+    assert not (tmp_path / "out" / "images").exists()

@@ -23,7 +23,7 @@ import numpy as np
 
 from stereo.config.schema import DataConfig, DatasetSpec
 from stereo.data.shards import read_manifest
-from stereo.data.sources import get_source, load_raw
+from stereo.data.sources import SourceError, get_source, load_raw
 
 Sample = dict[str, Any]
 
@@ -140,6 +140,9 @@ class BenchmarkSamples:
                  options: dict[str, str] | None = None):
         self.benchmark, self.data, self.limit = benchmark, str(data), limit
         self.raw = None
+        if is_shard_location(self.data) and options:
+            raise SourceError(f"{self.data}: source options ({', '.join(options)}) apply to raw directories; shards "
+                              "hold whatever was chosen when they were written")
         if not is_shard_location(self.data):
             self.raw = get_source(benchmark.source).list_samples(
                 self.data, **{**benchmark.source_options, **(options or {})})[:limit]

@@ -23,6 +23,8 @@ from stereo.data.sources import SourceError, parse_options
 from stereo.eval.benchmarks import BENCHMARKS, BenchmarkSamples, get_benchmark
 from stereo.eval.runner import evaluate
 from stereo.model import build_model
+from stereo.model.io import check_state_dict, read_checkpoint
+from stereo.model.pretrained import WeightMismatchError
 
 
 def _run_directory_weights(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict, str]:
@@ -46,8 +48,6 @@ def _run_directory_weights(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict
 
 def _file_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict | None, str]:
     """(state dict, embedded config tree or None, description) of a .pth / .safetensors checkpoint."""
-    from stereo.model.io import read_checkpoint
-
     state, config = read_checkpoint(path)
     return state, config, str(path)
 
@@ -73,6 +73,7 @@ def load_model(ckpt: Path, config: str | None, size: str | None, device: torch.d
     if size is not None and embedded is not None and size != cfg.model.size:
         raise ConfigError("--size", f"{cfg.model.size} (the checkpoint's own config), got {size}", source=str(ckpt))
     model = build_model(cfg.model)
+    check_state_dict(model, state, f"{description} into a {cfg.model.size} model")  # names each wrong key
     model.load_state_dict(state, strict=True)  # every weight, the frozen ViT included, comes from the checkpoint
     return model.to(device), cfg, description
 
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         samples = BenchmarkSamples(bench, args.data, args.limit, parse_options(args.option))
         model, cfg, description = load_model(args.ckpt, args.config, args.size, device)
-    except (FileNotFoundError, SourceError, CodecError) as exc:
+    except (FileNotFoundError, SourceError, CodecError, WeightMismatchError) as exc:
         print(f"eval: {exc}", file=sys.stderr)
         return 1
     iters = args.iters or cfg.model.valid_iters
