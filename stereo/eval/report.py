@@ -93,19 +93,23 @@ def _thumbnail(path: Path, width: int) -> Image.Image:
 
 def summary_sheet(out_path: Path, title: str, table: Sequence[tuple[str, Any]],
                   worst: Sequence[tuple[str, float | None, Path]], best: Sequence[tuple[str, float | None, Path]],
-                  width: int = 1024) -> None:
-    """One PNG: the metric table, then the worst and the best images' panels (name, headline value, panel path)."""
-    line = 16
-    text_rows = [title, ""] + [f"{name:<28} {_fmt(value)}" for name, value in table]
+                  max_width: int = 2048) -> None:
+    """One PNG: the metric table, then the worst and the best images' panels (name, headline value, panel path),
+    each panel scaled to the sheet's width (the widest panel's, at most `max_width`)."""
+    line, value_x = 16, 240
+    with Image.open((list(worst) + list(best))[0][2]) as first:
+        width = max(min(first.width, max_width), 2 * value_x)
     sections = [("worst", worst), ("best", best)]
     tiles = [(f"{label}: {name}  {_fmt(value)}", _thumbnail(path, width))
              for label, items in sections for name, value, path in items]
-    height = line * (len(text_rows) + 1) + sum(line + tile.height + 4 for _, tile in tiles)
+    height = line * (len(table) + 3) + sum(line + tile.height + 4 for _, tile in tiles)
     sheet = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
-    y = 4
-    for text in text_rows:
-        draw.text((8, y), text, fill=(0, 0, 0))
+    draw.text((8, 4), title, fill=(0, 0, 0))
+    y = 4 + 2 * line
+    for name, value in table:
+        draw.text((8, y), name, fill=(0, 0, 0))
+        draw.text((value_x, y), _fmt(value), fill=(0, 0, 0))
         y += line
     y += line
     for caption, tile in tiles:

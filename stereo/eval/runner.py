@@ -119,8 +119,8 @@ def write_report(out: Path, result: dict[str, Any], headline: Sequence[str], tit
                     key=lambda r: r[rank_key], reverse=True)
     if not ranked:
         return
-    worst = ranked[:SHEET_IMAGES]
-    best = [r for r in ranked[::-1][:SHEET_IMAGES] if r not in worst]
+    worst = ranked[:min(SHEET_IMAGES, math.ceil(len(ranked) / 2))]
+    best = ranked[len(worst):][::-1][:SHEET_IMAGES]
 
     def tiles(chosen: list[dict[str, Any]]) -> list[tuple[str, float, Path]]:
         return [(r["key"], r[rank_key], out / r["panel"]) for r in chosen]
