@@ -1,0 +1,224 @@
+"""FoundationStereo stereo side: released manifests, output shapes, gradients, and the numerical pieces
+(cost volumes, soft-argmin, disparity attention, geometry lookup, context upsampling) against direct references."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stereo.config.schema import ModelConfig
+from stereo.model import build_model
+from stereo.model.cli import manifest_rows
+from stereo.model.cost_volume import concat_volume, gwc_volume, soft_argmin
+from stereo.model.filtering import DisparityAttention, MultiheadSelfAttention
+from stereo.model.foundation_stereo import UNUSED_MODULES
+from stereo.model.lookup import GeometryLookup
+from stereo.model.upsample import context_upsample
+
+MANIFESTS = Path(__file__).resolve().parents[1] / "stereo" / "model" / "manifests"
+
+
+def tiny_config(**changes) -> ModelConfig:
+    cfg = ModelConfig(size="tiny", max_disp=64, train_iters=2, valid_iters=3, hidden_dims=[32, 32, 32])
+    for key, value in changes.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def read_manifest(size: str) -> dict[str, tuple[str, str]]:
+    lines = (MANIFESTS / f"foundationstereo_{size}_state_dict.tsv").read_text().splitlines()
+    assert lines[0] == "key\tshape\tdtype"
+    return {key: (shape, dtype) for key, shape, dtype in (line.split("\t") for line in lines[1:])}
+
+
+@pytest.mark.parametrize("size", ["vits", "vitb", "vitl"])
+def test_state_dict_matches_released_manifest(size):
+    with torch.device("meta"):
+        model = build_model(ModelConfig(size=size))
+    ours = {key: (shape, dtype) for key, shape, dtype in manifest_rows(model)}
+    expected = read_manifest(size)
+    assert sorted(set(ours) - set(expected)) == [] and sorted(set(expected) - set(ours)) == []
+    assert {k: v for k, v in ours.items() if v != expected[k]} == {}
+
+
+def test_unused_modules_are_frozen_and_param_groups():
+    with torch.device("meta"):
+        model = build_model(ModelConfig(size="vitl"))
+    for name in UNUSED_MODULES:
+        assert all(not p.requires_grad for p in model.get_submodule(name).parameters()), name
+    groups = model.param_groups(1e-4, 1e-5)
+    assert [g["name"] for g in groups] == ["stereo"]
+    # released trainable count (39,201,418) minus the 14 unused tensors (1,625,856)
+    assert sum(p.numel() for p in groups[0]["params"]) == 37_575_562
+    with torch.device("meta"):
+        unfrozen = build_model(ModelConfig(size="vits", freeze_vit=False))
+    groups = unfrozen.param_groups(1e-4, 1e-5)
+    assert [(g["name"], g["lr"]) for g in groups] == [("stereo", 1e-4), ("vit", 1e-5)]
+    assert sum(p.numel() for p in groups[1]["params"]) == 22_056_576 + 2_728_513  # DINOv2-S + DPT
+
+
+@pytest.fixture(scope="module")
+def tiny_pair():
+    g = torch.Generator().manual_seed(0)
+    left = torch.rand(1, 3, 64, 128, generator=g) * 255
+    return left, torch.roll(left, -4, dims=3)
+
+
+def test_tiny_shapes_train_and_test(tiny_pair):
+    torch.manual_seed(0)
+    model = build_model(tiny_config())
+    left, right = tiny_pair
+    model.train()
+    init_disp, preds = model(left, right)
+    assert init_disp.shape == (1, 1, 16, 32) and len(preds) == 2
+    assert all(p.shape == (1, 1, 64, 128) and p.dtype == torch.float32 for p in preds)
+    model.eval()
+    with torch.no_grad():
+        out = model(left, right, test_mode=True)
+        assert out.shape == (1, 1, 64, 128) and torch.isfinite(out).all()
+        assert model(left, right, iters=1, test_mode=True).shape == (1, 1, 64, 128)
+
+
+def test_gradients_reach_every_trainable_parameter(tiny_pair):
+    torch.manual_seed(0)
+    model = build_model(tiny_config())
+    left, right = tiny_pair
+    init_disp, preds = model(left, right)
+    (init_disp.mean() + sum(p.mean() for p in preds)).backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    assert no_grad == []
+    unused = [n for n, p in model.named_parameters() if any(n.startswith(u + ".") for u in UNUSED_MODULES)]
+    assert unused and all(not model.get_parameter(n).requires_grad for n in unused)
+    assert all(not p.requires_grad for p in model.feature.dino.parameters())  # frozen ViT
+
+
+def test_activation_checkpointing_gives_the_same_gradients(tiny_pair):
+    left, right = tiny_pair
+    grads = []
+    for enabled in (False, True):
+        torch.manual_seed(0)
+        cfg = tiny_config()
+        cfg.activation_checkpointing.features = cfg.activation_checkpointing.cost_filtering = enabled
+        cfg.activation_checkpointing.update = enabled
+        model = build_model(cfg)
+        torch.manual_seed(1)  # the same dropout masks in both runs
+        init_disp, preds = model(left, right)
+        (init_disp.mean() + preds[-1].mean()).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_bf16_autocast_keeps_fp32_outputs(tiny_pair):
+    torch.manual_seed(0)
+    model = build_model(tiny_config()).eval()
+    left, right = tiny_pair
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(left, right, iters=1, test_mode=True)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_cost_volumes_match_the_loop_definition():
+    g = torch.Generator().manual_seed(0)
+    left, right = torch.randn(2, 16, 3, 20, generator=g), torch.randn(2, 16, 3, 20, generator=g)
+    num_disp, groups = 7, 4
+    ref_gwc = torch.zeros(2, groups, num_disp, 3, 20)
+    ref_cat = torch.zeros(2, 32, num_disp, 3, 20)
+    lg = F.normalize(left.view(2, groups, 4, 3, 20), dim=2)
+    rg = F.normalize(right.view(2, groups, 4, 3, 20), dim=2)
+    for d in range(num_disp):
+        ref_gwc[:, :, d, :, d:] = (lg[..., d:] * rg[..., : 20 - d]).sum(2)
+        ref_cat[:, :16, d] = left
+        ref_cat[:, 16:, d, :, d:] = right[..., : 20 - d]
+    torch.testing.assert_close(gwc_volume(left, right, num_disp, groups), ref_gwc, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(concat_volume(left, right, num_disp), ref_cat)
+
+
+def test_soft_argmin_is_the_expected_bin():
+    logits = torch.randn(2, 9, 4, 5)
+    prob = torch.softmax(logits, 1)
+    expected = sum(prob[:, d] * d for d in range(9)).unsqueeze(1)
+    torch.testing.assert_close(soft_argmin(logits), expected)
+    peaked = torch.full((1, 9, 1, 1), -1e4)
+    peaked[0, 6] = 0.0
+    assert soft_argmin(peaked).item() == pytest.approx(6.0)
+
+
+def test_disparity_attention_heads_attend_over_the_sequence():
+    torch.manual_seed(0)
+    attn = MultiheadSelfAttention(dim=8, heads=2)
+    x = torch.randn(3, 5, 8)
+    q, k, v = (proj(x).view(3, 5, 2, 4) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    weights = torch.softmax(torch.einsum("nlhd,nmhd->nhlm", q, k) / 2.0, dim=-1)  # per head, over tokens m
+    expected = attn.out_proj(torch.einsum("nhlm,nmhd->nlhd", weights, v).reshape(3, 5, 8))
+    torch.testing.assert_close(attn(x), expected, rtol=1e-5, atol=1e-6)
+    # permuting the tokens permutes the output: attention is over the sequence, not across heads
+    perm = torch.tensor([4, 2, 0, 1, 3])
+    torch.testing.assert_close(attn(x[:, perm]), attn(x)[:, perm], rtol=1e-5, atol=1e-6)
+
+
+def test_disparity_transformer_tokens_are_disparity_bins():
+    torch.manual_seed(0)
+    dt = DisparityAttention(dim=8, heads=2, layers=1, max_len=6).eval()
+    volume = torch.randn(1, 8, 6, 2, 3)
+    out = dt(volume)
+    assert out.shape == volume.shape
+    changed = volume.clone()
+    changed[0, :, 5, 1, 2] += 1.0  # one disparity bin at one pixel
+    diff = (dt(changed) - out).abs().sum(1)[0]  # (D, H, W)
+    assert diff[:, 1, 2].min() > 0  # every bin of that pixel sees it
+    assert diff.sum() == diff[:, 1, 2].sum()  # no other pixel does
+    assert "pos_table" not in dict(dt.named_buffers()) and not any("pos" in k for k in dt.state_dict())
+    with pytest.raises(ValueError, match="disparity tokens"):
+        dt(torch.randn(1, 8, 7, 1, 1))
+
+
+def _grid_sample_lookup(volume, left, right, disp, levels, radius):
+    """Direct reference: grid_sample (bilinear, align_corners=True, zeros) on 1-px-high grids, level by level."""
+    b, c, d, h, w = volume.shape
+    geo = volume.permute(0, 3, 4, 1, 2).reshape(b * h * w, c, 1, d)
+    corr = torch.einsum("bchx,bchy->bhxy", F.normalize(left, dim=1), F.normalize(right, dim=1))
+    corr = corr.reshape(b * h * w, 1, 1, w)
+    dx = torch.arange(-radius, radius + 1, dtype=torch.float32).view(1, 1, -1, 1)
+    x = torch.arange(w, dtype=torch.float32).repeat(b * h).view(-1, 1, 1, 1)
+    dd = disp.reshape(-1, 1, 1, 1)
+    out = []
+    for i in range(levels):
+        for vol, pos in ((geo, dd / 2**i + dx), (corr, x / 2**i - dd / 2**i + dx)):
+            size = vol.shape[-1]
+            grid = torch.cat([2 * pos / (size - 1) - 1, torch.zeros_like(pos)], -1)
+            out.append(F.grid_sample(vol, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+                       .reshape(b, h, w, -1))
+            vol_next = F.avg_pool2d(vol, [1, 2], stride=[1, 2])
+            if vol is geo:
+                geo_next = vol_next
+            else:
+                corr_next = vol_next
+        geo, corr = geo_next, corr_next
+    return torch.cat(out, -1).permute(0, 3, 1, 2)
+
+
+def test_geometry_lookup_matches_grid_sample():
+    g = torch.Generator().manual_seed(0)
+    volume = torch.randn(2, 3, 12, 2, 10, generator=g)
+    left, right = torch.randn(2, 6, 2, 10, generator=g), torch.randn(2, 6, 2, 10, generator=g)
+    disp = torch.rand(2, 1, 2, 10, generator=g) * 14 - 1  # also outside [0, D-1]: zero padding
+    lookup = GeometryLookup(volume, left, right, levels=2, radius=2)
+    out = lookup(disp)
+    assert out.shape == (2, 2 * 5 * (3 + 1), 2, 10)
+    torch.testing.assert_close(out, _grid_sample_lookup(volume, left, right, disp, 2, 2), rtol=1e-5, atol=1e-5)
+
+
+def test_context_upsample_is_a_convex_combination_times_four():
+    disp = torch.full((1, 1, 3, 4), 2.5)
+    logits = torch.randn(1, 9, 12, 16)
+    torch.testing.assert_close(context_upsample(disp, logits)[:, :, 4:8, 4:12], torch.full((1, 1, 4, 8), 10.0))
+    onehot = torch.full((1, 9, 12, 16), -1e4)
+    onehot[:, 4] = 0.0  # all weight on the centre tap: nearest upsampling of 4 * disp
+    ramp = torch.arange(12.0).view(1, 1, 3, 4)
+    expected = F.interpolate(4 * ramp, scale_factor=4, mode="nearest")
+    torch.testing.assert_close(context_upsample(ramp, onehot), expected)
