@@ -19,6 +19,7 @@ import yaml
 from stereo.config import Config, from_dict, load_config
 from stereo.config.errors import ConfigError
 from stereo.data.codecs import CodecError
+from stereo.data.sample import BadSample
 from stereo.data.sources import SourceError, parse_options
 from stereo.eval.benchmarks import BENCHMARKS, BenchmarkSamples, get_benchmark
 from stereo.eval.runner import evaluate
@@ -84,7 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="the benchmark's raw directory (official layout) or its shards")
     parser.add_argument("--config", help="model config when the checkpoint stores none (a file or configs/ name)")
     parser.add_argument("--size", choices=["tiny", "vits", "vitb", "vitl"], help="model size when no config is known")
-    parser.add_argument("--iters", type=int, help="GRU iterations (default: the config's model.valid_iters)")
+    parser.add_argument("--iters", type=int,
+                        help="GRU iterations (default: the config's eval.iters, else model.valid_iters)")
     parser.add_argument("--out", type=Path, help="output directory (default runs/eval/<bench>-<checkpoint name>)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cuda, cuda:N or cpu (default: cuda when available)")
@@ -104,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, SourceError, CodecError, WeightMismatchError) as exc:
         print(f"eval: {exc}", file=sys.stderr)
         return 1
-    iters = args.iters or cfg.model.valid_iters
+    iters = args.iters or cfg.eval.iters or cfg.model.valid_iters
     out = args.out or Path("runs/eval") / f"{bench.name}-{args.ckpt.resolve().name.split('.')[0]}"
     metadata: dict[str, Any] = {
         "benchmark": bench.name, "title": bench.title, "protocol": bench.protocol, "data": str(args.data),
@@ -112,8 +114,12 @@ def run(args: argparse.Namespace) -> int:
         f"paper ({bench.headline[0]})": bench.paper,
     }
     print(f"eval {bench.title}: {description}, {iters} iterations, {device}", file=sys.stderr)
-    result = evaluate(model, samples, iters, device, out_dir=out, max_disp=args.max_disp,
-                      headline=bench.headline, title=bench.title, save_images=not args.no_images, metadata=metadata)
+    try:
+        result = evaluate(model, samples, iters, device, out_dir=out, max_disp=args.max_disp, headline=bench.headline,
+                          title=bench.title, save_images=not args.no_images, metadata=metadata)
+    except (CodecError, BadSample) as exc:  # an unreadable file of the benchmark: name it rather than score less
+        print(f"eval: {exc}", file=sys.stderr)
+        return 1
     for key in bench.headline:
         value = result[key]
         print(f"{key:>24}: {'-' if value is None else f'{value:.4f}'}")
