@@ -124,3 +124,24 @@ def test_eval_results_file_is_json_with_null_for_missing_noc(tmp_path, tiny_mode
     assert written["summary"]["epe/pooled"] == pytest.approx(result["epe/pooled"])
     assert written["summary"]["epe_noc/pooled"] is None  # Scene Flow has no occlusion masks
     assert len(written["images"]) == 1 and (tmp_path / "out" / written["images"][0]["panel"]).is_file()
+
+
+def test_evaluate_keeps_the_callers_training_mode(tiny_model):
+    sample = {"key": "k", "left": np.zeros((8, 8, 3), np.uint8), "right": np.zeros((8, 8, 3), np.uint8),
+              "disp": np.ones((8, 8), np.float32), "valid": np.ones((8, 8), bool), "nocc": None}
+    tiny_model.train()
+    try:
+        result = evaluate(tiny_model, iter([sample]), iters=1, device="cpu", progress=False)
+        assert tiny_model.training and result["pixels"] == 64 and result["pixels_noc"] == 0
+    finally:
+        tiny_model.eval()
+
+
+@pytest.mark.gpu
+def test_evaluate_on_gpu_matches_cpu(tmp_path, tiny_model):
+    fake = fakedata.make_eth3d(tmp_path / "eth3d")
+    samples = list(BenchmarkSamples(BENCHMARKS["eth3d"], fake.root))
+    on_cpu = evaluate(tiny_model, samples, iters=2, device="cpu", progress=False)
+    on_gpu = evaluate(tiny_model.to("cuda"), samples, iters=2, device="cuda", progress=False)
+    tiny_model.to("cpu")
+    assert on_gpu["epe/pooled"] == pytest.approx(on_cpu["epe/pooled"], rel=1e-2, abs=1e-2)

@@ -57,31 +57,26 @@ def evaluate(model: torch.nn.Module, samples: Iterable[dict[str, Any]], iters: i
         (out / "images" if panels else out).mkdir(parents=True, exist_ok=True)
     accumulator = MetricAccumulator(max_disp)
     rows: list[dict[str, Any]] = []
-    was_training = model.training
-    model.eval()
     try:
         total: int | None = len(samples)  # type: ignore[arg-type]
     except TypeError:  # a generator, or shards whose length is unknown until read
         total = None
-    try:
-        for sample in tqdm(samples, total=total, desc=title, unit="img", disable=not progress, leave=False):
-            left, right = _to_tensor(sample["left"], device), _to_tensor(sample["right"], device)
-            start = time.perf_counter()
-            with torch.inference_mode():
-                disp = predict(model, left, right, iters)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds = time.perf_counter() - start
-            pred = disp.float().cpu().numpy().reshape(sample["disp"].shape)
-            row = {"key": sample["key"], **accumulator.add(pred, sample["disp"], sample["valid"], sample.get("nocc")),
-                   "seconds": seconds, "height": pred.shape[0], "width": pred.shape[1]}
-            if panels:
-                panel_path = out / "images" / f"{len(rows):04d}_{_file_name(sample['key'])}.png"
-                Image.fromarray(disparity_panel(sample["left"], sample["disp"], pred, sample["valid"])).save(panel_path)
-                row["panel"] = str(panel_path.relative_to(out))
-            rows.append(row)
-    finally:
-        model.train(was_training)
+    for sample in tqdm(samples, total=total, desc=title, unit="img", disable=not progress, leave=False):
+        left, right = _to_tensor(sample["left"], device), _to_tensor(sample["right"], device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            disp = predict(model, left, right, iters)  # eval mode inside, the caller's mode restored after
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        pred = disp.float().cpu().numpy().reshape(sample["disp"].shape)
+        row = {"key": sample["key"], **accumulator.add(pred, sample["disp"], sample["valid"], sample.get("nocc")),
+               "seconds": seconds, "height": pred.shape[0], "width": pred.shape[1]}
+        if panels:
+            panel_path = out / "images" / f"{len(rows):04d}_{_file_name(sample['key'])}.png"
+            Image.fromarray(disparity_panel(sample["left"], sample["disp"], pred, sample["valid"])).save(panel_path)
+            row["panel"] = str(panel_path.relative_to(out))
+        rows.append(row)
     summary = accumulator.summary()
     summary["seconds_per_image"] = float(np.mean([r["seconds"] for r in rows])) if rows else None
     result = {**summary, "rows": rows}
