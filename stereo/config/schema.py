@@ -229,7 +229,7 @@ class EvalConfig:
     benchmark: str | None = None
     data: str | None = None
     iters: int | None = None  # default: model.valid_iters
-    max_disp: int | None = None  # default: model.max_disp
+    max_disp: int | None = None  # opt-in cap on evaluated ground truth; None: every valid pixel counts
     save_images: bool = True
 
 
