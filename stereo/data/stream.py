@@ -90,6 +90,7 @@ def draw_generator(seed: int, role: int, draw: int, purpose: int) -> np.random.G
 
 
 CHOOSE_DATASET, AUGMENT = 0, 1
+MAX_CROP_FAILURES = 50  # consecutive samples without a usable crop before the stream gives up
 
 
 class DatasetCursor:
@@ -247,6 +248,9 @@ class RoleStream:
                 attempt += 1
                 if sample is None:
                     self.state.bad["no_valid_crop"] = self.state.bad.get("no_valid_crop", 0) + 1
+                    if attempt >= MAX_CROP_FAILURES:
+                        raise BadDataError(f"data set {cursor.source.name!r}: {attempt} samples in a row without "
+                                           "a valid pixel in any crop (is all disparity >= model.max_disp?)")
                     continue
             self.state.draws = draw + 1
             sample["dataset"] = cursor.source.name
