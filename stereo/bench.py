@@ -2,8 +2,8 @@
 
 Training step = train-mode forward + the paper loss + backward + AdamW (the defaults: 320x736, 22 iterations,
 bf16 autocast, batch 2 and 4); inference = test-mode forward at 480x640 with 32 iterations. FLOPs are counted
-once per configuration with torch's FlopCounterMode (convolutions, matmuls, attention; elementwise ops are not
-counted), so MFU = counted FLOP/s over the GPU's dense bf16 peak. Weights are random: speed does not depend on
+once per configuration with torch's FlopCounterMode on the meta device (convolutions, matmuls, attention;
+elementwise ops are not counted), so MFU = counted FLOP/s over the GPU's dense bf16 peak. Weights are random: speed does not depend on
 them. `--size tiny --height 128 --width 256 --iters 4 --batch 2 --device cpu` runs in seconds on a CPU.
 """
 
@@ -84,9 +84,24 @@ def _timed(fn, steps: int, warmup: int, device: torch.device, label: str) -> lis
     return times
 
 
-def _count_flops(fn) -> int:
+def count_flops(cfg: ModelConfig, batch: int, height: int, width: int, iters: int, train: bool) -> int:
+    """FLOPs of one forward (+ loss and backward when `train`), counted on the meta device: no compute, no memory.
+    The count does not depend on dtype, so autocast is left out here."""
+    from stereo.model import build_model
+    from stereo.train.loss import stereo_loss
+
+    with torch.device("meta"):
+        model = build_model(cfg)
+        left = torch.zeros(batch, 3, height, width)
+        gt = torch.ones(batch, 1, height, width)
+    model.train(train)
     with FlopCounterMode(display=False) as counter:
-        fn()
+        if train:
+            init_disp, preds = model(left, left, iters=iters)
+            stereo_loss(init_disp, preds, gt, gt > 0, cfg.max_disp, LossConfig())["total"].backward()
+        else:
+            with torch.no_grad():
+                model(left, left, iters=iters, test_mode=True)
     return counter.get_total_flops()
 
 
@@ -123,7 +138,7 @@ def bench_train(model, batch: int, height: int, width: int, iters: int, bf16: bo
         loss.backward()
         optimizer.step()
 
-    flops = _count_flops(step)
+    flops = count_flops(model.cfg, batch, height, width, iters, train=True)
     _reset_peak(device)
     times = _timed(step, steps, warmup, device, f"train batch {batch}")
     return {"batch": batch, "height": height, "width": width, "iters": iters, **_result(times, flops, batch, device)}
@@ -139,7 +154,8 @@ def bench_infer(model, height: int, width: int, iters: int, bf16: bool, device: 
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
             predict(model, left, right, iters)
 
-    flops = _count_flops(step)
+    padded = (-(-height // 32) * 32, -(-width // 32) * 32)  # predict pads to multiples of 32
+    flops = count_flops(model.cfg, 1, *padded, iters, train=False)
     _reset_peak(device)
     times = _timed(step, steps, warmup, device, "inference")
     return {"batch": 1, "height": height, "width": width, "iters": iters, **_result(times, flops, 1, device)}

@@ -5,8 +5,17 @@ Bin d compares left column x with right column x - d; columns x < d have no part
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
+
+
+def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """A region computed in fp32 even under autocast (nothing to switch off on devices without autocast, e.g. meta)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _shift_index(width: int, num_disp: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,7 +34,7 @@ def gwc_volume(left: torch.Tensor, right: torch.Tensor, num_disp: int, groups: i
     b, c, h, w = left.shape
     if c % groups:
         raise ValueError(f"feature channels {c} are not divisible by {groups} correlation groups")
-    with torch.autocast(device_type=left.device.type, enabled=False):
+    with autocast_off(left.device):
         lf = F.normalize(left.float().reshape(b, groups, c // groups, h, w), dim=2)
         rf = F.normalize(right.float().reshape(b, groups, c // groups, h, w), dim=2)
         # (B,G,H,W,Cg) @ (B,G,H,Cg,W) -> (B,G,H,W_left,W_right)
@@ -46,7 +55,7 @@ def concat_volume(left: torch.Tensor, right: torch.Tensor, num_disp: int) -> tor
 
 def soft_argmin(logits: torch.Tensor) -> torch.Tensor:
     """(B,D,H,W) matching logits -> expected disparity (B,1,H,W) in bins, softmax and sum in fp32."""
-    with torch.autocast(device_type=logits.device.type, enabled=False):
+    with autocast_off(logits.device):
         prob = torch.softmax(logits.float(), dim=1)
         bins = torch.arange(logits.shape[1], device=logits.device, dtype=prob.dtype).view(1, -1, 1, 1)
         return (prob * bins).sum(1, keepdim=True)

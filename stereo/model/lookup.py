@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from stereo.model.cost_volume import autocast_off
+
 
 def sample_taps(values: torch.Tensor, position: torch.Tensor, radius: int) -> torch.Tensor:
     """values (N,C,L), position (N,) in index units -> (N,C,2r+1) at position + (-r..r), zero outside [0, L-1]."""
@@ -33,8 +35,8 @@ class GeometryLookup:
         b, c, d, h, w = volume.shape
         self.shape = (b, h, w)
         self.radius = radius
-        self.device_type = volume.device.type
-        with torch.autocast(device_type=self.device_type, enabled=False):
+        self.device = volume.device
+        with autocast_off(self.device):
             self._build(volume, left, right, levels)
 
     def _build(self, volume: torch.Tensor, left: torch.Tensor, right: torch.Tensor, levels: int) -> None:
@@ -54,7 +56,7 @@ class GeometryLookup:
         b, h, w = self.shape
         d = disp.float().reshape(-1)
         out = []
-        with torch.autocast(device_type=self.device_type, enabled=False):
+        with autocast_off(self.device):
             for i, (geo, corr) in enumerate(zip(self.geo_levels, self.corr_levels)):
                 scale = 2.0 ** i
                 out.append(sample_taps(geo, d / scale, self.radius).flatten(1))

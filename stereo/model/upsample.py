@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from stereo.model.cost_volume import autocast_off
+
 
 def context_upsample(disp_low: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """disp_low (B,1,h,w) in 1/4-res px, logits (B,9,H,W) at full res -> disparity (B,1,H,W) in full-res px (x4).
@@ -13,7 +15,7 @@ def context_upsample(disp_low: torch.Tensor, logits: torch.Tensor) -> torch.Tens
     """
     b, _, h, w = disp_low.shape
     full_h, full_w = logits.shape[2:]
-    with torch.autocast(device_type=disp_low.device.type, enabled=False):
+    with autocast_off(disp_low.device):
         weights = torch.softmax(logits.float(), dim=1)
         patches = F.unfold(4.0 * disp_low.float(), 3, padding=1).reshape(b, 9, h, w)
         patches = F.interpolate(patches, (full_h, full_w), mode="nearest")

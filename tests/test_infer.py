@@ -1,0 +1,90 @@
+"""Inference: padding to multiples of 32 and back, `predict` on odd sizes, and the `infer` command's files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from stereo.cli import main
+from stereo.config import Config, to_dict
+from stereo.config.schema import ModelConfig
+from stereo.data.codecs import decode_image, encode_png, read_pfm
+from stereo.model import build_model
+from stereo.model.infer import InputPadder, predict
+from stereo.model.io import export_released
+
+
+def test_padder_splits_evenly_and_unpads_exactly():
+    padder = InputPadder(45, 70)
+    assert padder.pad == (13, 13, 9, 10)  # width 70 -> 96, height 45 -> 64
+    x = torch.arange(45 * 70, dtype=torch.float32).view(1, 1, 45, 70)
+    padded = padder.pad_tensor(x)
+    assert padded.shape == (1, 1, 64, 96)
+    assert torch.equal(padded[..., 9, :13], x[..., 0, :1].expand(1, 1, 13))  # replicate, not zeros
+    assert torch.equal(padder.unpad(padded), x)
+    assert InputPadder(64, 96).pad == (0, 0, 0, 0)
+
+
+def tiny_config() -> Config:
+    cfg = Config()
+    cfg.model = ModelConfig(size="tiny", max_disp=64, train_iters=2, valid_iters=2, hidden_dims=[32, 32, 32])
+    return cfg
+
+
+def test_predict_any_size_keeps_training_mode():
+    torch.manual_seed(0)
+    model = build_model(tiny_config().model)
+    model.train()
+    left = torch.rand(1, 3, 37, 61) * 255
+    disp = predict(model, left, left.roll(-2, dims=3), iters=1)
+    assert disp.shape == (1, 1, 37, 61) and disp.dtype == torch.float32 and torch.isfinite(disp).all()
+    assert model.training
+    with pytest.raises(ValueError, match="differ in shape"):
+        predict(model, left, left[..., :60], iters=1)
+
+
+@pytest.fixture(scope="module")
+def checkpoint_and_pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("infer")
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    export_released(build_model(cfg.model), root / "tiny.pth", global_step=0, epoch=0, config=to_dict(cfg))
+    rng = np.random.default_rng(0)
+    left = rng.integers(0, 256, (40, 70, 3), dtype=np.uint8)
+    (root / "left.png").write_bytes(encode_png(left))
+    (root / "right.png").write_bytes(encode_png(np.roll(left, -3, axis=1)))
+    (root / "small.png").write_bytes(encode_png(left[:32, :64]))
+    return root
+
+
+def test_infer_command_writes_disparity_and_depth(checkpoint_and_pair):
+    root = checkpoint_and_pair
+    out = root / "out"
+    args = ["infer", "--ckpt", str(root / "tiny.pth"), "--left", str(root / "left.png"), "--right",
+            str(root / "right.png"), "--out", str(out), "--iters", "2", "--device", "cpu",
+            "--focal", "500", "--baseline", "0.1"]
+    assert main(args) == 0
+    disp = read_pfm(out / "disp.pfm")
+    assert disp.shape == (40, 70) and np.isfinite(disp).all()
+    png = decode_image((out / "disp_color.png").read_bytes())
+    assert png.shape == (40, 70, 3)
+    import cv2
+
+    sixteen = cv2.imread(str(out / "disp.png"), cv2.IMREAD_UNCHANGED)
+    assert sixteen.dtype == np.uint16 and sixteen.shape == (40, 70)
+    np.testing.assert_allclose(sixteen / 256.0, np.clip(disp, 0, None), atol=1 / 256)
+    depth = read_pfm(out / "depth.pfm")
+    positive = disp > 0
+    np.testing.assert_allclose(depth[positive], 50.0 / disp[positive], rtol=1e-5)
+    assert (depth[~positive] == 0).all()
+
+
+def test_infer_command_errors(checkpoint_and_pair, capsys):
+    root = checkpoint_and_pair
+    base = ["infer", "--ckpt", str(root / "tiny.pth"), "--out", str(root / "bad"), "--device", "cpu"]
+    assert main(base + ["--left", str(root / "missing.png"), "--right", str(root / "right.png")]) == 1
+    assert "missing.png" in capsys.readouterr().err
+    assert main(base + ["--left", str(root / "left.png"), "--right", str(root / "small.png")]) == 1
+    err = capsys.readouterr().err
+    assert "small.png" in err and "64x32" in err and "70x40" in err
