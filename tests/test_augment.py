@@ -145,3 +145,13 @@ def test_same_generator_same_result():
     for key in ("left", "right", "disp", "valid"):
         np.testing.assert_array_equal(a[key], b[key])
     assert not np.array_equal(a["left"], c["left"])
+
+
+def test_hue_rotation_keeps_greys_and_turns_colours():
+    from stereo.data.augment import _hue_rotation
+
+    grey = np.array([100.0, 100.0, 100.0])
+    np.testing.assert_allclose(_hue_rotation(0.3) @ grey, grey, atol=1e-6)
+    np.testing.assert_allclose(_hue_rotation(0.0), np.eye(3), atol=1e-9)
+    turned = _hue_rotation(1 / 3) @ np.array([200.0, 30.0, 30.0])  # a third of a turn: red becomes green-ish
+    assert np.argmax(turned) == 1

@@ -26,7 +26,7 @@ Sample = dict[str, Any]
 CROP_ATTEMPTS = 10  # crops tried before the sample is given up as having no valid pixel
 VALID_WEIGHT = 0.5  # a warped pixel is valid when at least this share of its interpolation weight was valid
 ERASER_SIZE = (50, 100)  # box side range in pixels, as RAFT-Stereo
-GRAY = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+GRAY = np.array([0.299, 0.587, 0.114])
 
 
 def _affine(scale: float, offset: float, mirror: bool, size: int) -> tuple[float, float]:
@@ -113,47 +113,69 @@ class Augmentor:
 
     # -- photometric --------------------------------------------------------------------------------------------
     def colour(self, sample: Sample, rng: np.random.Generator) -> None:
-        left = sample["left"].astype(np.float32)
-        right = sample["right"].astype(np.float32)
+        left, right = sample["left"], sample["right"]
         if rng.random() < self.cfg.asymmetric_color_prob:
-            left, right = self._jitter(left, rng), self._jitter(right, rng)
-        else:  # one set of factors for the pair, statistics over both views
-            both = self._jitter(np.concatenate([left, right], axis=0), rng)
-            left, right = both[: left.shape[0]], both[left.shape[0]:]
-        sample["left"], sample["right"] = left, right
+            sample["left"] = self._jitter(left, _mean_rgb(left), rng)
+            sample["right"] = self._jitter(right, _mean_rgb(right), rng)
+        else:  # one transform for the pair, statistics over both views
+            transform = self._transform((_mean_rgb(left) + _mean_rgb(right)) / 2, rng)
+            sample["left"], sample["right"] = (_apply(image, *transform) for image in (left, right))
 
-    def _jitter(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def _jitter(self, image: np.ndarray, mean_rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return _apply(image, *self._transform(mean_rgb, rng))
+
+    def _transform(self, mean_rgb: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+        """Brightness, contrast, saturation and hue (in a random order, as torchvision's ColorJitter) are all
+        affine in RGB, so they compose into one 3x4 matrix; the contrast's grey mean follows through the
+        composition. Clipping happens once at the end (torchvision clips after each op)."""
         cfg = self.cfg
         brightness = rng.uniform(max(0.0, 1 - cfg.brightness), 1 + cfg.brightness)
         contrast = rng.uniform(max(0.0, 1 - cfg.contrast), 1 + cfg.contrast)
         saturation = rng.uniform(*cfg.saturation)
         hue = rng.uniform(-cfg.hue, cfg.hue)
         gamma = rng.uniform(*cfg.gamma)
+        matrix, offset, mean = np.eye(3), np.zeros(3), mean_rgb.astype(np.float64)
         for op in rng.permutation(4):
             if op == 0:
-                image *= brightness
+                step, shift = brightness * np.eye(3), np.zeros(3)
             elif op == 1:
-                mean = float(np.clip(image, 0, 255).reshape(-1, 3).mean(axis=0) @ GRAY)
-                image = (image - mean) * contrast + mean
+                step, shift = contrast * np.eye(3), np.full(3, (1 - contrast) * float(GRAY @ mean))
             elif op == 2:
-                gray = np.clip(image, 0, 255) @ GRAY
-                image = (image - gray[..., None]) * saturation + gray[..., None]
-            elif hue:
-                hsv = cv2.cvtColor(np.clip(image, 0, 255) / 255.0, cv2.COLOR_RGB2HSV)  # float: H in degrees
-                hsv[..., 0] = (hsv[..., 0] + hue * 360.0) % 360.0
-                image = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB) * 255.0
-            np.clip(image, 0, 255, out=image)
-        if gamma != 1.0:
-            image = 255.0 * (image / 255.0) ** gamma
-        return image.astype(np.float32, copy=False)
+                step, shift = saturation * np.eye(3) + (1 - saturation) * np.outer(np.ones(3), GRAY), np.zeros(3)
+            else:
+                step, shift = _hue_rotation(hue), np.zeros(3)
+            matrix, offset, mean = step @ matrix, step @ offset + shift, step @ mean + shift
+        return np.hstack([matrix, offset[:, None]]).astype(np.float32), gamma
 
     def erase(self, right: np.ndarray, rng: np.random.Generator) -> None:
         """Occlusion: 1-2 boxes on the right view filled with its mean colour (left disparity stays valid)."""
         if rng.random() >= self.cfg.eraser_prob:
             return
         height, width = right.shape[:2]
-        mean = right.reshape(-1, 3).mean(axis=0)
+        mean = _mean_rgb(right)
         for _ in range(int(rng.integers(1, 3))):
             x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
             dx, dy = (int(v) for v in rng.integers(*ERASER_SIZE, size=2))
             right[y0:y0 + dy, x0:x0 + dx] = mean
+
+
+_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+
+def _hue_rotation(turns: float) -> np.ndarray:
+    """Hue shift by a fraction of a turn as a rotation of the chroma plane in YIQ space (linear in RGB)."""
+    angle = 2 * np.pi * turns
+    rotation = np.array([[1, 0, 0], [0, np.cos(angle), -np.sin(angle)], [0, np.sin(angle), np.cos(angle)]])
+    return np.linalg.inv(_YIQ) @ rotation @ _YIQ
+
+
+def _mean_rgb(image: np.ndarray) -> np.ndarray:
+    return np.array(cv2.mean(image)[:3])
+
+
+def _apply(image: np.ndarray, transform: np.ndarray, gamma: float) -> np.ndarray:
+    out = cv2.transform(image.astype(np.float32, copy=False), transform)
+    np.clip(out, 0, 255, out=out)
+    if gamma != 1.0:
+        out = 255.0 * (out / 255.0) ** gamma
+    return out
