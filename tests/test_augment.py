@@ -97,7 +97,8 @@ def test_crop_never_yields_a_sample_without_valid_pixels():
     sample = scene(4)
     keep = np.zeros_like(sample["valid"])
     keep[140:150, 300:310] = True  # one small valid corner
-    sample.update(valid=sample["valid"] & keep, disp=np.where(sample["valid"] & keep, sample["disp"], 0), disp_right=None)
+    valid = sample["valid"] & keep
+    sample.update(valid=valid, disp=np.where(valid, sample["disp"], 0), disp_right=None)
     augment = Augmentor(AugmentConfig(crop=[64, 128], **STILL), max_disp=256)
     outs = [augment(sample, np.random.default_rng(seed)) for seed in range(10)]
     assert all(out is None or out["valid"].any() for out in outs) and any(out is not None for out in outs)

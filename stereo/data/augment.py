@@ -164,7 +164,7 @@ _YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523,
 
 def _hue_rotation(turns: float) -> np.ndarray:
     """Hue shift by a fraction of a turn as a rotation of the chroma plane in YIQ space (linear in RGB)."""
-    angle = 2 * np.pi * turns
+    angle = -2 * np.pi * turns  # YIQ's chroma angle runs opposite to HSV hue
     rotation = np.array([[1, 0, 0], [0, np.cos(angle), -np.sin(angle)], [0, np.sin(angle), np.cos(angle)]])
     return np.linalg.inv(_YIQ) @ rotation @ _YIQ
 

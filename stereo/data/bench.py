@@ -52,7 +52,8 @@ def encode_fsd_like(index: int) -> tuple[str, dict[str, bytes]]:
     disp = ramp + 30 * cv2.resize(rng.uniform(-1, 1, (6, 10)).astype(np.float32), FSD_SIZE[::-1])
 
     def jpeg(image: np.ndarray) -> bytes:
-        return cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])[1].tobytes()
+        bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+        return cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])[1].tobytes()
 
     members = {"left.jpg": jpeg(left), "right.jpg": jpeg(right), "disp.fsd.png": encode_fsd_png(disp),
                "meta.json": json.dumps({"source": "bench", "path": f"fsd_like_{index}"}).encode()}
@@ -98,8 +99,10 @@ def loader_wait(shard_dir: Path, augment_cfg: AugmentConfig, workers: int, batch
         next(iterator)
         waits.append(time.perf_counter() - begin)
     wall = time.perf_counter() - start - first
-    return {"workers": workers, "first_batch_s": round(first, 2), "wait_ms_median": round(1000 * statistics.median(waits), 1),
-            "wait_ms_mean": round(1000 * statistics.fmean(waits), 1), "samples_per_s": round(batches * batch_size / wall, 1)}
+    return {"workers": workers, "first_batch_s": round(first, 2),
+            "wait_ms_median": round(1000 * statistics.median(waits), 1),
+            "wait_ms_mean": round(1000 * statistics.fmean(waits), 1),
+            "samples_per_s": round(batches * batch_size / wall, 1)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -114,4 +114,5 @@ def iter_pipe(url: str) -> Iterator[tuple[str, dict[str, bytes]] | UnreadableSam
         stderr = process.stderr.read().decode(errors="replace").strip()
         process.stderr.close()
     if failure is not None:
-        yield UnreadableSample("truncated", f"{url}: {failure}" + (f" (command said: {stderr[-300:]})" if stderr else ""))
+        said = f" (command said: {stderr[-300:]})" if stderr else ""
+        yield UnreadableSample("truncated", f"{url}: {failure}{said}")

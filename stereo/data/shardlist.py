@@ -44,7 +44,8 @@ def resolve_shards(source: str) -> list[Shard]:
     shards = [Shard(url) for url in braceexpand(source)]
     missing = [s.url for s in shards if not Path(s.url).is_file()]
     if missing:
-        raise ShardListError(f"{source}: {len(missing)} of {len(shards)} shard files do not exist (first: {missing[0]}); "
+        raise ShardListError(f"{source}: {len(missing)} of {len(shards)} shard files do not exist "
+                             f"(first: {missing[0]}); "
                              "expected a directory with manifest.json, a list file, a tar path or brace pattern, "
                              "or a pipe: command")
     return shards

@@ -142,7 +142,8 @@ class DatasetCursor:
             index = index_tar(shard.url)
         except (UnreadableSample, OSError) as exc:
             self._unit_size = 1
-            self._reader = iter([exc if isinstance(exc, UnreadableSample) else UnreadableSample("unreadable_shard", str(exc))])
+            bad = exc if isinstance(exc, UnreadableSample) else UnreadableSample("unreadable_shard", str(exc))
+            self._reader = iter([bad])
             return
         order = sample_order(len(index.samples), self.seed, self.source.name, epoch, shard_index, part, parts, True)
         # Samples whose headers were lost to truncation (the manifest knows how many there were) count once, as
