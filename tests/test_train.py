@@ -164,3 +164,74 @@ def test_wandb_offline_keeps_one_run_id_across_resume(pair1):
     assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)  # the killed attempt and the restart
     assert all((r / f"run-{run_id}.wandb").is_file() for r in runs)
     assert not (straight / "wandb").exists()  # logging.wandb=disabled writes nothing
+
+
+def worker_pid(proc: subprocess.Popen, rank: int) -> int:
+    """The torchrun worker of `rank` (read from its environment)."""
+    for pid in descendants(proc.pid):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and b"LOCAL_RANK=" + str(rank).encode() in env:
+            return pid
+    raise LookupError(f"no worker with RANK={rank} under {proc.pid}")
+
+
+@pytest.fixture(scope="module")
+def nan_then_signal(tmp_path_factory):
+    """World 2: rank 1's loss is NaN at step 2; later rank 1 alone gets SIGUSR1."""
+    run_dir = tmp_path_factory.mktemp("nan_signal") / "run"
+    proc = launch(run_dir, 2, ("train.steps=50", "checkpoint.every=100"),
+                  env={"STEREO_TEST_NAN_STEPS": "2", "STEREO_TEST_NAN_RANK": "1"})
+    wait_for_step(run_dir, 3, proc)
+    os.kill(worker_pid(proc, 1), signal.SIGUSR1)
+    code, log = finish(proc, run_dir)
+    return run_dir, code, log
+
+
+def test_nan_loss_on_one_rank_skips_the_step_on_every_rank(nan_then_signal):
+    run_dir, _, log = nan_then_signal
+    assert "[rank 0] skipped step 2: non-finite loss" in log
+    assert "[rank 1] skipped step 2: non-finite loss" in log
+    records = [r for r in metrics(run_dir) if "loss" in r]
+    assert [r["skipped_steps"] for r in records[:3]] == [0, 1, 1]
+    assert all(r["loss"] == r["loss"] for r in records)  # the poisoned loss never reached the log or the weights
+    state = torch.load(find_checkpoint(run_dir) / "trainer_state_rank1.pt", weights_only=False)
+    assert state["skipped_at"] == [2] and state["skipped_steps"] == 1
+
+
+def test_signal_on_one_rank_checkpoints_all_and_exits_75(nan_then_signal):
+    run_dir, code, log = nan_then_signal
+    assert code != 0
+    assert f"exitcode  : {EXIT_PREEMPTED}" in log  # torchrun reports the workers' code
+    saved = complete_steps(run_dir / "checkpoints")
+    assert len(saved) == 1 and 3 <= saved[0] < 50
+    for rank in (0, 1):
+        assert f"[rank {rank}] signal received: checkpointed at step {saved[0]}" in log
+    assert max(r["step"] for r in metrics(run_dir)) == saved[0]
+
+
+def test_too_many_bad_steps_stop_and_keep_the_last_good_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "stereo", "train", "tiny", f"train.run_dir={run_dir}", *FAST,
+           "checkpoint.every=1", "train.max_bad_steps=3"]
+    env = {**os.environ, "STEREO_TEST_NAN_STEPS": "2,2,2", "MASTER_PORT": "29641"}
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "3 non-finite steps in a row at step 2" in result.stderr
+    assert complete_steps(run_dir / "checkpoints") == [1]
+
+
+def test_api_key_never_written(tmp_path):
+    """An online-capable key in the environment, offline mode: the key appears in no file of the run."""
+    secret = "0123456789abcdef0123456789abcdef01234567"
+    run_dir = tmp_path / "run"
+    code, log = run(run_dir, 1, ("train.steps=1", "checkpoint.every=1", "logging.wandb=offline"),
+                    env={"WANDB_API_KEY": secret})
+    assert code == 0, log[-3000:]
+    assert (run_dir / "wandb").is_dir()
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+    assert secret not in log

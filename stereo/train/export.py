@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from stereo.config import from_dict
+from stereo.config import from_dict, to_dict
 from stereo.train.checkpoint import DS_TAG, find_checkpoint, trainer_state_path
 
 
@@ -43,8 +43,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from safetensors.torch import save_file
-
     from stereo.model import build_model
     from stereo.model.io import export_released
 
@@ -54,10 +52,8 @@ def run(args) -> int:
     model = build_model(cfg.model)
     model.load_state_dict(state, strict=True)  # refuses a checkpoint that does not match its own config
     epoch = trainer_state["loader"].get("epoch", 0) if isinstance(trainer_state["loader"], dict) else 0
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    export_released(model, args.out, global_step=trainer_state["step"], epoch=epoch)
-    safetensors_path = args.out.with_suffix(".safetensors")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(safetensors_path))
+    written = export_released(model, args.out, global_step=trainer_state["step"], epoch=epoch,
+                              config=to_dict(cfg), safetensors=True)
     print(f"exported {step_dir} ({'EMA' if args.ema else 'live'} weights, step {trainer_state['step']}) -> "
-          f"{args.out}, {safetensors_path}", file=sys.stderr)
+          f"{', '.join(map(str, written))}", file=sys.stderr)
     return 0

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from stereo.config import Config
+from stereo.config import Config, ConfigError
 from stereo.train import engine as ds_engine
 from stereo.train.checkpoint import CheckpointManager
 from stereo.train.ema import EMA
@@ -39,6 +39,7 @@ def train(cfg: Config, overrides: list[str]) -> int:
     env = ds_engine.init_distributed()
     signals = TrainerSignals().install()
     run_dir, git_revision = prepare_run_dir(cfg, env.rank)
+    log = RunLogger(run_dir, cfg, overrides, git_revision, env.rank)  # before seeding: wandb draws random numbers
     seed_everything(cfg.train.seed, env.rank)
     torch.use_deterministic_algorithms(True, warn_only=True)
     precision = ds_engine.resolve_precision(cfg.train.precision, env.device)
@@ -49,9 +50,11 @@ def train(cfg: Config, overrides: list[str]) -> int:
     if resume_from is None:  # resuming beats model.init_from: the checkpoint has every weight
         initialise(model, cfg.model)
     engine = ds_engine.build_engine(model, cfg, env, precision)
+    if cfg.train.ema_decay and cfg.deepspeed.zero_stage == 3:
+        raise ConfigError("train.ema_decay", "null with deepspeed.zero_stage 3 (the EMA keeps whole tensors; ZeRO-3 "
+                          "partitions them), or a ZeRO stage of 0-2")
     ema = EMA(engine.module, cfg.train.ema_decay) if cfg.train.ema_decay else None
     loader = build_train_loader(cfg.data, cfg.augment, cfg.model.max_disp, env.rank, env.world_size)
-    log = RunLogger(run_dir, cfg, overrides, git_revision, env.rank)
     state = RunState()
     if resume_from is not None:
         saved = ckpts.load(engine, resume_from)
@@ -81,8 +84,8 @@ def train(cfg: Config, overrides: list[str]) -> int:
             window.data_wait += time.perf_counter() - wait_start
             init_disp, preds = engine(batch["left"], batch["right"], iters=cfg.model.train_iters, test_mode=False)
             terms = stereo_loss(init_disp, preds, batch["disp"], batch["valid"], cfg.model.max_disp, cfg.loss)
-            if nan_steps[state.step] > 0:  # test hook (STEREO_TEST_NAN_STEPS): poison this rank's loss
-                nan_steps[state.step] -= 1
+            if nan_steps[state.step + 1] > 0:  # test hook (STEREO_TEST_NAN_STEPS): poison this rank's loss
+                nan_steps[state.step + 1] -= 1
                 terms["total"] = terms["total"] * float("nan")
             agreed = signals.agree(~torch.isfinite(terms["total"].detach()))
             if agreed.bad_loss:
@@ -95,7 +98,7 @@ def train(cfg: Config, overrides: list[str]) -> int:
             good += 1
             window.add(terms, batch["left"].shape[0] * env.world_size)
         if state.bad_streak >= cfg.train.max_bad_steps:
-            print(f"[rank {env.rank}] stopping: {state.bad_streak} non-finite steps in a row at step {state.step} "
+            print(f"[rank {env.rank}] stopping: {state.bad_streak} non-finite steps in a row at step {state.step + 1} "
                   f"(train.max_bad_steps={cfg.train.max_bad_steps}); the last good checkpoint is kept",
                   file=sys.stderr, flush=True)
             exit_code = EXIT_TOO_MANY_BAD_STEPS

@@ -56,8 +56,8 @@ class RunState:
     def count_bad_step(self, rank: int, why: str) -> None:
         self.skipped_steps += 1
         self.bad_streak += 1
-        self.skipped_at.append(self.step)
-        print(f"[rank {rank}] skipped step {self.step}: {why} (skipped so far: {self.skipped_steps})",
+        self.skipped_at.append(self.step + 1)  # numbered like the log: the step being computed
+        print(f"[rank {rank}] skipped step {self.step + 1}: {why} (skipped so far: {self.skipped_steps})",
               file=sys.stderr, flush=True)
 
     def trainer_state(self, loader, ema, rng: dict, engine, cfg: Config, revision: str | None) -> dict:
@@ -79,10 +79,15 @@ class RunState:
 
 
 def batches_forever(loader, device: torch.device):
-    """Endless stream of batches on the device (a finite loader is simply restarted)."""
+    """Endless stream of batches on the device (a finite loader is simply restarted).
+
+    Tensors are made contiguous: collate's images come NHWC-strided from numpy, and on CPU (torch 2.13, oneDNN)
+    the backward of a strided-2 1x1 conv on such input corrupts the heap ("double free or corruption").
+    """
     while True:
         for batch in loader:
-            yield {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            yield {k: v.to(device, non_blocking=True).contiguous() if torch.is_tensor(v) else v
+                   for k, v in batch.items()}
 
 
 def nan_injection_steps(rank: int) -> Counter:
@@ -140,7 +145,8 @@ def training_panel(batch: dict, pred: torch.Tensor) -> np.ndarray:
 
 
 class Validator:
-    """E's evaluate() on the held-out samples with the EMA weights (rank 0; the others wait at a barrier)."""
+    """E's evaluate() on the held-out samples with the EMA weights: on rank 0 while the others wait at a barrier;
+    under ZeRO-3 on every rank (its forward gathers the partitioned weights collectively), logged by rank 0."""
 
     def __init__(self, cfg: Config, module: torch.nn.Module, ema, env, log):
         self.cfg, self.module, self.ema, self.env, self.log = cfg, module, ema, env, log
@@ -149,7 +155,7 @@ class Validator:
     def run(self, step: int, label: str | None = None) -> None:
         if not self.cfg.data.val:
             return
-        if self.env.rank == 0:
+        if self.env.rank == 0 or self.cfg.deepspeed.zero_stage == 3:
             from stereo.data.loader import iter_val_samples
             from stereo.eval.runner import evaluate
 
@@ -157,14 +163,16 @@ class Validator:
             self.module.eval()
             with (self.ema.applied() if self.ema is not None else contextlib.nullcontext()), torch.no_grad():
                 metrics = evaluate(self.module, iter_val_samples(self.cfg.data), self.cfg.model.valid_iters,
-                                   self.env.device, max_disp=self.cfg.model.max_disp, title=f"validation {step}")
+                                   self.env.device, max_disp=self.cfg.model.max_disp, title=f"validation {step}",
+                                   progress=self.env.rank == 0)
             self.module.train(was_training)
             scalars = {f"val/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
             self.log.log(step, scalars)
             epe = scalars.get("val/epe/pooled", math.nan)
             if label:
                 self.epe[label] = epe
-            print(f"validation at step {step}: EPE {epe:.3f}", file=sys.stderr, flush=True)
+            if self.env.rank == 0:
+                print(f"validation at step {step}: EPE {epe:.3f}", file=sys.stderr, flush=True)
         if dist.is_initialized():
             dist.barrier()
 
