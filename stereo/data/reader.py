@@ -21,8 +21,8 @@ from stereo.data.shardlist import PIPE_PREFIX
 class UnreadableSample(Exception):
     """One unreadable sample; `reason` is a short stable word used as the counter's name."""
 
-    def __init__(self, reason: str, detail: str = ""):
-        self.reason, self.detail = reason, detail
+    def __init__(self, reason: str, detail: str = "", count: int = 1):
+        self.reason, self.detail, self.count = reason, detail, count  # count: samples lost at once
         super().__init__(f"{reason}: {detail}" if detail else reason)
 
 

@@ -78,9 +78,9 @@ def epoch_units(num_shards: int, num_roles: int, role: int, seed: int, dataset: 
 
 
 def sample_order(num_samples: int, seed: int, dataset: str, epoch: int, shard: int, part: int, parts: int,
-                 shuffle: bool) -> list[int]:
-    order = (np.random.default_rng([seed, name_hash(dataset), epoch, shard]).permutation(num_samples) if shuffle
-             else np.arange(num_samples))
+                 ) -> list[int]:
+    """Visit order of a local shard's samples in this unit (pipe: streams are read in stream order instead)."""
+    order = np.random.default_rng([seed, name_hash(dataset), epoch, shard]).permutation(num_samples)
     return [int(i) for i in order if i % parts == part]
 
 
@@ -104,12 +104,13 @@ class DatasetCursor:
         self._open_key: tuple[int, int] | None = None  # (epoch, unit) whose reader is open
         self._reader: Iterator[Sample | UnreadableSample] | None = None
         self._unit_size: int | None = None
+        self._units_epoch, self._epoch_units = -1, []
 
     def next(self) -> Sample:
         epochs_without_sample = 0
         while True:
             epoch, unit_index, _, _ = self.cursor
-            units = epoch_units(len(self.source.shards), self.num_roles, self.role, self.seed, self.source.name, epoch)
+            units = self._units(epoch)
             if unit_index >= len(units):
                 epochs_without_sample += 1
                 if epochs_without_sample > 2:
@@ -129,6 +130,13 @@ class DatasetCursor:
                 continue
             return item
 
+    def _units(self, epoch: int) -> list[tuple[int, int, int]]:
+        if self._units_epoch != epoch:
+            self._units_epoch = epoch
+            self._epoch_units = epoch_units(len(self.source.shards), self.num_roles, self.role, self.seed,
+                                            self.source.name, epoch)
+        return self._epoch_units
+
     def _open(self, epoch: int, unit_index: int, unit: tuple[int, int, int]) -> None:
         shard_index, part, parts = unit
         shard = self.source.shards[shard_index]
@@ -145,7 +153,7 @@ class DatasetCursor:
             bad = exc if isinstance(exc, UnreadableSample) else UnreadableSample("unreadable_shard", str(exc))
             self._reader = iter([bad])
             return
-        order = sample_order(len(index.samples), self.seed, self.source.name, epoch, shard_index, part, parts, True)
+        order = sample_order(len(index.samples), self.seed, self.source.name, epoch, shard_index, part, parts)
         # Samples whose headers were lost to truncation (the manifest knows how many there were) count once, as
         # the unit's first visit, so that positions stay the same on resume.
         missing = max(0, (shard.num_samples or 0) - len(index.samples)) if part == 0 else 0
@@ -157,9 +165,8 @@ class DatasetCursor:
         with open(index.path, "rb") as handle:
             for i in visits:
                 if i is None:
-                    self.state.bad["truncated"] = self.state.bad.get("truncated", 0) + missing - 1
-                    self.cursor[3] += missing - 1
-                    yield UnreadableSample("truncated", f"{index.path}: {missing} samples missing from the end")
+                    yield UnreadableSample("truncated", f"{index.path}: {missing} samples missing from the end",
+                                           count=missing)
                     continue
                 entry = index.samples[i]
                 try:
@@ -186,8 +193,8 @@ class DatasetCursor:
         self._unit_size = selected
 
     def _count_bad(self, bad: UnreadableSample) -> None:
-        self.state.bad[bad.reason] = self.state.bad.get(bad.reason, 0) + 1
-        self.cursor[3] += 1
+        self.state.bad[bad.reason] = self.state.bad.get(bad.reason, 0) + bad.count
+        self.cursor[3] += bad.count
         if self._unit_size is not None:
             self._check_rate(self._unit_size)
 
