@@ -79,3 +79,24 @@ def test_shards_round_trip_to_the_rendered_pixels(demo_dirs: list[Path]):
     np.testing.assert_array_equal(moto["right"], right)
     np.testing.assert_array_equal(moto["valid"], np.isfinite(disp))
     np.testing.assert_array_equal(moto["disp"][moto["valid"]], disp[np.isfinite(disp)])
+
+
+def test_train_loader_without_augmentation_gives_the_rendered_scenes(demo_dirs: list[Path]):
+    import torch
+
+    from stereo.data.loader import build_train_loader
+
+    cfg = DataConfig(train=[DatasetSpec("demo", str(demo_dirs[0] / "train"))], batch_size=1, num_workers=0)
+    loader = build_train_loader(cfg, None, max_disp=30, rank=0, world_size=1)
+    rendered = {seed: render(random_scene(seed)) for seed in range(3, 8)}
+    matched = []
+    for batch, _ in zip(loader, range(5)):  # one epoch: each scene once
+        left = batch["left"][0].permute(1, 2, 0).numpy()
+        seed = next(s for s, views in rendered.items() if np.array_equal(left, views["left"]))
+        views = rendered[seed]
+        valid = np.isfinite(views["disp_left"]) & (views["disp_left"] < 30)  # max_disp masks the rest
+        assert torch.equal(batch["valid"][0, 0], torch.from_numpy(valid))
+        np.testing.assert_array_equal(batch["disp"][0, 0].numpy()[valid], views["disp_left"][valid])
+        np.testing.assert_array_equal(batch["right"][0].permute(1, 2, 0).numpy(), views["right"])
+        matched.append(seed)
+    assert sorted(matched) == list(range(3, 8))

@@ -28,15 +28,19 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 1
 
 
-def collate(samples: list[Sample]) -> dict[str, torch.Tensor]:
+def collate(samples: list[Sample], max_disp: float) -> dict[str, torch.Tensor]:
+    """Samples -> the training batch; disparities at or beyond max_disp are marked invalid (and zeroed)."""
+    disp = np.stack([s["disp"] for s in samples])[:, None]
+    valid = np.stack([s["valid"] for s in samples])[:, None] & (disp < max_disp)
+
     def images(name: str) -> torch.Tensor:
         return torch.from_numpy(np.stack([s[name] for s in samples]).transpose(0, 3, 1, 2).astype(np.float32))
 
     return {
         "left": images("left"),
         "right": images("right"),
-        "disp": torch.from_numpy(np.stack([s["disp"] for s in samples])[:, None].astype(np.float32)),
-        "valid": torch.from_numpy(np.stack([s["valid"] for s in samples])[:, None].astype(bool)),
+        "disp": torch.from_numpy(np.where(valid, disp, 0).astype(np.float32)),
+        "valid": torch.from_numpy(valid),
     }
 
 
@@ -44,11 +48,12 @@ class _RoleBatches(IterableDataset):
     """What one DataLoader worker runs: the batches of its role, each with the role's state after it."""
 
     def __init__(self, sources: list[DatasetSource], seed: int, rank: int, slots: int, num_roles: int,
-                 batch_size: int, max_bad_rate: float, transform: Transform | None, states: dict[int, dict],
-                 offset: int):
+                 batch_size: int, max_disp: float, max_bad_rate: float, transform: Transform | None,
+                 states: dict[int, dict], offset: int):
         super().__init__()
         self.sources, self.seed, self.rank, self.slots, self.num_roles = sources, seed, rank, slots, num_roles
-        self.batch_size, self.max_bad_rate, self.transform = batch_size, max_bad_rate, transform
+        self.batch_size, self.max_disp, self.transform = batch_size, max_disp, transform
+        self.max_bad_rate = max_bad_rate
         self.states, self.offset = states, offset
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -60,7 +65,7 @@ class _RoleBatches(IterableDataset):
         state = RoleState.from_dict(self.states[role]) if role in self.states else RoleState()
         stream = RoleStream(self.sources, role, self.num_roles, self.seed, self.max_bad_rate, state, self.transform)
         while True:
-            batch: dict[str, Any] = collate([stream.next() for _ in range(self.batch_size)])
+            batch: dict[str, Any] = collate([stream.next() for _ in range(self.batch_size)], self.max_disp)
             batch["_role"], batch["_state"] = role, state.to_dict()
             yield batch
 
@@ -69,9 +74,10 @@ class TrainLoader:
     """Endless training batches for one rank; `state_dict()` is small and JSON-able."""
 
     def __init__(self, sources: list[DatasetSource], *, seed: int, rank: int, world_size: int, num_workers: int,
-                 batch_size: int, max_bad_rate: float, transform: Transform | None):
+                 batch_size: int, max_disp: float, max_bad_rate: float, transform: Transform | None):
         self.sources, self.seed, self.rank, self.world_size = sources, seed, rank, world_size
         self.num_workers, self.batch_size, self.max_bad_rate = num_workers, batch_size, max_bad_rate
+        self.max_disp = max_disp
         self.transform = transform
         self.slots = max(num_workers, 1)
         self.num_roles = world_size * self.slots
@@ -80,7 +86,7 @@ class TrainLoader:
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         dataset = _RoleBatches(self.sources, self.seed, self.rank, self.slots, self.num_roles, self.batch_size,
-                               self.max_bad_rate, self.transform, dict(self.role_states),
+                               self.max_disp, self.max_bad_rate, self.transform, dict(self.role_states),
                                self.consumed % self.slots)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                             prefetch_factor=2 if self.num_workers else None)
@@ -133,7 +139,7 @@ def build_train_loader(data_cfg: DataConfig, augment_cfg: AugmentConfig | None, 
         raise ValueError("data.train: at least one data set, got none")
     transform = Augmentor(augment_cfg, max_disp) if augment_cfg is not None else None
     return TrainLoader(sources_from_specs(data_cfg.train), seed=data_cfg.seed, rank=rank, world_size=world_size,
-                       num_workers=data_cfg.num_workers, batch_size=data_cfg.batch_size,
+                       num_workers=data_cfg.num_workers, batch_size=data_cfg.batch_size, max_disp=max_disp,
                        max_bad_rate=data_cfg.max_bad_sample_rate, transform=transform)
 
 
