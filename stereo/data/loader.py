@@ -34,7 +34,9 @@ def collate(samples: list[Sample], max_disp: float) -> dict[str, torch.Tensor]:
     valid = np.stack([s["valid"] for s in samples])[:, None] & (disp < max_disp)
 
     def images(name: str) -> torch.Tensor:
-        return torch.from_numpy(np.stack([s[name] for s in samples]).transpose(0, 3, 1, 2).astype(np.float32))
+        # NCHW contiguous here, in the worker, rather than in the training process
+        return torch.from_numpy(np.ascontiguousarray(np.stack([s[name] for s in samples], dtype=np.float32)
+                                                     .transpose(0, 3, 1, 2)))
 
     return {
         "left": images("left"),
