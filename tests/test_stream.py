@@ -198,3 +198,14 @@ def test_val_samples_in_order_once_and_capped(shard_dir: Path):
     samples = list(iter_val_samples(cfg))
     assert [s["key"] for s in samples] == [f"s{i:05d}" for i in range(4)]
     assert samples[0]["left"].shape == SIZE + (3,) and samples[0]["dataset"] == "v"
+
+
+def test_failing_pipe_commands_are_reported(shard_dir: Path):
+    dies_after = DatasetSource("p", resolve_shards(f"pipe:cat {shard_dir}/000000.tar; exit 3"), 1.0)
+    stream = role_stream(dies_after)
+    assert sorted(ident_of(stream.next()) for _ in range(5)) == list(range(5))
+    stream.next()  # the next epoch starts after the failure was counted
+    assert stream.state.bad == {"pipe_failed": 1}
+    missing = DatasetSource("m", resolve_shards("pipe:cat /nonexistent/000000.tar"), 1.0)
+    with pytest.raises(BadDataError, match="nonexistent/000000.tar.*pipe_failed"):
+        role_stream(missing).next()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import tarfile
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -84,9 +85,12 @@ def read_indexed(handle: BinaryIO, index: TarIndex, entry: IndexedSample) -> dic
 
 
 def iter_pipe(url: str) -> Iterator[tuple[str, dict[str, bytes]] | UnreadableSample]:
-    """Samples of a `pipe:` command's tar stream in order; a damaged tail gives one UnreadableSample and ends."""
-    process = subprocess.Popen(url[len(PIPE_PREFIX):], shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    failure = None
+    """Samples of a `pipe:` command's tar stream in order; a damaged tail or a failed command gives one
+    UnreadableSample at the end."""
+    # stderr goes to a file: object-store CLIs print progress there, which would fill a pipe and stall the stream
+    errors = tempfile.TemporaryFile()
+    process = subprocess.Popen(url[len(PIPE_PREFIX):], shell=True, stdout=subprocess.PIPE, stderr=errors)
+    failure, read_to_end = None, False
     try:
         current_key, current = None, {}
         try:
@@ -107,12 +111,17 @@ def iter_pipe(url: str) -> Iterator[tuple[str, dict[str, bytes]] | UnreadableSam
             failure = str(exc)
         if current and failure is None:
             yield current_key, current
+        read_to_end = failure is None
     finally:
         process.stdout.close()
-        process.kill()  # a no-op when the stream was read to the end; stops the command when the reader quits early
-        process.wait()
-        stderr = process.stderr.read().decode(errors="replace").strip()
-        process.stderr.close()
-    if failure is not None:
-        said = f" (command said: {stderr[-300:]})" if stderr else ""
+        if not read_to_end:  # the reader stopped early or the stream broke: stop the command
+            process.kill()
+        returncode = process.wait()
+        errors.seek(0)
+        stderr = errors.read().decode(errors="replace").strip()
+        errors.close()
+    said = f" (command said: {stderr[-300:]})" if stderr else ""
+    if returncode > 0:  # the command failed on its own (< 0: our kill); a short tar can look clean
+        yield UnreadableSample("pipe_failed", f"{url}: exit status {returncode}{said}")
+    elif failure is not None:
         yield UnreadableSample("truncated", f"{url}: {failure}{said}")
