@@ -108,13 +108,18 @@ def test_gradients_reach_every_trainable_parameter_with_and_without_checkpointin
         torch.testing.assert_close(recomputed[name], grads[name], rtol=1e-3, atol=1e-5, msg=name)
 
 
-def test_bf16_autocast_keeps_fp32_outputs(small_pair):
+def test_bf16_autocast_and_bf16_weights_keep_fp32_outputs(small_pair):
     torch.manual_seed(0)
     model = build_model(tiny_config()).eval()
     left, right = small_pair
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(left, right, iters=1, test_mode=True)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    model.to(torch.bfloat16).train()  # what DeepSpeed's bf16 mode does: weights cast, fp32 inputs unchanged
+    init_disp, preds = model(left, right, iters=1)
+    assert init_disp.dtype == preds[0].dtype == torch.float32
+    preds[0].mean().backward()
+    assert model.update_block.disp_head.conv[0].weight.grad.dtype == torch.bfloat16
 
 
 def test_cost_volumes_match_the_loop_definition():

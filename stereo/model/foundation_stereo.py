@@ -5,6 +5,7 @@ Top-level modules are registered in the released order so that `state_dict()` li
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -165,11 +166,24 @@ class FoundationStereo(nn.Module):
         full = self._upsample(disp, mask_feat, stem_2x) if upsample else None
         return net, disp, full
 
+    def _weights_autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """With bf16/fp16 weights (e.g. DeepSpeed's bf16 mode, which casts the module but not its inputs) run under
+        autocast to that dtype, so fp32 inputs and the fp32 islands meet the weights in one precision."""
+        dtype = self.proj_cmb.weight.dtype
+        if dtype != torch.float32 and torch.amp.is_autocast_available(device.type):
+            return torch.autocast(device_type=device.type, dtype=dtype)
+        return contextlib.nullcontext()
+
     def forward(self, left: torch.Tensor, right: torch.Tensor, iters: int | None = None, test_mode: bool = False):
         """left/right (B,3,H,W) RGB 0..255, H and W multiples of 32.
 
         Train: (init_disp (B,1,H/4,W/4) in 1/4-res px, [disparity (B,1,H,W)] * iters); test: the last disparity.
+        Disparities are fp32 whatever the weights' precision or an enclosing autocast.
         """
+        with self._weights_autocast(left.device):
+            return self._forward(left, right, iters, test_mode)
+
+    def _forward(self, left: torch.Tensor, right: torch.Tensor, iters: int | None, test_mode: bool):
         if iters is None:
             iters = self.cfg.valid_iters if test_mode else self.cfg.train_iters
         ac = self.cfg.activation_checkpointing
