@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import submitit
 
@@ -28,7 +29,6 @@ from jobs.rendezvous import trainer_env
 EXIT_PREEMPTED = 75  # the trainer's "saved, please requeue" code (docs/architecture.md, Signals)
 # After an outside SIGTERM Slurm kills the step within KillWait (30 s on most clusters); wait a little longer.
 OUTSIDE_SIGNAL_GRACE_S = 120.0
-RESEND_EVERY_S = 2.0  # the trainer may not have installed its handler yet when the first SIGUSR1 lands
 
 
 class JobStopped(RuntimeError):
@@ -85,7 +85,7 @@ class TrainingJob:
             time.sleep(OUTSIDE_SIGNAL_GRACE_S)
             raise JobStopped(f"trainer exited {EXIT_PREEMPTED} after a stop signal but Slurm did not end the job "
                              f"within {OUTSIDE_SIGNAL_GRACE_S:.0f} s: not requeued")
-        raise JobStopped(f"trainer exited with code {code} (0 = done, {EXIT_PREEMPTED} = preempted): a failure, "
+        raise JobStopped(f"trainer {describe_exit(code)} (0 = done, {EXIT_PREEMPTED} = preempted): a failure, "
                          "not requeued; its output is above in this log")
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission | None:
@@ -94,14 +94,14 @@ class TrainingJob:
         if self._proc is not None and self._exit_code is None:
             log(f"preemption/time-limit signal: asking the trainer to checkpoint (SIGUSR1, "
                 f"waiting up to {self.save_timeout_s:.0f} s)")
-            code = self._wait(self.save_timeout_s, resend=signal.SIGUSR1)
+            code = self._wait(self.save_timeout_s, send=signal.SIGUSR1)
             if code is None:
                 log("the trainer did not exit in time: killing it; the requeued job resumes from its newest "
                     "complete checkpoint")
                 self._proc.kill()
                 self._wait(30.0)
             elif code not in (0, EXIT_PREEMPTED):
-                log(f"not requeued: the trainer exited with code {code} while saving (a failure)")
+                log(f"not requeued: the trainer {describe_exit(code)} while saving (a failure)")
                 return None
         if restarts >= self.max_requeues:
             log(f"not requeued: reached slurm.max_requeues={self.max_requeues} (SLURM_RESTART_COUNT={restarts}); "
@@ -121,14 +121,28 @@ class TrainingJob:
         assert self._proc is not None
         self._exit_code = self._proc.wait()
 
-    def _wait(self, timeout_s: float | None, resend: signal.Signals | None = None) -> int | None:
-        """The trainer's exit code, or None at the timeout; optionally (re)sends a signal while waiting."""
+    def _wait(self, timeout_s: float | None, send: signal.Signals | None = None) -> int | None:
+        """The trainer's exit code, or None at the timeout; optionally sends it a signal once it handles that signal
+        (while it starts up the signal is still ignored; once it exits Python restores the default, which kills)."""
         assert self._proc is not None
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        last_sent = -RESEND_EVERY_S
         while self._exit_code is None and (deadline is None or time.monotonic() < deadline):
-            if resend is not None and time.monotonic() - last_sent >= RESEND_EVERY_S:
-                self._proc.send_signal(resend)
-                last_sent = time.monotonic()
+            if send is not None and handles_signal(self._proc.pid, send):
+                self._proc.send_signal(send)
+                send = None
             time.sleep(0.2)
         return self._exit_code
+
+
+def handles_signal(pid: int, sig: signal.Signals) -> bool:
+    """Whether the process has a handler installed for `sig` (Linux: SigCgt in /proc; elsewhere assume so)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return not Path("/proc/self/status").exists()
+    caught = next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught, 16) >> (sig - 1) & 1)
+
+
+def describe_exit(code: int) -> str:
+    return f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"

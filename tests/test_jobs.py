@@ -233,3 +233,18 @@ def test_job_past_max_requeues_refuses_to_train(tmp_path, slurm_task_env, monkey
     assert not (Path(job.run_dir) / "starts.jsonl").exists()
     monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
     assert job.checkpoint() is None  # the last allowed start: a signal now saves but does not requeue
+
+
+def test_handles_signal_reads_the_installed_handlers():
+    import os
+    import signal
+
+    from jobs.job import handles_signal
+
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    try:
+        assert not handles_signal(os.getpid(), signal.SIGUSR1)
+        signal.signal(signal.SIGUSR1, lambda *_: None)
+        assert handles_signal(os.getpid(), signal.SIGUSR1)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
