@@ -215,3 +215,23 @@ def test_real_trainer_interrupted_resumes_to_identical_weights(tiny_runs):
     expected, got = final_weights(Path(reference.run_dir)), final_weights(run_dir)
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected), "resumed weights differ from the reference"
+
+
+def test_two_tasks_rendezvous_and_requeue_together(cluster, tmp_path, tiny_runs):
+    """Two trainer processes (one per task) meet at the first node's port; a USR2 reaches task 0's hook only, the
+    trainers' all-reduced stop flag stops both at the same step, and the whole job requeues and finishes."""
+    done = subprocess.run([sys.executable, "-m", "stereo", "submit", "--tasks-per-node", "2", "tiny", *TINY,
+                           f"train.run_dir={tmp_path / 'run'}", f"slurm.folder={tmp_path / 'slurm'}"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    submission = Submission.load(str(tmp_path / "run"))
+    metrics = Path(submission.run_dir) / "metrics.jsonl"
+    wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 1, 300,
+             "the two-process run to log its first step")
+    submitit.SlurmJob(folder=submission.folder, job_id=submission.job_id)._interrupt(timeout=True)
+    assert wait_until_ended(submission.job_id, 600) == "COMPLETED", submission.log_path().read_text()
+    assert job_state(submission.job_id)[1] >= 1
+    assert (Path(submission.run_dir) / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    task1 = submission.log_path(task=1).read_text()
+    assert "task 1/2" in task1 and "trainer saved and exited 75 after a stop signal" in task1
+    assert "task 0/2" in submission.log_path().read_text()
