@@ -122,6 +122,15 @@ def test_bf16_autocast_and_bf16_weights_keep_fp32_outputs(small_pair):
     assert model.update_block.disp_head.conv[0].weight.grad.dtype == torch.bfloat16
 
 
+def test_channels_last_is_refused_on_the_cpu(small_pair):
+    model = build_model(tiny_config(channels_last=True))
+    assert model.channels_last and model.update_block.gru04.conv1[0].weight.is_contiguous(
+        memory_format=torch.channels_last)
+    assert model.corr_stem[0].weight.is_contiguous(memory_format=torch.channels_last_3d)
+    with pytest.raises(ValueError, match="channels_last"):
+        model(*small_pair, iters=1)
+
+
 def test_cost_volumes_match_the_loop_definition():
     g = torch.Generator().manual_seed(0)
     left, right = torch.randn(2, 16, 3, 20, generator=g), torch.randn(2, 16, 3, 20, generator=g)

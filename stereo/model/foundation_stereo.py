@@ -47,13 +47,14 @@ class StereoWidths:
     stem: int = 32  # stem_2 width (= mask[1])
     stem_4: int = 48
     classifier_kernel: int = 7
+    gru_mix_kernel: int = 3  # the input/state mixing convs of each GRU (the heaviest convs of an iteration)
 
 
 def stereo_widths(size: str) -> StereoWidths:
     if size == "tiny":
         return StereoWidths(volume=8, groups=4, concat=2, kernel_disp=5, dt_heads=2, dt_layers=2,
                             cnet=(8, 16, 32), motion=(32, 8), mask=(16, 8), stem=8, stem_4=8,
-                            classifier_kernel=3)  # a 7x7x7 conv is slow on CPU
+                            classifier_kernel=3, gru_mix_kernel=1)  # CPU: a 7x7x7 conv is slow; 1x1 mixing
     return StereoWidths()
 
 
@@ -81,7 +82,8 @@ class FoundationStereo(nn.Module):
         lookup_dim = cfg.corr_levels * (2 * cfg.corr_radius + 1) * (wd.volume + 1)
 
         self.cnet = ContextNet(wd.cnet, feature.vit_feat_dim, hidden)
-        self.update_block = UpdateBlock(hidden, lookup_dim, *wd.motion, mask_dims=wd.mask)
+        self.update_block = UpdateBlock(hidden, lookup_dim, *wd.motion, mask_dims=wd.mask,
+                                        mix_kernel=wd.gru_mix_kernel)
         self.sam = SpatialAttention()
         self.cam = ChannelAttention(hidden)
         self.context_zqr_convs = nn.ModuleList(nn.Conv2d(hidden, 3 * hidden, 3, padding=1) for _ in range(3))
@@ -127,11 +129,14 @@ class FoundationStereo(nn.Module):
         return groups
 
     def use_channels_last(self) -> None:
-        """NHWC weights for the 2-D convs (the 3-D ones keep their layout); inputs are converted in forward."""
+        """Channels-last weights (NHWC for 2-D convs, NDHWC for 3-D ones); forward then converts the inputs and the
+        cost volume. GPU only: torch 2.13's CPU backward of a 1x1 stride-2 conv on channels-last input crashes
+        (segfault; the context net's downsampling blocks have such convs), so forward refuses it on the CPU."""
         self.channels_last = True
         for p in self.parameters():
-            if p.dim() == 4:
-                p.data = p.data.contiguous(memory_format=torch.channels_last)
+            if p.dim() in (4, 5):
+                fmt = torch.channels_last if p.dim() == 4 else torch.channels_last_3d
+                p.data = p.data.contiguous(memory_format=fmt)
 
     # ----- forward ----------------------------------------------------------------------------------------------
 
@@ -144,7 +149,10 @@ class FoundationStereo(nn.Module):
         num_disp = self.cfg.max_disp // 4
         gwc = gwc_volume(left[0], right[0], num_disp, self.widths.groups)
         cat = concat_volume(self.proj_cmb(left[0]), self.proj_cmb(right[0]), num_disp)
-        volume = self.corr_stem(torch.cat([gwc.to(cat.dtype), cat], 1))
+        volume = torch.cat([gwc.to(cat.dtype), cat], 1)
+        if self.channels_last:
+            volume = volume.contiguous(memory_format=torch.channels_last_3d)
+        volume = self.corr_stem(volume)
         volume = self.corr_feature_att(volume, left[0])
         return self.cost_agg(volume, left)
 
@@ -189,6 +197,9 @@ class FoundationStereo(nn.Module):
         ac = self.cfg.activation_checkpointing
         b = left.shape[0]
         left_n, right_n = normalise(left.float()), normalise(right.float())
+        if self.channels_last and left.device.type != "cuda":
+            raise ValueError("model.channels_last is for GPUs: torch's CPU backward crashes on channels-last input "
+                             "(1x1 stride-2 convolutions); set model.channels_last=false on the CPU")
         if self.channels_last:
             left_n = left_n.contiguous(memory_format=torch.channels_last)
             right_n = right_n.contiguous(memory_format=torch.channels_last)

@@ -52,11 +52,12 @@ class ConvGRU(nn.Module):
 class SelectiveConvGRU(nn.Module):
     """Selective-IGEV GRU: a 1x1 and a 3x3 GRU blended per pixel by the spatial attention map."""
 
-    def __init__(self, hidden: int, input_dim: int) -> None:
+    def __init__(self, hidden: int, input_dim: int, mix_kernel: int = 3) -> None:
         super().__init__()
         both = hidden + input_dim
-        self.conv0 = nn.Sequential(nn.Conv2d(input_dim, input_dim, 3, padding=1), nn.ReLU())
-        self.conv1 = nn.Sequential(nn.Conv2d(both, both, 3, padding=1), nn.ReLU())
+        k = mix_kernel
+        self.conv0 = nn.Sequential(nn.Conv2d(input_dim, input_dim, k, padding=k // 2), nn.ReLU())
+        self.conv1 = nn.Sequential(nn.Conv2d(both, both, k, padding=k // 2), nn.ReLU())
         self.small_gru = ConvGRU(hidden, input_dim, 1)
         self.large_gru = ConvGRU(hidden, input_dim, 3)
 
@@ -95,12 +96,13 @@ class DispHead(nn.Module):
 class UpdateBlock(nn.Module):
     """`update_block`: one refinement iteration over the three hidden states (1/4, 1/8, 1/16)."""
 
-    def __init__(self, hidden: int, lookup_dim: int, corr_dim: int, disp_dim: int, mask_dims: tuple[int, int]) -> None:
+    def __init__(self, hidden: int, lookup_dim: int, corr_dim: int, disp_dim: int, mask_dims: tuple[int, int],
+                 mix_kernel: int = 3) -> None:
         super().__init__()
         self.encoder = MotionEncoder(lookup_dim, corr_dim, disp_dim, hidden)
-        self.gru16 = SelectiveConvGRU(hidden, 2 * hidden)
-        self.gru08 = SelectiveConvGRU(hidden, 3 * hidden)
-        self.gru04 = SelectiveConvGRU(hidden, 3 * hidden)
+        self.gru16 = SelectiveConvGRU(hidden, 2 * hidden, mix_kernel)
+        self.gru08 = SelectiveConvGRU(hidden, 3 * hidden, mix_kernel)
+        self.gru04 = SelectiveConvGRU(hidden, 3 * hidden, mix_kernel)
         self.disp_head = DispHead(hidden)
         self.mask = nn.Sequential(nn.Conv2d(hidden, mask_dims[0], 3, padding=1), nn.ReLU(),
                                   nn.Conv2d(mask_dims[0], mask_dims[1], 3, padding=1), nn.ReLU())
