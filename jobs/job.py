@@ -8,7 +8,8 @@ writes a checkpoint at that step and exits with EXIT_PREEMPTED; a restart on the
   to requeue. The trainer's all-reduced stop flag stops the other ranks at the same step.
 - Outside `scontrol requeue` / `scancel`: Slurm sends SIGTERM to every process of the step; submitit ignores it in
   this process, the trainer saves and exits 75, and Slurm requeues (or cancels) the job itself.
-- Any other trainer exit code is a failure: the job stops with the reason in its log and is not requeued.
+- Any other trainer exit code outside a stop request is a failure: the job stops with the reason in its log and is
+  not requeued. (A trainer that dies while stopping for a signal is still requeued: it was preempted.)
 """
 
 from __future__ import annotations
@@ -101,8 +102,10 @@ class TrainingJob:
                 self._proc.kill()
                 self._wait(30.0)
             elif code not in (0, EXIT_PREEMPTED):
-                log(f"not requeued: the trainer {describe_exit(code)} while saving (a failure)")
-                return None
+                # Slurm's SIGTERM reaches every process of the step (data workers, the wandb service): a trainer
+                # that dies of that is still a preempted one, and its newest complete checkpoint is intact.
+                log(f"the trainer {describe_exit(code)} while stopping; the requeued job resumes from its newest "
+                    "complete checkpoint")
         if restarts >= self.max_requeues:
             log(f"not requeued: reached slurm.max_requeues={self.max_requeues} (SLURM_RESTART_COUNT={restarts}); "
                 f"the run can be resumed by submitting again with train.run_dir={self.run_dir}")
