@@ -24,7 +24,7 @@ from stereo.train.logging import RunLogger
 from stereo.train.loss import stereo_loss
 from stereo.train.rng import rng_state, seed_everything, set_rng_state
 from stereo.train.run import (RunState, Validator, Window, batches_forever, nan_injection_steps, prepare_run_dir,
-                              training_panel)
+                              started, training_panel)
 from stereo.train.schedules import lr_multiplier
 from stereo.train.signals import EXIT_PREEMPTED, TrainerSignals
 
@@ -44,33 +44,33 @@ def train(cfg: Config, overrides: list[str]) -> int:
     torch.use_deterministic_algorithms(True, warn_only=True)
     precision = ds_engine.resolve_precision(cfg.train.precision, env.device)
 
+    if cfg.train.ema_decay and cfg.deepspeed.zero_stage == 3:
+        raise ConfigError("train.ema_decay", "null with deepspeed.zero_stage 3 (the EMA keeps whole tensors; ZeRO-3 "
+                          "partitions them), or a ZeRO stage of 0-2")
     ckpts = CheckpointManager(run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every, env.rank)
     resume_from = ckpts.latest()
     model = build_model(cfg.model)
     if resume_from is None:  # resuming beats model.init_from: the checkpoint has every weight
         initialise(model, cfg.model)
     engine = ds_engine.build_engine(model, cfg, env, precision)
-    if cfg.train.ema_decay and cfg.deepspeed.zero_stage == 3:
-        raise ConfigError("train.ema_decay", "null with deepspeed.zero_stage 3 (the EMA keeps whole tensors; ZeRO-3 "
-                          "partitions them), or a ZeRO stage of 0-2")
     ema = EMA(engine.module, cfg.train.ema_decay) if cfg.train.ema_decay else None
     loader = build_train_loader(cfg.data, cfg.augment, cfg.model.max_disp, env.rank, env.world_size)
-    state = RunState()
-    if resume_from is not None:
-        saved = ckpts.load(engine, resume_from)
+    state, saved = RunState(), ckpts.load(engine, resume_from) if resume_from is not None else None
+    if saved is not None:
         state = RunState.restore(saved, env.world_size, resume_from)
         loader.load_state_dict(saved["loader"])
         if ema is not None:
             ema.load_state_dict(saved["ema"])
-        set_rng_state(saved["rng"])
-        log.truncate_after(state.step)
-        print(f"[rank {env.rank}] resumed from {resume_from} at step {state.step}", file=sys.stderr, flush=True)
-
     validator = Validator(cfg, engine.module, ema, env, log)
     if state.step == 0:
         validator.run(0, "before")
+    # started before the RNG restore: starting torch's DataLoader draws a seed from the global RNG
+    batches = started(batches_forever(loader, env.device))
+    if saved is not None:
+        set_rng_state(saved["rng"])
+        log.truncate_after(state.step)
+        print(f"[rank {env.rank}] resumed from {resume_from} at step {state.step}", file=sys.stderr, flush=True)
     nan_steps = nan_injection_steps(env.rank)
-    batches = batches_forever(loader, env.device)
     progress = tqdm(total=cfg.train.steps, initial=state.step, desc="train", disable=env.rank != 0,
                     file=sys.stderr, dynamic_ncols=True, mininterval=2.0)
     window = Window()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import subprocess
 from collections import Counter
+from collections.abc import Iterator
 import sys
 import time
 from dataclasses import dataclass, field
@@ -88,6 +90,12 @@ def batches_forever(loader, device: torch.device):
         for batch in loader:
             yield {k: v.to(device, non_blocking=True).contiguous() if torch.is_tensor(v) else v
                    for k, v in batch.items()}
+
+
+def started(batches: Iterator[dict]) -> Iterator[dict]:
+    """The same stream, with its first batch already fetched (so that the loader has started)."""
+    first = next(batches)
+    return itertools.chain([first], batches)
 
 
 def nan_injection_steps(rank: int) -> Counter:
