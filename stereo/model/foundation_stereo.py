@@ -52,7 +52,7 @@ class StereoWidths:
 
 def stereo_widths(size: str) -> StereoWidths:
     if size == "tiny":
-        return StereoWidths(volume=8, groups=4, concat=2, kernel_disp=5, dt_heads=2, dt_layers=2,
+        return StereoWidths(volume=4, groups=2, concat=1, kernel_disp=5, dt_heads=2, dt_layers=2,
                             cnet=(8, 16, 32), motion=(32, 8), mask=(16, 8), stem=8, stem_4=8,
                             classifier_kernel=3, gru_mix_kernel=1)  # CPU: a 7x7x7 conv is slow; 1x1 mixing
     return StereoWidths()
