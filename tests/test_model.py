@@ -231,3 +231,39 @@ def test_context_upsample_is_a_convex_combination_times_four():
     ramp = torch.arange(12.0).view(1, 1, 3, 4)
     expected = F.interpolate(4 * ramp, scale_factor=4, mode="nearest")
     torch.testing.assert_close(context_upsample(ramp, onehot), expected)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_channels_last_train_step_keeps_fp32_disparities():
+    torch.manual_seed(0)
+    model = build_model(tiny_config(channels_last=True)).cuda()
+    left = torch.rand(2, 3, 128, 256, device="cuda") * 255
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        init_disp, preds = model(left, left.roll(-4, dims=3), iters=3)
+    assert init_disp.dtype == torch.float32 and all(p.dtype == torch.float32 for p in preds)
+    (init_disp.mean() + sum(p.mean() for p in preds)).backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.gpu
+def test_gpu_released_widths_train_step_at_the_paper_crop():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(size="vits")).cuda()
+    left = torch.rand(1, 3, 320, 736, device="cuda") * 255
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        init_disp, preds = model(left, left.roll(-8, dims=3), iters=2)
+    assert init_disp.shape == (1, 1, 80, 184) and preds[-1].shape == (1, 1, 320, 736)
+    preds[-1].mean().backward()
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_inference_matches_eager():
+    torch.manual_seed(0)
+    model = build_model(tiny_config()).cuda().eval()
+    left = torch.rand(1, 3, 64, 128, device="cuda") * 255
+    right = left.roll(-4, dims=3)
+    with torch.no_grad():
+        eager = model(left, right, iters=3, test_mode=True)
+        compiled = torch.compile(model, fullgraph=True)(left, right, iters=3, test_mode=True)
+    torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-3)
