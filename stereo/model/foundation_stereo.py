@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from stereo.config.errors import ConfigError
 from stereo.config.schema import ModelConfig
 from stereo.model.backbone import Feature, backbone_dims
 from stereo.model.context import ChannelAttention, ContextNet, SpatialAttention
@@ -70,12 +71,11 @@ class FoundationStereo(nn.Module):
         super().__init__()
         cfg.validate()
         if len(set(cfg.hidden_dims)) != 1:
-            raise ValueError(f"model.hidden_dims: one width for all three levels (cam/sam are shared), "
-                             f"got {cfg.hidden_dims}")
+            raise ConfigError("model.hidden_dims", f"one width for all three levels (cam/sam are shared), "
+                                                   f"got {cfg.hidden_dims}")
         self.cfg = cfg
         wd = stereo_widths(cfg.size)
         hidden = cfg.hidden_dims[0]
-        self.feature_checkpoint = cfg.activation_checkpointing.features
         feature = Feature(backbone_dims(cfg.size), freeze_vit=cfg.freeze_vit,
                           checkpoint=cfg.activation_checkpointing.features)
         d_out = list(feature.d_out)
