@@ -13,7 +13,7 @@ from stereo.model import build_model
 from stereo.model.io import load_released
 from stereo.train.checkpoint import find_checkpoint
 from stereo.train.export import consolidated_state_dict
-from tests.test_train import REPO, run
+from tests.test_train import REPO, demo_shards, run  # noqa: F401 (demo_shards: autouse fixture)
 
 TWO_STEPS = ("train.steps=2", "checkpoint.every=2")
 

@@ -7,10 +7,8 @@ A step DeepSpeed itself skips (non-finite gradients, fp16 overflow) is counted t
 
 from __future__ import annotations
 
-import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
