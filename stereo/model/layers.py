@@ -60,8 +60,9 @@ class BasicConv(nn.Module):
     ):
         super().__init__()
         conv_type = nn.ConvTranspose2d if deconv else nn.Conv2d
-        self.conv = conv_type(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=False)
+        # `bn` registered before `conv`, as in the release, so the state dict's key order equals the manifest's
         self.bn = norm_2d(norm, out_channels) if norm != "none" else None
+        self.conv = conv_type(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=False)
         self.relu = relu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
