@@ -115,8 +115,8 @@ class TrainingJob:
                                                               self.max_requeues, self.save_timeout_s))
 
     def _start(self, rendezvous: dict[str, str]) -> None:
-        self._proc = subprocess.Popen([sys.executable, *self.python_args], cwd=self.cwd, env={**os.environ, **rendezvous},
-                                      preexec_fn=_ignore_usr_signals)
+        self._proc = subprocess.Popen([sys.executable, *self.python_args], cwd=self.cwd,
+                                      env={**os.environ, **rendezvous}, preexec_fn=_ignore_usr_signals)
         # A thread owns the blocking wait: the signal handler (checkpoint) must never contend for Popen's lock.
         threading.Thread(target=self._reap, daemon=True).start()
 

@@ -70,8 +70,9 @@ def submit(cfg: Config, *, config: str, overrides: list[str], tasks_per_node: in
         cwd=str(cwd), run_dir=str(run_dir), max_requeues=cfg.slurm.max_requeues,
         save_timeout_s=0.75 * cfg.slurm.signal_delay_s,
     ))
+    # The trainer names its wandb run after the config it is given (submit_config.yaml carries cfg.name).
     submission = Submission(job_id=str(job.job_id), run_dir=str(run_dir), folder=str(folder), wandb_id=wandb_id,
-                            wandb_name=run_dir.name, config=config, overrides=list(overrides),
+                            wandb_name=cfg.name, config=config, overrides=list(overrides),
                             submitted_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     submission.save()
     return submission

@@ -40,8 +40,8 @@ cmd_install() {
     else
         log "installing ${PACKAGES[*]} (missing: $missing)"
         # A failed install must not fail `make setup`: only the Slurm tests need these packages.
-        if ! { DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
-               DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}"; } >&2; then
+        export DEBIAN_FRONTEND=noninteractive
+        if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}"; } >&2; then
             log "apt-get failed; the Slurm tests will not run until ${PACKAGES[*]} are installed"
         fi
     fi

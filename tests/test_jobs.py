@@ -196,13 +196,18 @@ def standin_job(tmp_path: Path, steps: int, step_s: float, fail_at: int = -1, ma
                        save_timeout_s=20)
 
 
+def run_until_requeued(job: TrainingJob) -> None:
+    with pytest.raises(JobStopped, match="did not end the job"):  # Slurm would have killed it by now
+        job()
+
+
 def test_checkpoint_hook_saves_then_requeued_copy_resumes_to_identical_weights(tmp_path, slurm_task_env):
     expected = reference_weights(tmp_path, steps=40)
     job = standin_job(tmp_path, steps=40, step_s=0.05)
     run_dir = Path(job.run_dir)
     # In Slurm, checkpoint() runs in submitit's signal handler while __call__ waits; a thread plays __call__ here
     # (after the hook the real job is requeued and killed, so the thread is left behind).
-    threading.Thread(target=job, daemon=True).start()
+    threading.Thread(target=run_until_requeued, args=(job,), daemon=True).start()
     wait_for(lambda: progress(run_dir) >= 7, 30, "the stand-in to pass step 7")
     requeued = job.checkpoint()
     assert job._exit_code == EXIT_PREEMPTED

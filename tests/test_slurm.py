@@ -162,7 +162,7 @@ def make_submit(tmp: Path, *extra: str) -> Submission:
                            f"train.run_dir={tmp / 'run'}", f"slurm.folder={tmp / 'slurm'}"],
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert f"run directory: {tmp / 'run'}" in done.stdout and "wandb run: run (id " in done.stdout
+    assert f"run directory: {tmp / 'run'}" in done.stdout and "wandb run: tiny (id " in done.stdout
     return Submission.load(str(tmp / "run"))
 
 
