@@ -18,21 +18,44 @@ from stereo.config import from_dict, to_dict
 from stereo.train.checkpoint import DS_TAG, find_checkpoint, trainer_state_path
 
 
-def consolidated_state_dict(step_dir: Path, use_ema: bool) -> tuple[dict[str, torch.Tensor], dict]:
-    """(full fp32 state dict, rank 0's trainer state) of one complete checkpoint directory."""
+def read_trainer_state(step_dir: Path) -> dict:
+    """Rank 0's trainer state: step, EMA, the resolved config the run trained with, ..."""
+    return torch.load(trainer_state_path(step_dir, 0), map_location="cpu", weights_only=False)
+
+
+def load_checkpoint_weights(model: torch.nn.Module, step_dir: Path, use_ema: bool) -> None:
+    """Put one complete checkpoint's weights (fp32) into `model`.
+
+    Layers: the module state DeepSpeed saved (everything under ZeRO 0-2), then the fp32 masters from the ZeRO
+    partitions (ZeRO 1-3; the only full copy under ZeRO-3), then the EMA with `use_ema`. Values are copied into
+    the model's own tensors, so keys that alias one tensor (a module registered under two names) stay equal.
+    """
     ds_dir = step_dir / DS_TAG
     model_states = torch.load(ds_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    state = dict(model_states.get("module") or {})
-    if any(ds_dir.glob("*zero_pp_rank_*optim_states.pt")):  # ZeRO 1-3: the fp32 masters live in the partitions
+    layers = [model_states.get("module") or {}]
+    if any(ds_dir.glob("*zero_pp_rank_*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state.update(get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=DS_TAG))
-    trainer_state = torch.load(trainer_state_path(step_dir, 0), map_location="cpu", weights_only=False)
+        layers.append(get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=DS_TAG))
     if use_ema:
+        trainer_state = read_trainer_state(step_dir)
         if trainer_state.get("ema") is None:
             raise ValueError(f"{step_dir}: --ema requested but this run kept no EMA (train.ema_decay was null)")
-        state.update(trainer_state["ema"]["shadow"])
-    return {k: v.detach().float() if v.is_floating_point() else v for k, v in state.items()}, trainer_state
+        layers.append(trainer_state["ema"]["shadow"])
+    model.float()
+    targets = model.state_dict(keep_vars=True)
+    covered: set[int] = set()
+    with torch.no_grad():
+        for layer in layers:
+            for key, value in layer.items():
+                if key not in targets:
+                    raise KeyError(f"{step_dir}: weight {key!r} is not in the model built from its config")
+                if value.numel() == targets[key].numel():  # ZeRO-3's module state holds empty placeholders
+                    targets[key].copy_(value.reshape(targets[key].shape))
+                    covered.add(id(targets[key]))
+    missing = [key for key, tensor in targets.items() if id(tensor) not in covered]
+    if missing:
+        raise KeyError(f"{step_dir}: no saved value for {len(missing)} weights, e.g. {missing[:5]}")
 
 
 def add_arguments(parser) -> None:
@@ -47,10 +70,10 @@ def run(args) -> int:
     from stereo.model.io import export_released
 
     step_dir = find_checkpoint(args.run_dir, args.step)
-    state, trainer_state = consolidated_state_dict(step_dir, args.ema)
+    trainer_state = read_trainer_state(step_dir)
     cfg = from_dict(yaml.safe_load(trainer_state["config"]), source=f"{step_dir} (embedded config)")
     model = build_model(cfg.model)
-    model.load_state_dict(state, strict=True)  # refuses a checkpoint that does not match its own config
+    load_checkpoint_weights(model, step_dir, args.ema)
     epoch = trainer_state["loader"].get("epoch", 0) if isinstance(trainer_state["loader"], dict) else 0
     written = export_released(model, args.out, global_step=trainer_state["step"], epoch=epoch,
                               config=to_dict(cfg), safetensors=True)
