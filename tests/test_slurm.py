@@ -40,7 +40,13 @@ def cluster(tmp_path_factory):
     conf = up.stdout.strip().split("SLURM_CONF=", 1)[1]
     previous = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = conf
+    last_submit = ROOT / "runs" / "last_submit"  # the tests submit from the checkout: keep the user's pointer
+    pointer = last_submit.read_text() if last_submit.is_file() else None
     yield conf
+    if pointer is None:
+        last_submit.unlink(missing_ok=True)
+    else:
+        last_submit.write_text(pointer)
     if previous is None:
         del os.environ["SLURM_CONF"]
     else:
