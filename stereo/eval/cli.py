@@ -35,16 +35,15 @@ def _run_directory_weights(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict
     evaluating released or exported weights never needs the trainer's stack.
     """
     from stereo.train.checkpoint import find_checkpoint
-    from stereo.train.export import consolidated_state_dict
+    from stereo.train.export import load_checkpoint_weights, read_trainer_state
 
     step_dir = find_checkpoint(run_dir)
-    try:
-        state, trainer_state = consolidated_state_dict(step_dir, use_ema=True)
-        weights = "EMA"
-    except ValueError:  # the run kept no EMA
-        state, trainer_state = consolidated_state_dict(step_dir, use_ema=False)
-        weights = "live"
-    return state, yaml.safe_load(trainer_state["config"]), f"{step_dir} ({weights} weights)"
+    trainer_state = read_trainer_state(step_dir)
+    config = yaml.safe_load(trainer_state["config"])
+    use_ema = trainer_state.get("ema") is not None  # EMA weights when the run kept them, as validation uses
+    model = build_model(from_dict(config, source=f"{step_dir} (embedded config)").model)
+    load_checkpoint_weights(model, step_dir, use_ema)
+    return model.state_dict(), config, f"{step_dir} ({'EMA' if use_ema else 'live'} weights)"
 
 
 def _file_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict | None, str]:
