@@ -46,8 +46,9 @@ bench: ## time a training step and inference (GPU): median step, samples/s, peak
 bench-data: ## data-loading throughput per core on FSD-like samples
 	$(PY) -m stereo bench-data
 
-eval: ## evaluate: CKPT=... BENCH=kitti15 DATA=/data/KITTI
-	$(PY) -m stereo eval --ckpt $(CKPT) --bench $(BENCH) --data $(DATA) $(if $(OUT),--out $(OUT))
+eval: ## evaluate: CKPT=... BENCH=kitti15 DATA=/data/KITTI [SIZE=vitl for a released file] [ITERS=32] [OUT=dir]
+	$(PY) -m stereo eval --ckpt $(CKPT) --bench $(BENCH) --data $(DATA) $(if $(SIZE),--size $(SIZE)) \
+		$(if $(ITERS),--iters $(ITERS)) $(if $(OUT),--out $(OUT))
 
 compare: ## compare runs: RUNS="runs/a runs/b"
 	$(PY) -m stereo compare $(RUNS)
