@@ -267,3 +267,15 @@ def test_gpu_compiled_inference_matches_eager():
         eager = model(left, right, iters=3, test_mode=True)
         compiled = torch.compile(model, fullgraph=True)(left, right, iters=3, test_mode=True)
     torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("freeze_bn", [False, True])
+def test_freeze_bn_keeps_running_statistics(small_pair, freeze_bn):
+    torch.manual_seed(0)
+    model = build_model(tiny_config(freeze_bn=freeze_bn)).train()
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running_mean" in k}
+    with torch.no_grad():
+        model(*small_pair)
+    moved = [k for k, v in model.state_dict().items() if "running_mean" in k and not torch.equal(v, stats[k])]
+    assert (moved == []) == freeze_bn
+    assert model.feature.training and model.cnet.training  # only the BatchNorm layers are held in eval mode

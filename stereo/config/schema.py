@@ -41,6 +41,9 @@ class ModelConfig:
     corr_radius: int = 4
     corr_levels: int = 2
     freeze_vit: bool = True  # the DepthAnything-V2 part; unfreeze for full fine-tuning (see optim.vit_lr)
+    # BatchNorm layers keep their running statistics (eval mode) while training, as RAFT-Stereo fine-tunes;
+    # small per-GPU batches of a new domain otherwise drift the statistics the released weights were tuned with
+    freeze_bn: bool = False
     init_from: str | None = None  # a released model_best_bp2.pth or one of our exports
     pretrained: PretrainedConfig = field(default_factory=PretrainedConfig)
     activation_checkpointing: ActivationCheckpointing = field(default_factory=ActivationCheckpointing)

@@ -112,6 +112,14 @@ class FoundationStereo(nn.Module):
         for name in UNUSED_MODULES:
             self.get_submodule(name).requires_grad_(False)
 
+    def train(self, mode: bool = True) -> "FoundationStereo":
+        super().train(mode)
+        if mode and self.cfg.freeze_bn:
+            for module in self.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
+
     # ----- parameters -------------------------------------------------------------------------------------------
 
     def vit_parameters(self) -> list[nn.Parameter]:
