@@ -85,10 +85,12 @@ def make_executor(slurm: SlurmConfig, *, folder: Path, job_name: str, tasks_per_
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=slurm.max_requeues, python=python)
     params: dict = dict(job_name=job_name, nodes=slurm.nodes, ntasks_per_node=tasks_per_node,
                         cpus_per_task=slurm.cpus_per_task, time=slurm.time_min,
-                        signal_delay_s=slurm.signal_delay_s, stderr_to_stdout=True)
+                        signal_delay_s=slurm.signal_delay_s, stderr_to_stdout=True,
+                        # a task that fails ends the step: the other ranks would wait in a collective otherwise
+                        srun_args=["--kill-on-bad-exit=1", *srun_args])
     optional = dict(partition=slurm.partition, account=slurm.account, qos=slurm.qos, constraint=slurm.constraint,
                     gpus_per_node=slurm.gpus_per_node or None,
-                    mem=f"{slurm.mem_gb}GB" if slurm.mem_gb else None, srun_args=srun_args or None)
+                    mem=f"{slurm.mem_gb}GB" if slurm.mem_gb else None)
     params.update({k: v for k, v in optional.items() if v is not None})
     if slurm.extra_sbatch:
         # `exclusive: ""` in the config becomes a bare `#SBATCH --exclusive`.

@@ -161,6 +161,7 @@ def test_sbatch_script_follows_the_slurm_section(tmp_path):
                  "--constraint=a100", "--reservation=r1", "--job-name=tiny-test"):
         assert f"#SBATCH {flag}\n" in script, flag
     assert "#SBATCH --exclusive\n" in script
+    assert "--kill-on-bad-exit=1" in next(line for line in script.splitlines() if line.startswith("srun"))
     assert "--gpus-per-node" not in sbatch_script(tmp_path, ["slurm.gpus_per_node=0"])
 
 
