@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -209,3 +213,23 @@ def test_failing_pipe_commands_are_reported(shard_dir: Path):
     missing = DatasetSource("m", resolve_shards("pipe:cat /nonexistent/000000.tar"), 1.0)
     with pytest.raises(BadDataError, match="nonexistent/000000.tar.*pipe_failed"):
         role_stream(missing).next()
+
+
+def test_workers_outlive_a_sigterm_to_the_process_group(tmp_path: Path):
+    """Slurm sends SIGTERM to every process of a job; the trainer saves on it, so its loader workers must not die."""
+    write_shards(tmp_path / "a", [list(range(6))])
+    cfg = DataConfig(train=[DatasetSpec("a", str(tmp_path / "a"))], batch_size=1, num_workers=1)
+    it = iter(build_train_loader(cfg, AugmentConfig(crop=[32, 32]), 512, 0, 1))
+    next(it)
+    workers = multiprocessing.active_children()
+    assert workers, "expected a DataLoader worker process"
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)  # stands in for the trainer's own handler
+    try:
+        for proc in workers:
+            os.kill(proc.pid, signal.SIGTERM)
+        time.sleep(0.5)
+        assert all(proc.is_alive() for proc in workers)
+        for _ in range(3):
+            assert next(it)["left"].shape == (1, 3, 32, 32)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

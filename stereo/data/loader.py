@@ -10,6 +10,7 @@ uninterrupted one.
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -63,6 +64,9 @@ class _RoleBatches(IterableDataset):
         if info is not None:  # one core per worker: OpenCV and torch must not start their own thread pools
             cv2.setNumThreads(1)
             torch.set_num_threads(1)
+            # Slurm signals every process of the job: the trainer saves on SIGTERM, so its workers must outlive it
+            # (they still exit when the trainer does: the DataLoader's watchdog ends orphaned workers)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         role = self.rank * self.slots + ((info.id if info else 0) + self.offset) % self.slots
         state = RoleState.from_dict(self.states[role]) if role in self.states else RoleState()
         stream = RoleStream(self.sources, role, self.num_roles, self.seed, self.max_bad_rate, state, self.transform)
