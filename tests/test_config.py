@@ -1,5 +1,6 @@
 """Config loading: every shipped config, `base:` inheritance, typed overrides, errors that name file and key."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,8 @@ from stereo.config import ConfigError, dump_yaml, from_dict, load_config
 from stereo.config.load import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parents[1]
+# `make test` runs this suite under make: a nested make would print "Entering directory" lines
+MAKE_ENV = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
 
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.stem)
@@ -114,7 +117,7 @@ def test_cli_help_lists_every_subcommand():
 
 
 def test_make_help_lists_targets_and_all_are_phony():
-    proc = subprocess.run(["make", "help"], cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(["make", "help"], cwd=REPO, capture_output=True, text=True, env=MAKE_ENV)
     assert proc.returncode == 0
     targets = [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
     assert {"setup", "test", "train", "submit", "eval", "compare", "bench", "shards", "docker-build"} <= set(targets)
@@ -125,7 +128,7 @@ def test_make_help_lists_targets_and_all_are_phony():
 
 def test_make_passes_dotted_assignments_as_overrides():
     proc = subprocess.run(["make", "-s", "config", "CONFIG=tiny", "optim.lr=0.25", "train.steps=9"],
-                          cwd=REPO, capture_output=True, text=True)
+                          cwd=REPO, capture_output=True, text=True, env=MAKE_ENV)
     assert proc.returncode == 0, proc.stderr
     resolved = yaml.safe_load(proc.stdout)
     assert resolved["optim"]["lr"] == 0.25 and resolved["train"]["steps"] == 9
