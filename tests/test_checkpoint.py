@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import free_port
 from stereo.train.checkpoint import COMPLETE, CheckpointManager, complete_steps, find_checkpoint, step_dir_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +40,7 @@ def _step(engine):
 def engine():
     from stereo.train.engine import init_distributed
 
-    os.environ["MASTER_PORT"] = "29611"
+    os.environ["MASTER_PORT"] = str(free_port())
     init_distributed()
     yield _toy_engine()
     torch.distributed.destroy_process_group()
@@ -94,7 +95,7 @@ def test_find_checkpoint_names_the_problem(tmp_path):
 
 _KILLED_WRITER = textwrap.dedent("""
     import os, sys, torch
-    sys.path.insert(0, {repo!r})
+    sys.path[:0] = [{repo!r}, {repo!r} + "/tests"]
     from tests.test_checkpoint import _toy_engine, _step
     from stereo.train.engine import init_distributed
     from stereo.train.checkpoint import CheckpointManager
@@ -114,7 +115,7 @@ _KILLED_WRITER = textwrap.dedent("""
 def test_kill_during_save_leaves_previous_checkpoint_loadable(engine, tmp_path):
     run_dir, expected = tmp_path / "run", tmp_path / "expected.pt"
     script = _KILLED_WRITER.format(repo=str(REPO), run_dir=str(run_dir), expected=str(expected))
-    env = {**os.environ, "MASTER_PORT": "29613", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    env = {**os.environ, "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
     proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True,
                             start_new_session=True)
     for line in proc.stdout:  # DeepSpeed also prints to stdout

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import free_port
 from stereo.config import load_config
 from stereo.config.errors import ConfigError
 from stereo.config.schema import LossConfig, ModelConfig
@@ -46,12 +46,6 @@ DA_PREFIX = "feature.dino.depth_anything."
 
 def tiny_model_config() -> ModelConfig:
     return ModelConfig(size="tiny", max_disp=64, hidden_dims=[32, 32, 32])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- the fixture data: a generic list with PNG images and PFM / 16-bit PNG disparities ---------------------------

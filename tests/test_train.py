@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import free_port
 from stereo.train.checkpoint import complete_steps, find_checkpoint
 from stereo.train.signals import EXIT_PREEMPTED
 
@@ -216,7 +217,7 @@ def test_too_many_bad_steps_stop_and_keep_the_last_good_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "stereo", "train", "tiny", f"train.run_dir={run_dir}", *FAST,
            "checkpoint.every=1", "train.max_bad_steps=3"]
-    env = {**os.environ, "STEREO_TEST_NAN_STEPS": "2,2,2", "MASTER_PORT": "29641"}
+    env = {**os.environ, "STEREO_TEST_NAN_STEPS": "2,2,2", "MASTER_PORT": str(free_port())}
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 3, result.stderr[-3000:]
     assert "3 non-finite steps in a row at step 2" in result.stderr
