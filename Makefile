@@ -19,6 +19,7 @@ setup: $(VENV)/.setup-done ## build .venv with pinned versions (CPU or GPU machi
 
 $(VENV)/.setup-done: requirements.txt docker/install.sh pyproject.toml
 	bash docker/install.sh $(VENV) "$(TORCH)"
+	$(PY) -c "from stereo.train.engine import prebuild_ops; prebuild_ops()"
 	touch $@
 
 test: ## run the test suite (CPU; real DeepSpeed, webdataset, Slurm, wandb offline)

@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 FAST = ["augment.crop=[64,128]", "data.batch_size=1", "model.train_iters=2", "model.valid_iters=2",
         "train.steps=8", "checkpoint.every=3", "checkpoint.keep_last=2", "logging.every=1", "logging.image_every=4",
-        "train.val_every=1000", "data.val=[]", "logging.wandb=disabled", "schedule.warmup_steps=2"]
+        "train.val_every=1000", "data.val=[]", "logging.wandb=disabled", "schedule.warmup_steps=2",
+        "deepspeed.zero_stage=1"]
 
 
 @pytest.fixture(scope="module", autouse=True)

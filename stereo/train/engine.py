@@ -29,6 +29,18 @@ def sanitise_cuda_arch_list() -> None:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
 
 
+def prebuild_ops() -> None:
+    """JIT-build the op DeepSpeed always needs on a CPU machine (its shared-memory comm op) into the cache now,
+    so that `make setup` pays for it once instead of the first `make train`. GPU machines build their ops at first
+    use, or have them prebuilt (the Docker image)."""
+    sanitise_cuda_arch_list()
+    if torch.cuda.is_available():
+        return
+    from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+
+    ShareMemCommBuilder().load()
+
+
 def init_distributed() -> DistEnv:
     """torchrun sets RANK/WORLD_SIZE/MASTER_*; a bare `python -m stereo train` runs as a world of one."""
     sanitise_cuda_arch_list()
