@@ -59,8 +59,7 @@ class RunLogger:
         record = {"step": step, "time": time.time(), **scalars}
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.wandb_run is not None:
-            self.wandb_run.log(scalars, step=step)
+        self._to_wandb(lambda run: run.log(scalars, step=step))
 
     def log_image(self, step: int, name: str, image: np.ndarray) -> None:
         """An (H, W, 3) uint8 picture: saved under RUN_DIR/images/ and sent to wandb."""
@@ -74,9 +73,19 @@ class RunLogger:
         if self.wandb_run is not None:
             import wandb
 
-            self.wandb_run.log({name: wandb.Image(str(path))}, step=step)
+            self._to_wandb(lambda run: run.log({name: wandb.Image(str(path))}, step=step))
+
+    def _to_wandb(self, send) -> None:
+        """wandb is a mirror: if its service is gone (Slurm's SIGTERM reaches it too, before our checkpoint), the
+        run goes on without it; metrics.jsonl stays complete and the requeued job resumes the same wandb run."""
+        if self.wandb_run is None:
+            return
+        try:
+            send(self.wandb_run)
+        except Exception as exc:  # noqa: BLE001 - any failure of the mirror must not cost the checkpoint
+            print(f"wandb unavailable ({type(exc).__name__}: {exc}); logging to metrics.jsonl only", flush=True)
+            self.wandb_run = None
 
     def finish(self) -> None:
-        if self.wandb_run is not None:
-            self.wandb_run.finish()
-            self.wandb_run = None
+        self._to_wandb(lambda run: run.finish())
+        self.wandb_run = None
