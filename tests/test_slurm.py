@@ -2,7 +2,8 @@
 three preemption paths (submitit's interrupt, the time-limit signal, an outside `scontrol requeue`), each resuming
 to the weights of an uninterrupted run in one run directory and one wandb run; refusals and failures that must
 not requeue. The preemption paths use a stand-in trainer with the trainer's exact contract (tests/test_jobs.py),
-so they take seconds; `make submit CONFIG=tiny` runs the real trainer end to end."""
+so they take seconds; `make submit CONFIG=tiny` runs the real trainer end to end, uninterrupted, interrupted by the
+time-limit signal and requeued from outside."""
 
 from __future__ import annotations
 
@@ -154,9 +155,7 @@ def test_bad_config_is_refused_before_the_queue(cluster, tmp_path):
 
 # --- the real trainer: `make submit CONFIG=tiny` ------------------------------------------------------------------
 
-# Tiny and short: 4 steps of batch 1, no validation set, wandb offline; two such jobs run side by side on 2 cores.
-# data.num_workers=0: torch's DataLoader workers die on a SIGTERM that does not come from their parent, and Slurm
-# sends SIGTERM to every process of the step on preemption (see the note in docs/cluster.md).
+# Tiny and short: 4 steps of batch 1, no validation set, wandb offline; such jobs run side by side on 2 cores.
 TINY = ["train.steps=4", "checkpoint.every=2", "train.val_every=1000", "logging.every=1", "logging.image_every=1000",
         "logging.wandb=offline", "data.batch_size=1", "data.val=[]", "data.num_workers=0", "model.train_iters=2",
         "slurm.cpus_per_task=1", "slurm.mem_gb=6"]
@@ -183,24 +182,31 @@ def wandb_run_ids(run_dir: Path) -> set[str]:
     return {p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*")}
 
 
+def wait_for_first_step(submission: Submission) -> None:
+    metrics = Path(submission.run_dir) / "metrics.jsonl"
+    wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 1, 300,
+             f"run {submission.run_dir} to log its first step")
+
+
 @pytest.fixture(scope="module")
 def tiny_runs(cluster, tmp_path_factory):
-    """An uninterrupted `make submit CONFIG=tiny` and a second one interrupted by Slurm's USR2, side by side."""
+    """`make submit CONFIG=tiny` uninterrupted, one interrupted by Slurm's USR2 (the time-limit signal), and one
+    requeued from outside (`scontrol requeue`: SIGTERM to every process of the step, a DataLoader worker and the
+    wandb service included), side by side."""
     reference = make_submit(tmp_path_factory.mktemp("tiny_reference"))
     interrupted = make_submit(tmp_path_factory.mktemp("tiny_interrupted"))
-    metrics = Path(interrupted.run_dir) / "metrics.jsonl"
-    wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 1, 300,
-             "the interrupted run to log its first step")
-    # USR2 alone (the time-limit form of the signal): with the SIGTERM of the preemption form, Slurm also signals
-    # the trainer's wandb service, which exits on SIGTERM (see docs/cluster.md); the stand-in covers that path.
+    requeued = make_submit(tmp_path_factory.mktemp("tiny_requeued"), "data.num_workers=1")
+    wait_for_first_step(interrupted)
     submitit.SlurmJob(folder=interrupted.folder, job_id=interrupted.job_id)._interrupt(timeout=True)
-    for submission in (reference, interrupted):
+    wait_for_first_step(requeued)
+    subprocess.run(["scontrol", "requeue", requeued.job_id], check=True)
+    for submission in (reference, interrupted, requeued):
         assert wait_until_ended(submission.job_id, 600) == "COMPLETED", submission.log_path().read_text()
-    return reference, interrupted
+    return reference, interrupted, requeued
 
 
 def test_make_submit_tiny_runs_to_completion(tiny_runs):
-    reference, _ = tiny_runs
+    reference, *_ = tiny_runs
     run_dir = Path(reference.run_dir)
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000004"
     assert (run_dir / "wandb_id").read_text().strip() == reference.wandb_id
@@ -213,15 +219,26 @@ def test_make_submit_tiny_runs_to_completion(tiny_runs):
     assert "trainer finished" in logs
 
 
-def test_real_trainer_interrupted_resumes_to_identical_weights(tiny_runs):
-    reference, interrupted = tiny_runs
-    run_dir = Path(interrupted.run_dir)
-    assert job_state(interrupted.job_id)[1] >= 1, "the job was never requeued"
-    assert "requeueing (restart 1" in interrupted.log_path().read_text()
-    assert wandb_run_ids(run_dir) == {interrupted.wandb_id}
-    expected, got = final_weights(Path(reference.run_dir)), final_weights(run_dir)
+def assert_same_final_weights(reference: Submission, other: Submission) -> None:
+    expected, got = final_weights(Path(reference.run_dir)), final_weights(Path(other.run_dir))
     assert expected.keys() == got.keys() and len(expected) > 100
     assert all(torch.equal(expected[k], got[k]) for k in expected), "resumed weights differ from the reference"
+
+
+def test_real_trainer_interrupted_resumes_to_identical_weights(tiny_runs):
+    reference, interrupted, _ = tiny_runs
+    assert job_state(interrupted.job_id)[1] >= 1, "the job was never requeued"
+    assert "requeueing (restart 1" in interrupted.log_path().read_text()
+    assert wandb_run_ids(Path(interrupted.run_dir)) == {interrupted.wandb_id}
+    assert_same_final_weights(reference, interrupted)
+
+
+def test_real_trainer_outside_requeue_resumes_to_identical_weights(tiny_runs):
+    """Data loader workers and wandb's service get the SIGTERM too: the trainer must survive both to save."""
+    reference, _, requeued = tiny_runs
+    assert job_state(requeued.job_id)[1] >= 1, "the job was never requeued"
+    assert wandb_run_ids(Path(requeued.run_dir)) == {requeued.wandb_id}
+    assert_same_final_weights(reference, requeued)
 
 
 def test_two_tasks_rendezvous_and_requeue_together(cluster, tmp_path, tiny_runs):
