@@ -151,3 +151,15 @@ class Conv2xIN(nn.Module):
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         x = _match_size(self.conv1(x), skip)
         return self.conv2(torch.cat((x, skip), dim=1))
+
+
+class Mlp(nn.Module):
+    """Transformer MLP (fc1, GELU, fc2), shared by the DINOv2 blocks and the EdgeNeXt blocks (same keys)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))

@@ -15,19 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from stereo.model.backbone.dims import EdgeNeXtDims
-from stereo.model.layers import LayerNorm2d
+from stereo.model.layers import LayerNorm2d, Mlp
 
 LAYER_SCALE_INIT = 1e-6
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
 
 
 class ConvBlock(nn.Module):
