@@ -1,20 +1,20 @@
-"""The run logger keeps metrics.jsonl complete when wandb's service dies (Slurm's SIGTERM reaches it too)."""
+"""The run logger keeps metrics.jsonl complete when wandb's service dies (Slurm's SIGTERM reaches it too).
+
+Runs in a child process: wandb leaves the address of its service in the environment of the process that started
+it, and processes started later by other tests would inherit the address of the service killed here."""
 
 import json
-import os
-import signal
-import time
+import subprocess
+import sys
+import textwrap
 
-import psutil
+SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    import psutil
+    from stereo.config import load_config
+    from stereo.train.logging import RunLogger
 
-from stereo.config import load_config
-from stereo.train.logging import RunLogger
-
-
-def test_wandb_service_killed_mid_run_does_not_stop_logging(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    cfg = load_config("tiny", ["logging.wandb=offline"])
-    logger = RunLogger(tmp_path, cfg, [], None, rank=0)
+    logger = RunLogger(sys.argv[1], load_config("tiny", ["logging.wandb=offline"]), [], None, rank=0)
     assert logger.wandb_run is not None
     logger.log(1, {"loss": 1.0})
     services = [p for p in psutil.Process().children(recursive=True) if "wandb" in " ".join(p.cmdline())]
@@ -22,10 +22,17 @@ def test_wandb_service_killed_mid_run_does_not_stop_logging(tmp_path, monkeypatc
     for proc in services:
         os.kill(proc.pid, signal.SIGTERM)
     psutil.wait_procs(services, timeout=10)
-    time.sleep(0.5)
     for step in (2, 3):
         logger.log(step, {"loss": float(step)})
     logger.finish()
+    print("wandb off:", logger.wandb_run is None)
+""")
+
+
+def test_wandb_service_killed_mid_run_does_not_stop_logging(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], capture_output=True, text=True, timeout=120,
+                          env={"WANDB_SILENT": "true", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "wandb off: True" in proc.stdout
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
-    assert logger.wandb_run is None
