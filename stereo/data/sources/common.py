@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from stereo.data.sample import MaskFile, RawSample
+
 
 class SourceError(ValueError):
     """A data-set path that is missing, empty or laid out differently; the message names it and the layout."""
@@ -61,3 +63,19 @@ def read_calib(path: Path) -> dict[str, float]:
         if name in fields:
             calib[name] = float(fields[name])
     return calib
+
+
+def two_view_gt_sample(key: str, source: str, scene: Path, gt: Path) -> RawSample:
+    """The Middlebury-style two-view layout that MiddEval3 and ETH3D share: `scene` holds im0.png, im1.png and
+    calib.txt, `gt` holds disp0GT.pfm (inf = unknown) and, where published, mask0nocc.png (255 = non-occluded)."""
+    mask = gt / "mask0nocc.png"
+    return RawSample(
+        key=key,
+        source=source,
+        left=str(scene / "im0.png"),
+        right=str(scene / "im1.png"),
+        target=str(gt / "disp0GT.pfm"),
+        codec="pfm",
+        nocc_masks=(MaskFile(str(mask), "eq255"),) if mask.is_file() else (),
+        meta=read_calib(scene / "calib.txt"),
+    )

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stereo.data.sample import MaskFile, RawSample
-from stereo.data.sources.common import SourceError, read_calib, sample_key
+from stereo.data.sample import RawSample
+from stereo.data.sources.common import SourceError, sample_key, two_view_gt_sample
 
 LAYOUT = """ROOT/two_view_training/<scene>/im0.png, im1.png, calib.txt
 ROOT/two_view_training_gt/<scene>/disp0GT.pfm, mask0nocc.png (255 = non-occluded)"""
@@ -19,15 +19,5 @@ def list_samples(root: Path) -> list[RawSample]:
         disp = gt / "disp0GT.pfm"
         if not disp.is_file():
             raise SourceError(f"{scene}: no ground truth {disp} (unpack two_view_training_gt.7z into {root})")
-        mask = gt / "mask0nocc.png"
-        samples.append(RawSample(
-            key=sample_key(scene.name),
-            source="eth3d",
-            left=str(left),
-            right=str(scene / "im1.png"),
-            target=str(disp),
-            codec="pfm",
-            nocc_masks=(MaskFile(str(mask), "eq255"),) if mask.is_file() else (),
-            meta=read_calib(scene / "calib.txt"),
-        ))
+        samples.append(two_view_gt_sample(sample_key(scene.name), "eth3d", scene, gt))
     return samples

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stereo.data.sample import MaskFile, RawSample
-from stereo.data.sources.common import SourceError, first_dir, one_of, read_calib, sample_key
+from stereo.data.sample import RawSample
+from stereo.data.sources.common import SourceError, first_dir, one_of, read_calib, sample_key, two_view_gt_sample
 
 LAYOUT_2014 = """ROOT/<Scene>-{perfect,imperfect}/im0.png, im1.png (im1E.png, im1L.png), disp0.pfm, disp1.pfm, calib.txt
 (PFM disparity, inf = unknown; calib.txt: cam0, baseline in mm, doffs)"""
@@ -49,15 +49,5 @@ def list_middeval3(root: Path, *, resolution: str = "F") -> list[RawSample]:
         disp = scene / "disp0GT.pfm"
         if not disp.is_file():
             raise SourceError(f"{scene}: no disp0GT.pfm (unpack MiddEval3-GT0-{resolution}.zip into {root})")
-        mask = scene / "mask0nocc.png"
-        samples.append(RawSample(
-            key=sample_key(resolution, scene.name),
-            source="middeval3",
-            left=str(left),
-            right=str(scene / "im1.png"),
-            target=str(disp),
-            codec="pfm",
-            nocc_masks=(MaskFile(str(mask), "eq255"),) if mask.is_file() else (),
-            meta=read_calib(scene / "calib.txt"),
-        ))
+        samples.append(two_view_gt_sample(sample_key(resolution, scene.name), "middeval3", scene, scene))
     return samples
