@@ -229,15 +229,15 @@ def write_shards(
 def _run_pool(todo: list[_ShardJob], workers: int, finish: Callable[[dict[str, Any]], None], out: Path) -> None:
     """At most `workers` shards in flight (bounded memory: jobs carry their items, not their bytes)."""
     pending = iter(todo)
-    with ProcessPoolExecutor(max_workers=min(workers, len(todo))) as pool:
-        running = {pool.submit(_write_shard, job) for job in islice(pending, workers)}
-        while running:
-            done, running = wait(running, return_when=FIRST_COMPLETED)
-            for future in done:
-                try:
-                    result = future.result()
-                except BrokenProcessPool as exc:
-                    raise ShardWriteError(f"a shard worker died while writing into {out}; finished shards are in "
-                                          "the manifest: run the same command again to write the rest") from exc
-                finish(result)
-                running |= {pool.submit(_write_shard, job) for job in [next(pending, None)] if job is not None}
+    # A dead worker breaks the pool: it surfaces in a future's result or in the next submit, whichever comes first
+    try:
+        with ProcessPoolExecutor(max_workers=min(workers, len(todo))) as pool:
+            running = {pool.submit(_write_shard, job) for job in islice(pending, workers)}
+            while running:
+                done, running = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    finish(future.result())
+                    running |= {pool.submit(_write_shard, job) for job in [next(pending, None)] if job is not None}
+    except BrokenProcessPool as exc:
+        raise ShardWriteError(f"a shard worker died while writing into {out}; finished shards are in the manifest: "
+                              "run the same command again to write the rest") from exc
