@@ -5,17 +5,10 @@ Bin d compares left column x with right column x - d; columns x < d have no part
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
-
-def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
-    """A region computed in fp32 even under autocast (nothing to switch off on devices without autocast, e.g. meta)."""
-    if torch.amp.is_autocast_available(device.type):
-        return torch.autocast(device_type=device.type, enabled=False)
-    return contextlib.nullcontext()
+from stereo.model.precision import autocast_off, upcast
 
 
 def _shift_index(width: int, num_disp: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,8 +28,8 @@ def gwc_volume(left: torch.Tensor, right: torch.Tensor, num_disp: int, groups: i
     if c % groups:
         raise ValueError(f"feature channels {c} are not divisible by {groups} correlation groups")
     with autocast_off(left.device):
-        lf = F.normalize(left.float().reshape(b, groups, c // groups, h, w), dim=2)
-        rf = F.normalize(right.float().reshape(b, groups, c // groups, h, w), dim=2)
+        lf = F.normalize(upcast(left).reshape(b, groups, c // groups, h, w), dim=2)
+        rf = F.normalize(upcast(right).reshape(b, groups, c // groups, h, w), dim=2)
         # (B,G,H,W,Cg) @ (B,G,H,Cg,W) -> (B,G,H,W_left,W_right)
         pairs = torch.matmul(lf.permute(0, 1, 3, 4, 2), rf.permute(0, 1, 3, 2, 4))
         src, valid = _shift_index(w, num_disp, left.device)
@@ -56,6 +49,6 @@ def concat_volume(left: torch.Tensor, right: torch.Tensor, num_disp: int) -> tor
 def soft_argmin(logits: torch.Tensor) -> torch.Tensor:
     """(B,D,H,W) matching logits -> expected disparity (B,1,H,W) in bins, softmax and sum in fp32."""
     with autocast_off(logits.device):
-        prob = torch.softmax(logits.float(), dim=1)
+        prob = torch.softmax(upcast(logits), dim=1)
         bins = torch.arange(logits.shape[1], device=logits.device, dtype=prob.dtype).view(1, -1, 1, 1)
         return (prob * bins).sum(1, keepdim=True)

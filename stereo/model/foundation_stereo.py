@@ -22,6 +22,7 @@ from stereo.model.filtering import Hourglass
 from stereo.model.layers import BasicConv, Conv2x
 from stereo.model.layers3d import BasicConv3d, FeatureAtt, ResnetBasicBlock3D
 from stereo.model.lookup import GeometryLookup
+from stereo.model.precision import upcast
 from stereo.model.update import UpdateBlock
 from stereo.model.upsample import context_upsample
 
@@ -178,7 +179,7 @@ class FoundationStereo(nn.Module):
 
     def _iteration(self, lookup: GeometryLookup, net, inp, att, disp, stem_2x, upsample: bool):
         net, mask_feat, delta = self.update_block(net, inp, att, lookup(disp), disp)
-        disp = disp + delta.float()
+        disp = disp + upcast(delta)
         full = self._upsample(disp, mask_feat, stem_2x) if upsample else None
         return net, disp, full
 
@@ -186,7 +187,7 @@ class FoundationStereo(nn.Module):
         """With bf16/fp16 weights (e.g. DeepSpeed's bf16 mode, which casts the module but not its inputs) run under
         autocast to that dtype, so fp32 inputs and the fp32 islands meet the weights in one precision."""
         dtype = self.proj_cmb.weight.dtype
-        if dtype != torch.float32 and torch.amp.is_autocast_available(device.type):
+        if dtype in (torch.bfloat16, torch.float16) and torch.amp.is_autocast_available(device.type):
             return torch.autocast(device_type=device.type, dtype=dtype)
         return contextlib.nullcontext()
 
@@ -194,7 +195,7 @@ class FoundationStereo(nn.Module):
         """left/right (B,3,H,W) RGB 0..255, H and W multiples of 32.
 
         Train: (init_disp (B,1,H/4,W/4) in 1/4-res px, [disparity (B,1,H,W)] * iters); test: the last disparity.
-        Disparities are fp32 whatever the weights' precision or an enclosing autocast.
+        Disparities are fp32 (fp64 for an fp64 model) whatever the weights' precision or an enclosing autocast.
         """
         with self._weights_autocast(left.device):
             return self._forward(left, right, iters, test_mode)
@@ -204,7 +205,7 @@ class FoundationStereo(nn.Module):
             iters = self.cfg.valid_iters if test_mode else self.cfg.train_iters
         ac = self.cfg.activation_checkpointing
         b = left.shape[0]
-        left_n, right_n = normalise(left.float()), normalise(right.float())
+        left_n, right_n = normalise(upcast(left)), normalise(upcast(right))
         if self.channels_last and left.device.type != "cuda":
             raise ValueError("model.channels_last is for GPUs: torch's CPU backward crashes on channels-last input "
                              "(1x1 stride-2 convolutions); set model.channels_last=false on the CPU")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from stereo.model.cost_volume import autocast_off
+from stereo.model.precision import autocast_off, upcast
 
 
 def sample_taps(values: torch.Tensor, position: torch.Tensor, radius: int) -> torch.Tensor:
@@ -41,9 +41,9 @@ class GeometryLookup:
 
     def _build(self, volume: torch.Tensor, left: torch.Tensor, right: torch.Tensor, levels: int) -> None:
         b, c, d, h, w = volume.shape
-        geo = volume.float().permute(0, 3, 4, 1, 2).reshape(b * h * w, c, d)
-        lf = F.normalize(left.float(), dim=1)
-        rf = F.normalize(right.float(), dim=1)
+        geo = upcast(volume).permute(0, 3, 4, 1, 2).reshape(b * h * w, c, d)
+        lf = F.normalize(upcast(left), dim=1)
+        rf = F.normalize(upcast(right), dim=1)
         corr = torch.einsum("bchx,bchy->bhxy", lf, rf).reshape(b * h * w, 1, w)
         self.geo_levels = [geo]
         self.corr_levels = [corr]
@@ -54,7 +54,7 @@ class GeometryLookup:
 
     def __call__(self, disp: torch.Tensor) -> torch.Tensor:
         b, h, w = self.shape
-        d = disp.float().reshape(-1)
+        d = upcast(disp).reshape(-1)
         out = []
         with autocast_off(self.device):
             for i, (geo, corr) in enumerate(zip(self.geo_levels, self.corr_levels)):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from stereo.model.cost_volume import autocast_off
+from stereo.model.precision import autocast_off, upcast
 
 
 def context_upsample(disp_low: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -16,7 +16,7 @@ def context_upsample(disp_low: torch.Tensor, logits: torch.Tensor) -> torch.Tens
     b, _, h, w = disp_low.shape
     full_h, full_w = logits.shape[2:]
     with autocast_off(disp_low.device):
-        weights = torch.softmax(logits.float(), dim=1)
-        patches = F.unfold(4.0 * disp_low.float(), 3, padding=1).reshape(b, 9, h, w)
+        weights = torch.softmax(upcast(logits), dim=1)
+        patches = F.unfold(4.0 * upcast(disp_low), 3, padding=1).reshape(b, 9, h, w)
         patches = F.interpolate(patches, (full_h, full_w), mode="nearest")
         return (patches * weights).sum(1, keepdim=True)

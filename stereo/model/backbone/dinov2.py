@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from stereo.model.backbone.dims import ViTDims
 from stereo.model.layers import Mlp
+from stereo.model.precision import upcast
 
 # DINOv2's interpolation kludge: scale factors (n + 0.1) / M instead of sizes, bicubic, no antialias.
 POS_INTERPOLATE_OFFSET = 0.1
@@ -100,7 +101,7 @@ class DinoVisionTransformer(nn.Module):
         m = int(math.sqrt(n))
         if grid_h == m and grid_w == m:
             return pos
-        pos = pos.float()
+        pos = upcast(pos)
         table = pos[:, 1:].reshape(1, m, m, -1).permute(0, 3, 1, 2)
         scale = ((grid_h + POS_INTERPOLATE_OFFSET) / m, (grid_w + POS_INTERPOLATE_OFFSET) / m)
         table = F.interpolate(table, scale_factor=scale, mode="bicubic", antialias=False)
