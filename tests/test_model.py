@@ -95,17 +95,22 @@ def _gradients(pair, checkpointing: bool):
     return model, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_gradients_reach_every_trainable_parameter_with_and_without_checkpointing(small_pair):
+def test_gradients_and_batchnorm_statistics_with_and_without_checkpointing(small_pair):
     model, grads = _gradients(small_pair, checkpointing=False)
     no_grad = [n for n, p in model.named_parameters() if p.requires_grad and (n not in grads or not grads[n].any())]
     assert no_grad == []
     unused = [n for n, p in model.named_parameters() if any(n.startswith(u + ".") for u in UNUSED_MODULES)]
     assert unused and all(not model.get_parameter(n).requires_grad for n in unused)
     assert all(not p.requires_grad for p in model.feature.dino.parameters())  # frozen ViT
-    _, recomputed = _gradients(small_pair, checkpointing=True)
+    recomputing, recomputed = _gradients(small_pair, checkpointing=True)
     assert recomputed.keys() == grads.keys()
     for name in grads:
         torch.testing.assert_close(recomputed[name], grads[name], rtol=1e-3, atol=1e-5, msg=name)
+    # the recomputation in backward does not count the batch a second time in the running statistics
+    buffers = dict(recomputing.named_buffers())
+    assert any("running_mean" in name for name in buffers)
+    for name, buffer in model.named_buffers():
+        torch.testing.assert_close(buffers[name], buffer, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_bf16_autocast_and_bf16_weights_keep_fp32_outputs(small_pair):

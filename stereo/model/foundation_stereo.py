@@ -60,6 +60,22 @@ def stereo_widths(size: str) -> StereoWidths:
     return StereoWidths()
 
 
+@contextlib.contextmanager
+def running_stats_frozen(norms: list[nn.modules.batchnorm._BatchNorm]):
+    """BatchNorm normalises with the batch statistics as usual but leaves the running statistics and the batch count
+    as they are: a checkpointed region's recomputation must not count its batch a second time. (Momentum 0 rather
+    than track_running_stats=False, which would change what BatchNorm saves for backward.)"""
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(norms, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(count)
+
+
 def normalise(image: torch.Tensor) -> torch.Tensor:
     """RGB 0..255 -> ImageNet-normalised."""
     mean = torch.tensor(IMAGENET_MEAN, device=image.device, dtype=image.dtype).view(1, 3, 1, 1)
@@ -109,6 +125,8 @@ class FoundationStereo(nn.Module):
             ResnetBasicBlock3D(wd.volume // 2),
             nn.Conv3d(wd.volume // 2, 1, wd.classifier_kernel, padding=wd.classifier_kernel // 2))
         self.widths = wd
+        self.batch_norms = [m for m in self.modules()
+                            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
         self.channels_last = False
         for name in UNUSED_MODULES:
             self.get_submodule(name).requires_grad_(False)
@@ -150,9 +168,12 @@ class FoundationStereo(nn.Module):
     # ----- forward ----------------------------------------------------------------------------------------------
 
     def _maybe_checkpoint(self, enabled: bool, fn, *args):
-        if enabled and self.training and torch.is_grad_enabled():
+        if not (enabled and self.training and torch.is_grad_enabled()):
+            return fn(*args)
+        if torch.compiler.is_compiling():  # compiled recomputation replays pure ops: buffers are updated once
             return checkpoint(fn, *args, use_reentrant=False)
-        return fn(*args)
+        return checkpoint(fn, *args, use_reentrant=False,
+                          context_fn=lambda: (contextlib.nullcontext(), running_stats_frozen(self.batch_norms)))
 
     def _cost_volume(self, left: list[torch.Tensor], right: list[torch.Tensor]) -> torch.Tensor:
         num_disp = self.cfg.max_disp // 4
