@@ -8,7 +8,7 @@ NPROC ?= 1
 # `make train CONFIG=x optim.lr=1e-5`: every command-line assignment whose name has a dot is a config override.
 OVERRIDES := $(strip $(foreach w,$(MAKEOVERRIDES),$(if $(findstring .,$(firstword $(subst =, ,$(w)))),$(w))) $(ARGS))
 
-.PHONY: help setup test test-gpu train demo-data shards bench bench-data eval compare infer export \
+.PHONY: help setup test test-gpu gpu-check train demo-data shards bench bench-data eval compare infer export \
         submit status logs cancel slurm-up slurm-down docker docker-build docker-run config clean
 
 help: ## list the targets
@@ -28,11 +28,19 @@ test: ## run the test suite (CPU; real DeepSpeed, webdataset, Slurm, wandb offli
 test-gpu: ## run the GPU-marked tests (on a GPU node)
 	$(PY) -m pytest -m gpu tests
 
+gpu-check: ## on a GPU node: the gpu tests, `bench` eager and compiled, a ViT-L ZeRO-2 bf16 run (runs/gpu-check)
+	rm -rf runs/gpu-check
+	$(MAKE) --no-print-directory test-gpu
+	$(PY) -m stereo bench --out runs/gpu-check/bench.json
+	$(PY) -m stereo bench --compile --channels-last --out runs/gpu-check/bench-compiled.json
+	$(MAKE) --no-print-directory train CONFIG=vitl_smoke NPROC=1 train.run_dir=runs/gpu-check/vitl_smoke
+
 demo-data: ## write the procedurally generated demo shards to shards/demo
 	$(PY) -m stereo demo-data --out shards/demo
 
 train: ## train CONFIG (default tiny: demo shards, CPU, a few minutes); overrides as a.b=value
-	@if [ "$(CONFIG)" = tiny ] && [ ! -f shards/demo/train/manifest.json ]; then $(MAKE) --no-print-directory demo-data; fi
+	@if grep -qs 'shards/demo/' $(CONFIG) configs/$(CONFIG).yaml && [ ! -f shards/demo/train/manifest.json ]; then \
+		$(MAKE) --no-print-directory demo-data; fi
 	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) -m stereo train $(CONFIG) $(OVERRIDES)
 
 config: ## print CONFIG fully resolved (validates it)
