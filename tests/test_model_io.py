@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from stereo.cli import main
 from stereo.config.errors import ConfigError
@@ -44,11 +45,15 @@ def trained_like():
 def test_released_format_round_trip(tmp_path, trained_like):
     paths = export_released(trained_like, tmp_path / "model_best_bp2.pth", global_step=1234, epoch=5,
                             config={"model": {"size": "tiny"}}, safetensors=True)
-    assert [p.name for p in paths] == ["model_best_bp2.pth", "model_best_bp2.safetensors"]
+    assert [p.name for p in paths] == ["model_best_bp2.pth", "cfg.yaml", "model_best_bp2.safetensors"]
+    released_cfg = yaml.safe_load(paths[1].read_text())  # what the released inference script builds its model from
+    assert released_cfg["vit_size"] == "tiny" and released_cfg["max_disp"] == 64
+    assert released_cfg["hidden_dims"] == [32, 32, 32] and released_cfg["n_gru_layers"] == 3
+    assert len({p.stat().st_mode for p in paths}) == 1  # safetensors alone would write 0600
     payload = torch.load(paths[0], map_location="cpu", weights_only=True)
     assert payload["global_step"] == 1234 and payload["epoch"] == 5
     assert set(payload["model"]) == set(trained_like.state_dict())
-    for path in paths:
+    for path in (paths[0], paths[2]):
         fresh = build_model(tiny())
         assert not same_weights(fresh, trained_like)
         load_released(fresh, path)

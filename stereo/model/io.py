@@ -3,6 +3,8 @@
 Released `model_best_bp2.pth`: `{"model": state_dict, "global_step": int, "epoch": int}`. We read that, a bare
 state dict, DDP's `module.` prefix and `.safetensors`, always with strict key and shape checks that name every
 offending key. Our exports add an optional `"config"` (the resolved config tree); released loaders ignore it.
+The released inference script builds its model from a `cfg.yaml` in the checkpoint's folder, so exports write
+one there too (one model per folder, as released).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import os
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -66,13 +69,24 @@ def load_released(model: nn.Module, path: str | Path) -> None:
 def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # as open() would create it; safetensors writes 0600
     os.replace(tmp, path)
+
+
+def released_cfg(cfg: ModelConfig) -> dict:
+    """The model keys of the released `cfg.yaml` (folder 23-51-11) for this model; the fixed ones as released."""
+    return {"vit_size": cfg.size, "max_disp": cfg.max_disp, "hidden_dims": list(cfg.hidden_dims),
+            "n_gru_layers": 3, "n_downsample": 2, "corr_radius": cfg.corr_radius, "corr_levels": cfg.corr_levels,
+            "corr_implementation": "reg", "train_iters": cfg.train_iters, "valid_iters": cfg.valid_iters,
+            "mixed_precision": True, "low_memory": 0}
 
 
 def export_released(model: nn.Module, path: str | Path, global_step: int, epoch: int, *,
                     config: dict | None = None, safetensors: bool = False) -> list[Path]:
-    """Write `{"model", "global_step", "epoch"[, "config"]}` (fp32 tensors on the CPU) to `path`; with
-    `safetensors`, also `path` with suffix .safetensors. Returns the files written."""
+    """Write `{"model", "global_step", "epoch"[, "config"]}` (fp32 tensors on the CPU) to `path` and the released
+    `cfg.yaml` beside it; with `safetensors`, also `path` with suffix .safetensors. Returns the files written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -80,7 +94,9 @@ def export_released(model: nn.Module, path: str | Path, global_step: int, epoch:
     if config is not None:
         payload["config"] = config
     _atomic_write(path, lambda p: torch.save(payload, p))
-    written = [path]
+    cfg_path = path.parent / "cfg.yaml"
+    _atomic_write(cfg_path, lambda p: p.write_text(yaml.safe_dump(released_cfg(model.cfg), sort_keys=False)))
+    written = [path, cfg_path]
     if safetensors:
         st_path = path.with_suffix(".safetensors")
         # safetensors refuses aliased tensors (ResidualBlock.norm3 is also downsample.1): one copy per key.
