@@ -3,7 +3,8 @@
 Writes `disp.pfm` (float32 px), `disp.png` (16-bit, value = disparity x 256, as KITTI), `disp_color.png`
 (turbo) and, with --focal (px) and --baseline (m), `depth.pfm` (metres, 0 where the disparity is not positive).
 Any image size works. The checkpoint is a released-format .pth, one of our exports or a run directory; its model
-config comes from the checkpoint, else --config, else the released defaults of --size.
+config comes from the checkpoint, else --config, else the released cfg.yaml beside it, else the released defaults
+of --size.
 """
 
 from __future__ import annotations

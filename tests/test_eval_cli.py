@@ -92,7 +92,11 @@ def demo_checkpoint(tmp_path_factory):
     cfg = load_config("tiny")
     folder = tmp_path_factory.mktemp("ckpt")
     export_released(build_model(cfg.model), folder / "demo.pth", global_step=0, epoch=0, config=to_dict(cfg))
-    export_released(build_model(cfg.model), folder / "bare.pth", global_step=0, epoch=0)  # no config inside
+    # released layout: no config inside, the released cfg.yaml beside it
+    export_released(build_model(cfg.model), folder / "released" / "model_best_bp2.pth", global_step=0, epoch=0)
+    # a bare file: no config inside or beside it
+    export_released(build_model(cfg.model), folder / "bare" / "bare.pth", global_step=0, epoch=0)
+    (folder / "bare" / "cfg.yaml").unlink()
     return folder
 
 
@@ -125,7 +129,7 @@ def test_eval_cli_needs_a_config_for_a_bare_checkpoint(tmp_path, demo_checkpoint
     import fakedata
 
     fake = fakedata.make_eth3d(tmp_path / "eth3d")
-    argv = ["eval", "--ckpt", str(demo_checkpoint / "bare.pth"), "--bench", "eth3d", "--data", str(fake.root),
+    argv = ["eval", "--ckpt", str(demo_checkpoint / "bare" / "bare.pth"), "--bench", "eth3d", "--data", str(fake.root),
             "--iters", "1", "--out", str(tmp_path / "out"), "--device", "cpu", "--no-images"]
     assert main(argv) == 2
     assert "--config" in capsys.readouterr().err
@@ -135,3 +139,23 @@ def test_eval_cli_needs_a_config_for_a_bare_checkpoint(tmp_path, demo_checkpoint
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["summary"]["bp_1_noc/mean_image"] is not None
     assert not (tmp_path / "out" / "images").exists()
+
+
+def test_eval_cli_reads_the_released_cfg_yaml_beside_a_checkpoint(tmp_path, demo_checkpoint, capsys):
+    """The released folder layout (model_best_bp2.pth + cfg.yaml) needs neither --config nor --size."""
+    import fakedata
+
+    fake = fakedata.make_eth3d(tmp_path / "eth3d")
+    ckpt = demo_checkpoint / "released" / "model_best_bp2.pth"
+    argv = ["eval", "--ckpt", str(ckpt), "--bench", "eth3d", "--data", str(fake.root), "--iters", "1",
+            "--out", str(tmp_path / "out"), "--device", "cpu", "--no-images", "--limit", "1"]
+    assert main(argv) == 0
+    assert main(argv + ["--size", "vitl"]) == 2  # contradicts cfg.yaml's vit_size
+    assert "vitl" in capsys.readouterr().err
+    released_cfg = ckpt.parent / "cfg.yaml"
+    released_cfg.write_text(released_cfg.read_text().replace("n_gru_layers: 3", "n_gru_layers: 2"))
+    try:
+        assert main(argv) == 2
+        assert f"{released_cfg}: n_gru_layers: 3 (the released architecture), got 2" in capsys.readouterr().err
+    finally:
+        released_cfg.write_text(released_cfg.read_text().replace("n_gru_layers: 2", "n_gru_layers: 3"))

@@ -3,7 +3,8 @@
 Writes results.json, results.md, a panel per image and summary.png (see docs/evaluation.md). The checkpoint is a
 released-format .pth, one of our exports (.pth / .safetensors) or a run directory (its newest complete checkpoint,
 EMA weights when the run kept them, as in training validation). The model config is the one stored with the
-checkpoint when there is one, else `--config`, else the released defaults of `--size`.
+checkpoint when there is one, else `--config`, else the released `cfg.yaml` beside the file, else the released
+defaults of `--size`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from stereo.data.sources import SourceError, parse_options
 from stereo.eval.benchmarks import BENCHMARKS, BenchmarkSamples, get_benchmark
 from stereo.eval.runner import evaluate
 from stereo.model import build_model
-from stereo.model.io import check_state_dict, read_checkpoint
+from stereo.model.io import check_state_dict, read_checkpoint, read_released_cfg
 from stereo.model.pretrained import WeightMismatchError
 
 
@@ -52,15 +53,21 @@ def _file_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict | None, str
     return state, config, str(path)
 
 
-def model_config(embedded: dict | None, config: str | None, size: str | None, source: str) -> Config:
+def model_config(embedded: dict | None, config: str | None, size: str | None, ckpt: Path) -> Config:
+    """The checkpoint's own config, else --config, else the released `cfg.yaml` beside it, else --size's defaults."""
     if embedded is not None:
-        return from_dict(embedded, source=f"{source} (embedded config)")
+        return from_dict(embedded, source=f"{ckpt} (embedded config)")
     if config is not None:
         return load_config(config)
-    if size is None:
-        raise ConfigError("--config/--size", f"{source} stores no config: name the model with --config C or --size S")
     cfg = Config()
-    cfg.model.size = size
+    released = None if ckpt.is_dir() else read_released_cfg(ckpt)
+    if released is not None:
+        cfg.model = released
+    elif size is None:
+        raise ConfigError("--config/--size", f"{ckpt} stores no config and has no cfg.yaml beside it: name the model "
+                                             f"with --config C or --size S")
+    else:
+        cfg.model.size = size
     return cfg
 
 
@@ -69,8 +76,8 @@ def load_model(ckpt: Path, config: str | None, size: str | None, device: torch.d
     if not ckpt.exists():
         raise FileNotFoundError(f"{ckpt}: no such checkpoint file or run directory")
     state, embedded, description = _run_directory_weights(ckpt) if ckpt.is_dir() else _file_weights(ckpt)
-    cfg = model_config(embedded, config, size, str(ckpt))
-    if size is not None and embedded is not None and size != cfg.model.size:
+    cfg = model_config(embedded, config, size, ckpt)
+    if size is not None and config is None and size != cfg.model.size:
         raise ConfigError("--size", f"{cfg.model.size} (the checkpoint's own config), got {size}", source=str(ckpt))
     model = build_model(cfg.model)
     check_state_dict(model, state, f"{description} into a {cfg.model.size} model")  # names each wrong key

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from stereo.config.errors import ConfigError
 from stereo.config.schema import ModelConfig
 from stereo.model.pretrained import WeightMismatchError, load_pretrained, read_state_dict
 
@@ -81,6 +82,32 @@ def released_cfg(cfg: ModelConfig) -> dict:
             "n_gru_layers": 3, "n_downsample": 2, "corr_radius": cfg.corr_radius, "corr_levels": cfg.corr_levels,
             "corr_implementation": "reg", "train_iters": cfg.train_iters, "valid_iters": cfg.valid_iters,
             "mixed_precision": True, "low_memory": 0}
+
+
+def read_released_cfg(checkpoint: str | Path) -> ModelConfig | None:
+    """The model described by the released-layout `cfg.yaml` beside `checkpoint`, or None when there is none."""
+    path = Path(checkpoint).parent / "cfg.yaml"
+    if not path.is_file():
+        return None
+    raw = yaml.safe_load(path.read_text()) or {}
+    for key, supported in (("n_gru_layers", 3), ("n_downsample", 2)):
+        if raw.get(key, supported) != supported:
+            raise ConfigError(key, f"{supported} (the released architecture), got {raw[key]!r}", source=str(path))
+    cfg = ModelConfig(size=raw.get("vit_size", "vitl"))  # the released script's default
+    if cfg.size not in ("tiny", "vits", "vitb", "vitl"):
+        raise ConfigError("vit_size", f"one of vits, vitb, vitl (or our tiny), got {cfg.size!r}", source=str(path))
+    for key in ("max_disp", "hidden_dims", "corr_radius", "corr_levels", "train_iters", "valid_iters"):
+        if key in raw:
+            default = getattr(cfg, key)
+            if type(raw[key]) is not type(default) or (isinstance(default, list)
+                                                       and not all(type(v) is int for v in raw[key])):
+                raise ConfigError(key, f"like {default!r}, got {raw[key]!r}", source=str(path))
+            setattr(cfg, key, raw[key])
+    try:
+        cfg.validate()
+    except ConfigError as err:
+        raise err.with_source(str(path)) from None
+    return cfg
 
 
 def export_released(model: nn.Module, path: str | Path, global_step: int, epoch: int, *,
