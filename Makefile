@@ -55,15 +55,15 @@ bench: ## time a training step and inference (GPU): median step, samples/s, peak
 bench-data: ## data-loading throughput per core on FSD-like samples
 	$(PY) -m stereo bench-data
 
-eval: ## evaluate: CKPT=... BENCH=kitti15 DATA=/data/KITTI [SIZE=vitl for a released file] [ITERS=32] [OUT=dir]
+eval: ## evaluate: CKPT=... BENCH=kitti15 DATA=/data/KITTI [SIZE=vitl for a lone released file] [ITERS=32] [OUT=dir] [HIERA=1]
 	$(PY) -m stereo eval --ckpt $(CKPT) --bench $(BENCH) --data $(DATA) $(if $(SIZE),--size $(SIZE)) \
-		$(if $(ITERS),--iters $(ITERS)) $(if $(OUT),--out $(OUT))
+		$(if $(ITERS),--iters $(ITERS)) $(if $(OUT),--out $(OUT)) $(if $(HIERA),--hierarchical)
 
 compare: ## compare runs: RUNS="runs/a runs/b"
 	$(PY) -m stereo compare $(RUNS)
 
-infer: ## one pair: CKPT=... LEFT=... RIGHT=... OUT=...
-	$(PY) -m stereo infer --ckpt $(CKPT) --left $(LEFT) --right $(RIGHT) --out $(OUT)
+infer: ## one pair: CKPT=... LEFT=... RIGHT=... OUT=... [HIERA=1 for large images]
+	$(PY) -m stereo infer --ckpt $(CKPT) --left $(LEFT) --right $(RIGHT) --out $(OUT) $(if $(HIERA),--hierarchical)
 
 export: ## released-format checkpoint from a run: RUN=runs/x OUT=model.pth
 	$(PY) -m stereo export $(RUN) --out $(OUT) --ema

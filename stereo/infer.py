@@ -1,4 +1,5 @@
-"""`python -m stereo infer --ckpt CKPT --left L --right R --out DIR [--iters N] [--focal F --baseline B]`.
+"""`python -m stereo infer --ckpt CKPT --left L --right R --out DIR [--iters N] [--focal F --baseline B]
+[--hierarchical]`.
 
 Writes `disp.pfm` (float32 px), `disp.png` (16-bit, value = disparity x 256, as KITTI), `disp_color.png`
 (turbo) and, with --focal (px) and --baseline (m), `depth.pfm` (metres, 0 where the disparity is not positive).
@@ -68,6 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="model config when the checkpoint stores none (a file or configs/ name)")
     parser.add_argument("--size", choices=["tiny", "vits", "vitb", "vitl"], help="model size when no config is known")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    parser.add_argument("--hierarchical", action="store_true", help="hierarchical inference for large images (>1K): a half-resolution pass starts the full one (released --hiera)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     def tensor(image: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float().to(device)
 
-    disp = predict(model, tensor(left), tensor(right), iters)[0, 0].cpu().numpy()
+    disp = predict(model, tensor(left), tensor(right), iters, args.hierarchical)[0, 0].cpu().numpy()
     for path in write_outputs(disp, args.out, args.focal, args.baseline):
         print(f"wrote {path}", file=sys.stderr)
     return 0

@@ -24,6 +24,7 @@ import argparse
 import math
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -91,9 +92,13 @@ def freeze_batchnorm(model: nn.Module) -> None:
             module.eval()
 
 
-def run_cases(model: nn.Module, dtype: torch.dtype) -> dict[str, np.ndarray]:
-    """The three cases, each from the seeded weights: eval (test mode); train mode with batch statistics (forward);
-    train mode with frozen BatchNorm (forward and gradients; well conditioned enough to compare in float32)."""
+Pair = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def run_cases(model: nn.Module, dtype: torch.dtype, hierarchical: Pair) -> dict[str, np.ndarray]:
+    """The cases, each from the seeded weights: eval (test mode); hierarchical inference (`hierarchical(left,
+    right)` on a 60x90 crop, so that both passes pad); train mode with batch statistics (forward); train mode with
+    frozen BatchNorm (forward and gradients; well conditioned enough to compare in float32)."""
     seeded = seeded_state_dict(model.state_dict())
     left, right = golden_inputs(dtype)
     disable_dropout(model)
@@ -103,6 +108,7 @@ def run_cases(model: nn.Module, dtype: torch.dtype) -> dict[str, np.ndarray]:
     model.eval()
     with torch.no_grad():
         out["test_disp"] = model(left, right, iters=ITERS, test_mode=True)
+        out["hierarchical_disp"] = hierarchical(left[..., :60, :90], right[..., :60, :90])
 
     model.load_state_dict(seeded)
     model.train()
@@ -161,7 +167,8 @@ def main() -> None:
     # The released forward casts to float32 in places (`.float()`); keep float64 throughout.
     as_float = torch.Tensor.float
     torch.Tensor.float = lambda t, *a, **k: t if t.dtype == torch.float64 else as_float(t, *a, **k)
-    golden = run_cases(model, torch.float64)
+    golden = run_cases(model, torch.float64, lambda left, right: model.run_hierachical(
+        left, right, iters=ITERS, test_mode=True, small_ratio=0.5))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(args.out, **{k: v.astype(np.float32) if v.dtype == np.float64 else v
                                      for k, v in golden.items()})

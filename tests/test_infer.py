@@ -88,3 +88,24 @@ def test_infer_command_errors(checkpoint_and_pair, capsys):
     assert main(base + ["--left", str(root / "left.png"), "--right", str(root / "small.png")]) == 1
     err = capsys.readouterr().err
     assert "small.png" in err and "64x32" in err and "70x40" in err
+
+
+def test_hierarchical_inference_starts_from_the_half_resolution_pass(checkpoint_and_pair):
+    """`--hierarchical` writes a full-size disparity that differs from the single pass (it starts elsewhere); the
+    equality with the released `run_hierachical` is checked in test_released_equality.py."""
+    root = checkpoint_and_pair
+    args = ["infer", "--ckpt", str(root / "tiny.pth"), "--left", str(root / "left.png"), "--right",
+            str(root / "right.png"), "--iters", "2", "--device", "cpu"]
+    assert main(args + ["--out", str(root / "single")]) == 0
+    assert main(args + ["--out", str(root / "hierarchical"), "--hierarchical"]) == 0
+    single, hierarchical = read_pfm(root / "single" / "disp.pfm"), read_pfm(root / "hierarchical" / "disp.pfm")
+    assert hierarchical.shape == (40, 70) and np.isfinite(hierarchical).all()
+    assert np.abs(hierarchical - single).max() > 1e-3
+
+
+def test_init_disp_of_the_wrong_shape_is_refused():
+    torch.manual_seed(0)
+    model = build_model(tiny_config().model).eval()
+    left = torch.rand(1, 3, 32, 64) * 255
+    with pytest.raises(ValueError, match=r"init_disp must be \(1, 1, 8, 16\).*got \(1, 1, 16, 32\)"):
+        model(left, left, iters=1, test_mode=True, init_disp=torch.zeros(1, 1, 16, 32))

@@ -11,15 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from released_reference import GOLDEN, GRAD_KEYS, SIZE, run_cases
+from released_reference import GOLDEN, GRAD_KEYS, ITERS, SIZE, run_cases
 from stereo.config.schema import ModelConfig
 from stereo.model import build_model
+from stereo.model.infer import predict
 
 
 def run_ours(dtype: torch.dtype) -> dict[str, np.ndarray]:
     torch.manual_seed(0)
     model = build_model(ModelConfig(size=SIZE, max_disp=416, freeze_vit=True)).to(dtype)
-    return run_cases(model, dtype)
+    return run_cases(model, dtype, lambda left, right: predict(model, left, right, ITERS, hierarchical=True))
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def fp64():
 
 def test_disparities_equal_released_in_fp64(fp64, golden):
     assert golden["test_disp"].std() > 1.0  # a non-degenerate case: the disparities vary across the image
-    for key in ("test_disp", "train_init", "train_preds"):
+    for key in ("test_disp", "hierarchical_disp", "train_init", "train_preds"):
         np.testing.assert_allclose(fp64[key], golden[key], rtol=1e-6, atol=1e-5, err_msg=key)
 
 
@@ -51,4 +52,5 @@ def test_gradients_equal_released_in_fp64(fp64, golden):
 def test_fp32_disparities_match_released(golden):
     fp32 = run_ours(torch.float32)
     np.testing.assert_allclose(fp32["test_disp"], golden["test_disp"], rtol=0, atol=2e-3)
+    np.testing.assert_allclose(fp32["hierarchical_disp"], golden["hierarchical_disp"], rtol=0, atol=2e-3)
     np.testing.assert_allclose(fp32["train_preds"], golden["train_preds"], rtol=0, atol=5e-2)

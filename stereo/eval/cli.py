@@ -101,6 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--option", "-o", action="append", default=[], metavar="NAME=VALUE",
                         help="data source option, repeatable (e.g. passes=clean for sceneflow)")
     parser.add_argument("--no-images", action="store_true", help="skip the per-image panels and summary sheet")
+    parser.add_argument("--hierarchical", action="store_true", help="hierarchical inference for large images (>1K): a half-resolution pass starts the full one (released --hiera)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -116,13 +117,15 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or Path("runs/eval") / f"{bench.name}-{args.ckpt.resolve().name.split('.')[0]}"
     metadata: dict[str, Any] = {
         "benchmark": bench.name, "title": bench.title, "protocol": bench.protocol, "data": str(args.data),
-        "checkpoint": description, "model": cfg.model.size, "iters": iters, "max_disp": args.max_disp,
+        "checkpoint": description, "model": cfg.model.size, "iters": iters, "hierarchical": args.hierarchical,
+        "max_disp": args.max_disp,
         f"paper ({bench.headline[0]})": bench.paper,
     }
     print(f"eval {bench.title}: {description}, {iters} iterations, {device}", file=sys.stderr)
     try:
         result = evaluate(model, samples, iters, device, out_dir=out, max_disp=args.max_disp, headline=bench.headline,
-                          title=bench.title, save_images=not args.no_images, metadata=metadata)
+                          title=bench.title, save_images=not args.no_images, metadata=metadata,
+                          hierarchical=args.hierarchical)
     except (CodecError, BadSample) as exc:  # an unreadable file of the benchmark: name it rather than score less
         print(f"eval: {exc}", file=sys.stderr)
         return 1

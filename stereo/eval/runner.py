@@ -40,13 +40,14 @@ def _file_name(key: str) -> str:
 def evaluate(model: torch.nn.Module, samples: Iterable[dict[str, Any]], iters: int, device: str | torch.device,
              out_dir: str | Path | None = None, max_disp: float | None = None, progress: bool = True, *,
              headline: Sequence[str] = DEFAULT_HEADLINE, title: str = "evaluation", save_images: bool = True,
-             metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+             metadata: dict[str, Any] | None = None, hierarchical: bool = False) -> dict[str, Any]:
     """Predict every sample, score it, and return the summary (flat: `epe/pooled`, `d1_noc/mean_image`, ...,
     `images`, `pixels`, `seconds_per_image`) plus `rows`: the per-image rows (key, metrics, seconds, size).
 
     `max_disp` drops ground truth >= max_disp from the metrics (None: no cap; see stereo.eval.metrics).
     With `out_dir`: `results.json` and `results.md` (both led by `metadata`), and unless `save_images` is false a
     panel PNG per image under `images/` and `summary.png`.
+    `hierarchical`: predict as the released `--hiera` does (see stereo.model.infer.predict).
     `headline` names the summary keys shown in the table and sheet; its first entry (without the `/pooled` or
     `/mean_image` suffix) ranks the images for the sheet.
     """
@@ -65,7 +66,7 @@ def evaluate(model: torch.nn.Module, samples: Iterable[dict[str, Any]], iters: i
         left, right = _to_tensor(sample["left"], device), _to_tensor(sample["right"], device)
         start = time.perf_counter()
         with torch.inference_mode():
-            disp = predict(model, left, right, iters)  # eval mode inside, the caller's mode restored after
+            disp = predict(model, left, right, iters, hierarchical)  # eval mode inside, the caller's mode restored after
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start

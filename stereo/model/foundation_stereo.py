@@ -212,16 +212,19 @@ class FoundationStereo(nn.Module):
             return torch.autocast(device_type=device.type, dtype=dtype)
         return contextlib.nullcontext()
 
-    def forward(self, left: torch.Tensor, right: torch.Tensor, iters: int | None = None, test_mode: bool = False):
-        """left/right (B,3,H,W) RGB 0..255, H and W multiples of 32.
+    def forward(self, left: torch.Tensor, right: torch.Tensor, iters: int | None = None, test_mode: bool = False,
+                init_disp: torch.Tensor | None = None):
+        """left/right (B,3,H,W) RGB 0..255, H and W multiples of 32; `init_disp` (B,1,H/4,W/4) in 1/4-res px starts
+        the iterations instead of the cost volume's soft-argmin (hierarchical inference).
 
         Train: (init_disp (B,1,H/4,W/4) in 1/4-res px, [disparity (B,1,H,W)] * iters); test: the last disparity.
         Disparities are fp32 (fp64 for an fp64 model) whatever the weights' precision or an enclosing autocast.
         """
         with self._weights_autocast(left.device):
-            return self._forward(left, right, iters, test_mode)
+            return self._forward(left, right, iters, test_mode, init_disp)
 
-    def _forward(self, left: torch.Tensor, right: torch.Tensor, iters: int | None, test_mode: bool):
+    def _forward(self, left: torch.Tensor, right: torch.Tensor, iters: int | None, test_mode: bool,
+                 init_disp: torch.Tensor | None):
         if iters is None:
             iters = self.cfg.valid_iters if test_mode else self.cfg.train_iters
         ac = self.cfg.activation_checkpointing
@@ -239,7 +242,13 @@ class FoundationStereo(nn.Module):
         stem_2x = self.stem_2(left_n)
 
         volume = self._maybe_checkpoint(ac.cost_filtering, self._cost_volume, feat_l, feat_r)
-        init_disp = soft_argmin(self.classifier(volume).squeeze(1))
+        if init_disp is None:
+            init_disp = soft_argmin(self.classifier(volume).squeeze(1))
+        else:
+            expected = (b, 1, left.shape[-2] // 4, left.shape[-1] // 4)
+            if tuple(init_disp.shape) != expected:
+                raise ValueError(f"init_disp must be {expected} (1/4 resolution), got {tuple(init_disp.shape)}")
+            init_disp = upcast(init_disp)
         net, inp, att = self._maybe_checkpoint(ac.features, self._context, left_n, vit_feat[:b])
         lookup = GeometryLookup(volume, feat_l[0], feat_r[0], self.cfg.corr_levels, self.cfg.corr_radius)
 
