@@ -19,6 +19,7 @@ import torch
 
 from stereo.config.errors import ConfigError
 from stereo.data.codecs import CodecError, encode_png, read_image, write_pfm
+from stereo.model.precision import autocast_to, resolve_precision
 from stereo.model.pretrained import WeightMismatchError
 
 PNG_SCALE = 256.0
@@ -69,6 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="model config when the checkpoint stores none (a file or configs/ name)")
     parser.add_argument("--size", choices=["tiny", "vits", "vitb", "vitl"], help="model size when no config is known")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                        help="autocast precision (default auto: bf16 on a GPU, fp32 on the CPU; fp16 is the released script's; disparities stay fp32)")
     parser.add_argument("--hierarchical", action="store_true", help="hierarchical inference for large images (>1K): a half-resolution pass starts the full one (released --hiera)")
 
 
@@ -79,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     if (args.focal is None) != (args.baseline is None):
         raise ConfigError("--focal/--baseline", "both (depth needs the focal length and the baseline) or neither")
     device = torch.device(args.device)
+    precision = resolve_precision(args.precision, device, "--precision")
     try:
         left, right = read_pair(args.left, args.right)
         model, cfg, description = load_model(args.ckpt, args.config, args.size, device)
@@ -86,12 +90,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"infer: {exc}", file=sys.stderr)
         return 1
     iters = args.iters or cfg.model.valid_iters
-    print(f"infer: {description}, {left.shape[1]}x{left.shape[0]}, {iters} iterations on {device}", file=sys.stderr)
+    print(f"infer: {description}, {left.shape[1]}x{left.shape[0]}, {iters} iterations on {device} ({precision})",
+          file=sys.stderr)
 
     def tensor(image: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float().to(device)
 
-    disp = predict(model, tensor(left), tensor(right), iters, args.hierarchical)[0, 0].cpu().numpy()
+    with autocast_to(precision, device):
+        disp = predict(model, tensor(left), tensor(right), iters, args.hierarchical)[0, 0].cpu().numpy()
     for path in write_outputs(disp, args.out, args.focal, args.baseline):
         print(f"wrote {path}", file=sys.stderr)
     return 0

@@ -109,3 +109,17 @@ def test_init_disp_of_the_wrong_shape_is_refused():
     left = torch.rand(1, 3, 32, 64) * 255
     with pytest.raises(ValueError, match=r"init_disp must be \(1, 1, 8, 16\).*got \(1, 1, 16, 32\)"):
         model(left, left, iters=1, test_mode=True, init_disp=torch.zeros(1, 1, 16, 32))
+
+
+def test_infer_precision(checkpoint_and_pair, capsys):
+    """bf16 autocast on the CPU gives fp32 disparities close to the fp32 run; fp16 is refused there (exit 2)."""
+    root = checkpoint_and_pair
+    args = ["infer", "--ckpt", str(root / "tiny.pth"), "--left", str(root / "left.png"), "--right",
+            str(root / "right.png"), "--iters", "2", "--device", "cpu"]
+    assert main(args + ["--out", str(root / "fp32")]) == 0
+    assert "(fp32)" in capsys.readouterr().err  # auto is fp32 on the CPU
+    assert main(args + ["--out", str(root / "bf16"), "--precision", "bf16"]) == 0
+    fp32, bf16 = read_pfm(root / "fp32" / "disp.pfm"), read_pfm(root / "bf16" / "disp.pfm")
+    assert bf16.dtype == np.float32 and 0 < np.abs(bf16 - fp32).max() < 0.05 * np.abs(fp32).max()
+    assert main(args + ["--out", str(root / "fp16"), "--precision", "fp16"]) == 2
+    assert "--precision: fp32 or bf16 on the CPU (fp16 needs a GPU)" in capsys.readouterr().err

@@ -26,6 +26,7 @@ from stereo.eval.benchmarks import BENCHMARKS, BenchmarkSamples, get_benchmark
 from stereo.eval.runner import evaluate
 from stereo.model import build_model
 from stereo.model.io import check_state_dict, read_checkpoint, read_released_cfg
+from stereo.model.precision import autocast_to, resolve_precision
 from stereo.model.pretrained import WeightMismatchError
 
 
@@ -101,12 +102,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--option", "-o", action="append", default=[], metavar="NAME=VALUE",
                         help="data source option, repeatable (e.g. passes=clean for sceneflow)")
     parser.add_argument("--no-images", action="store_true", help="skip the per-image panels and summary sheet")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                        help="autocast precision (default auto: bf16 on a GPU, fp32 on the CPU; fp16 is the released script's; disparities stay fp32)")
     parser.add_argument("--hierarchical", action="store_true", help="hierarchical inference for large images (>1K): a half-resolution pass starts the full one (released --hiera)")
 
 
 def run(args: argparse.Namespace) -> int:
     bench = get_benchmark(args.bench)
     device = torch.device(args.device)
+    precision = resolve_precision(args.precision, device, "--precision")
     try:
         samples = BenchmarkSamples(bench, args.data, args.limit, parse_options(args.option))
         model, cfg, description = load_model(args.ckpt, args.config, args.size, device)
@@ -118,14 +122,15 @@ def run(args: argparse.Namespace) -> int:
     metadata: dict[str, Any] = {
         "benchmark": bench.name, "title": bench.title, "protocol": bench.protocol, "data": str(args.data),
         "checkpoint": description, "model": cfg.model.size, "iters": iters, "hierarchical": args.hierarchical,
-        "max_disp": args.max_disp,
+        "precision": precision, "max_disp": args.max_disp,
         f"paper ({bench.headline[0]})": bench.paper,
     }
-    print(f"eval {bench.title}: {description}, {iters} iterations, {device}", file=sys.stderr)
+    print(f"eval {bench.title}: {description}, {iters} iterations, {device} ({precision})", file=sys.stderr)
     try:
-        result = evaluate(model, samples, iters, device, out_dir=out, max_disp=args.max_disp, headline=bench.headline,
-                          title=bench.title, save_images=not args.no_images, metadata=metadata,
-                          hierarchical=args.hierarchical)
+        with autocast_to(precision, device):
+            result = evaluate(model, samples, iters, device, out_dir=out, max_disp=args.max_disp,
+                              headline=bench.headline, title=bench.title, save_images=not args.no_images,
+                              metadata=metadata, hierarchical=args.hierarchical)
     except (CodecError, BadSample) as exc:  # an unreadable file of the benchmark: name it rather than score less
         print(f"eval: {exc}", file=sys.stderr)
         return 1

@@ -59,14 +59,6 @@ def init_distributed() -> DistEnv:
     return DistEnv(int(os.environ["RANK"]), local_rank, int(os.environ["WORLD_SIZE"]), device)
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    if device.type == "cpu" and precision == "fp16":
-        raise ValueError("train.precision: fp16 needs a GPU (use fp32 or bf16 on CPU)")
-    return precision
-
-
 def deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict:
     # activation checkpointing is the model's own (cfg.model.activation_checkpointing, torch.utils.checkpoint)
     ds = {

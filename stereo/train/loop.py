@@ -15,6 +15,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from stereo.config import Config, ConfigError
+from stereo.model.precision import resolve_precision
 from stereo.train import engine as ds_engine
 from stereo.train.checkpoint import CheckpointManager
 from stereo.train.ema import EMA
@@ -40,7 +41,7 @@ def train(cfg: Config, overrides: list[str]) -> int:
     log = RunLogger(run_dir, cfg, overrides, git_revision, env.rank)  # before seeding: wandb draws random numbers
     seed_everything(cfg.train.seed, env.rank)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    precision = ds_engine.resolve_precision(cfg.train.precision, env.device)
+    precision = resolve_precision(cfg.train.precision, env.device, "train.precision")
 
     if cfg.train.ema_decay and cfg.deepspeed.zero_stage == 3:
         raise ConfigError("train.ema_decay", "null with deepspeed.zero_stage 3 (the EMA keeps whole tensors; ZeRO-3 "
