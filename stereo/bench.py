@@ -3,7 +3,9 @@
 Training step = train-mode forward + the paper loss + backward + AdamW (the defaults: 320x736, 22 iterations,
 bf16 autocast, batch 2 and 4); inference = test-mode forward at 480x640 with 32 iterations. FLOPs are counted
 once per configuration with torch's FlopCounterMode on the meta device (convolutions, matmuls, attention;
-elementwise ops are not counted), so MFU = counted FLOP/s over the GPU's dense bf16 peak. Weights are random: speed does not depend on
+elementwise ops are not counted), so MFU = counted FLOP/s over the GPU's dense bf16 peak. The same pass counts the
+operators an eager step dispatches (views excluded): about one GPU kernel launch each, the cost that dominates a
+launch-bound step. Weights are random: speed does not depend on
 them. `--size tiny --height 128 --width 256 --iters 4 --batch 2 --device cpu` runs in seconds on a CPU.
 """
 
@@ -19,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
@@ -84,9 +87,21 @@ def _timed(fn, steps: int, warmup: int, device: torch.device, label: str) -> lis
     return times
 
 
-def count_flops(cfg: ModelConfig, batch: int, height: int, width: int, iters: int, train: bool) -> int:
-    """FLOPs of one forward (+ loss and backward when `train`), counted on the meta device: no compute, no memory.
-    The count does not depend on dtype, so autocast is left out here."""
+class OperatorCounter(TorchDispatchMode):
+    """Counts the non-view operators dispatched (a view changes metadata only and launches nothing)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def count_work(cfg: ModelConfig, batch: int, height: int, width: int, iters: int, train: bool) -> tuple[int, int]:
+    """(FLOPs, operators) of one forward (+ loss and backward when `train`), counted on the meta device: no compute,
+    no memory. Neither depends on dtype, so autocast is left out here."""
     from stereo.model import build_model
     from stereo.train.loss import stereo_loss
 
@@ -95,17 +110,18 @@ def count_flops(cfg: ModelConfig, batch: int, height: int, width: int, iters: in
         left = torch.zeros(batch, 3, height, width)
         gt = torch.ones(batch, 1, height, width)
     model.train(train)
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter, OperatorCounter() as operators:
         if train:
             init_disp, preds = model(left, left, iters=iters)
             stereo_loss(init_disp, preds, gt, gt > 0, cfg.max_disp, LossConfig())["total"].backward()
         else:
             with torch.no_grad():
                 model(left, left, iters=iters, test_mode=True)
-    return counter.get_total_flops()
+    return counter.get_total_flops(), operators.count
 
 
-def _result(times: list[float], flops: int, samples: int, device: torch.device) -> dict:
+def _result(times: list[float], work: tuple[int, int], samples: int, device: torch.device) -> dict:
+    flops, operators = work
     median = statistics.median(times)
     peak = peak_bf16_tflops(device)
     return {
@@ -115,6 +131,7 @@ def _result(times: list[float], flops: int, samples: int, device: torch.device) 
         "peak_mem_gib": _peak_gib(device),
         "tflop_per_sample": flops / samples / 1e12,
         "tflop_per_s": flops / median / 1e12,
+        "operators": operators,
         "mfu": flops / median / (peak * 1e12) if peak else None,
     }
 
@@ -138,10 +155,10 @@ def bench_train(model, batch: int, height: int, width: int, iters: int, bf16: bo
         loss.backward()
         optimizer.step()
 
-    flops = count_flops(model.cfg, batch, height, width, iters, train=True)
+    work = count_work(model.cfg, batch, height, width, iters, train=True)
     _reset_peak(device)
     times = _timed(step, steps, warmup, device, f"train batch {batch}")
-    return {"batch": batch, "height": height, "width": width, "iters": iters, **_result(times, flops, batch, device)}
+    return {"batch": batch, "height": height, "width": width, "iters": iters, **_result(times, work, batch, device)}
 
 
 def bench_infer(model, height: int, width: int, iters: int, bf16: bool, device: torch.device, steps: int,
@@ -155,10 +172,10 @@ def bench_infer(model, height: int, width: int, iters: int, bf16: bool, device: 
             predict(model, left, right, iters)
 
     padded = (-(-height // 32) * 32, -(-width // 32) * 32)  # predict pads to multiples of 32
-    flops = count_flops(model.cfg, 1, *padded, iters, train=False)
+    work = count_work(model.cfg, 1, *padded, iters, train=False)
     _reset_peak(device)
     times = _timed(step, steps, warmup, device, "inference")
-    return {"batch": 1, "height": height, "width": width, "iters": iters, **_result(times, flops, 1, device)}
+    return {"batch": 1, "height": height, "width": width, "iters": iters, **_result(times, work, 1, device)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -24,6 +24,8 @@ def test_bench_tiny_cpu_writes_json(tmp_path):
         assert result["tflop_per_sample"] > 0 and result["mfu"] is None  # no GPU peak on a CPU
     # a training step counts forward and backward: more FLOPs per sample than one 2-iteration inference
     assert report["train"][0]["tflop_per_sample"] > report["infer"]["tflop_per_sample"] * 0.5
+    # forward + loss + backward dispatch more operators than the test-mode forward alone
+    assert report["train"][0]["operators"] > 2 * report["infer"]["operators"] > 0
     assert report["released_h100"]["train_batch2"]["median_ms"] == 974.0
 
 
