@@ -65,7 +65,9 @@ def evaluate(model: torch.nn.Module, samples: Iterable[dict[str, Any]], iters: i
     for sample in tqdm(samples, total=total, desc=title, unit="img", disable=not progress, leave=False):
         left, right = _to_tensor(sample["left"], device), _to_tensor(sample["right"], device)
         start = time.perf_counter()
-        with torch.inference_mode():
+        # no_grad, not inference_mode: under ZeRO-3 the forward gathers weights that later train, and a tensor made in
+        # inference mode can never enter autograd again
+        with torch.no_grad():
             disp = predict(model, left, right, iters, hierarchical)  # eval mode inside, the caller's mode restored after
         if device.type == "cuda":
             torch.cuda.synchronize(device)

@@ -16,11 +16,25 @@ import yaml
 
 from stereo.config import from_dict, to_dict
 from stereo.train.checkpoint import DS_TAG, find_checkpoint, trainer_state_path
+from stereo.train.ema import join_partitions
 
 
 def read_trainer_state(step_dir: Path) -> dict:
     """Rank 0's trainer state: step, EMA, the resolved config the run trained with, ..."""
     return torch.load(trainer_state_path(step_dir, 0), map_location="cpu", weights_only=False)
+
+
+def read_ema(step_dir: Path, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """The EMA weights of a checkpoint, whole: rank 0's copy, or every rank's ZeRO-3 shard joined."""
+    ema = read_trainer_state(step_dir).get("ema")
+    if ema is None:
+        raise ValueError(f"{step_dir}: --ema requested but this run kept no EMA (train.ema_decay was null)")
+    if not ema.get("partitioned", False):
+        return ema["shadow"]
+    ranks = len(list(step_dir.glob("trainer_state_rank*.pt")))
+    shards = [torch.load(trainer_state_path(step_dir, r), map_location="cpu", weights_only=False)["ema"]["shadow"]
+              for r in range(ranks)]
+    return join_partitions(shards, {name: shapes[name] for name in ema["shadow"]})
 
 
 def load_checkpoint_weights(model: torch.nn.Module, step_dir: Path, use_ema: bool) -> None:
@@ -31,19 +45,19 @@ def load_checkpoint_weights(model: torch.nn.Module, step_dir: Path, use_ema: boo
     the model's own tensors, so keys that alias one tensor (a module registered under two names) stay equal.
     """
     ds_dir = step_dir / DS_TAG
-    model_states = torch.load(ds_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    # ZeRO 0-2: mp_rank_00_model_states.pt; ZeRO-3: one per rank, zero_pp_rank_<r>_mp_rank_00_model_states.pt
+    # (the buffers are whole in each, the parameters empty placeholders)
+    states_file = min(ds_dir.glob("*mp_rank_00_model_states.pt"), key=lambda p: len(p.name))
+    model_states = torch.load(states_file, map_location="cpu", weights_only=False)
     layers = [model_states.get("module") or {}]
     if any(ds_dir.glob("*zero_pp_rank_*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         layers.append(get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=DS_TAG))
-    if use_ema:
-        trainer_state = read_trainer_state(step_dir)
-        if trainer_state.get("ema") is None:
-            raise ValueError(f"{step_dir}: --ema requested but this run kept no EMA (train.ema_decay was null)")
-        layers.append(trainer_state["ema"]["shadow"])
     model.float()
     targets = model.state_dict(keep_vars=True)
+    if use_ema:
+        layers.append(read_ema(step_dir, {key: t.shape for key, t in targets.items()}))
     covered: set[int] = set()
     with torch.no_grad():
         for layer in layers:

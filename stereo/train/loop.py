@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from stereo.config import Config, ConfigError
+from stereo.config import Config
 from stereo.model.precision import resolve_precision
 from stereo.train import engine as ds_engine
 from stereo.train.checkpoint import CheckpointManager
@@ -43,9 +43,6 @@ def train(cfg: Config, overrides: list[str]) -> int:
     torch.use_deterministic_algorithms(True, warn_only=True)
     precision = resolve_precision(cfg.train.precision, env.device, "train.precision")
 
-    if cfg.train.ema_decay and cfg.deepspeed.zero_stage == 3:
-        raise ConfigError("train.ema_decay", "null with deepspeed.zero_stage 3 (the EMA keeps whole tensors; ZeRO-3 "
-                          "partitions them), or a ZeRO stage of 0-2")
     ckpts = CheckpointManager(run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every, env.rank)
     resume_from = ckpts.latest()
     model = build_model(cfg.model)
