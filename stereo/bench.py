@@ -26,6 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from stereo.config.schema import LossConfig, ModelConfig
+from stereo.model.precision import resolve_precision
 
 # Dense bf16 tensor-core peak per GPU, TFLOP/s (vendor data sheets). Matched against the device name in order.
 PEAK_BF16_TFLOPS = (
@@ -213,7 +214,7 @@ def _build(args: argparse.Namespace, device: torch.device):
 
 def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
-    bf16 = (args.precision or ("bf16" if device.type == "cuda" else "fp32")) == "bf16"
+    bf16 = resolve_precision(args.precision or "auto", device, "--precision") == "bf16"
     torch.manual_seed(0)
     model = _build(args, device)
     runner = torch.compile(model) if args.compile else model

@@ -60,19 +60,15 @@ def read_pair(left_path: Path, right_path: Path) -> tuple[np.ndarray, np.ndarray
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ckpt", type=Path, required=True, help="released .pth, our export, or a run directory")
+    from stereo.eval.cli import add_model_arguments
+
+    add_model_arguments(parser)
     parser.add_argument("--left", type=Path, required=True, help="left image (PNG/JPEG)")
     parser.add_argument("--right", type=Path, required=True, help="right image, same size")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--iters", type=int, help="GRU iterations (default: the config's model.valid_iters)")
     parser.add_argument("--focal", type=float, help="focal length in pixels (with --baseline: writes depth.pfm)")
     parser.add_argument("--baseline", type=float, help="stereo baseline in metres")
-    parser.add_argument("--config", help="model config when the checkpoint stores none (a file or configs/ name)")
-    parser.add_argument("--size", choices=["tiny", "vits", "vitb", "vitl"], help="model size when no config is known")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                        help="autocast precision (default auto: bf16 on a GPU, fp32 on the CPU; fp16 is the released script's; disparities stay fp32)")
-    parser.add_argument("--hierarchical", action="store_true", help="hierarchical inference for large images (>1K): a half-resolution pass starts the full one (released --hiera)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -86,25 +86,32 @@ def load_model(ckpt: Path, config: str | None, size: str | None, device: torch.d
     return model.to(device), cfg, description
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The checkpoint and how to run it: shared by `eval` and `infer` (see `load_model`)."""
     parser.add_argument("--ckpt", type=Path, required=True, help="released .pth, our export, or a run directory")
-    parser.add_argument("--bench", required=True, choices=sorted(BENCHMARKS), help="benchmark protocol")
-    parser.add_argument("--data", required=True, help="the benchmark's raw directory (official layout) or its shards")
     parser.add_argument("--config", help="model config when the checkpoint stores none (a file or configs/ name)")
     parser.add_argument("--size", choices=["tiny", "vits", "vitb", "vitl"], help="model size when no config is known")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cuda, cuda:N or cpu (default: cuda when available)")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                        help="autocast (default auto: bf16 on a GPU, fp32 on the CPU; fp16 as the released script; "
+                             "disparities stay fp32)")
+    parser.add_argument("--hierarchical", action="store_true",
+                        help="for large images (>1K): a half-resolution pass starts the full one (released --hiera)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--bench", required=True, choices=sorted(BENCHMARKS), help="benchmark protocol")
+    parser.add_argument("--data", required=True, help="the benchmark's raw directory (official layout) or its shards")
     parser.add_argument("--iters", type=int,
                         help="GRU iterations (default: the config's eval.iters, else model.valid_iters)")
     parser.add_argument("--out", type=Path, help="output directory (default runs/eval/<bench>-<checkpoint name>)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cuda, cuda:N or cpu (default: cuda when available)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N pairs")
     parser.add_argument("--max-disp", type=float, help="drop gt >= this from the metrics (default: no cap)")
     parser.add_argument("--option", "-o", action="append", default=[], metavar="NAME=VALUE",
                         help="data source option, repeatable (e.g. passes=clean for sceneflow)")
     parser.add_argument("--no-images", action="store_true", help="skip the per-image panels and summary sheet")
-    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                        help="autocast precision (default auto: bf16 on a GPU, fp32 on the CPU; fp16 is the released script's; disparities stay fp32)")
-    parser.add_argument("--hierarchical", action="store_true", help="hierarchical inference for large images (>1K): a half-resolution pass starts the full one (released --hiera)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -68,7 +68,7 @@ def evaluate(model: torch.nn.Module, samples: Iterable[dict[str, Any]], iters: i
         # no_grad, not inference_mode: under ZeRO-3 the forward gathers weights that later train, and a tensor made in
         # inference mode can never enter autograd again
         with torch.no_grad():
-            disp = predict(model, left, right, iters, hierarchical)  # eval mode inside, the caller's mode restored after
+            disp = predict(model, left, right, iters, hierarchical)  # eval mode inside, the caller's restored after
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start

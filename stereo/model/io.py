@@ -76,12 +76,17 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+# The released `cfg.yaml` (folder 23-51-11): keys that are also ours, and the architecture it fixes.
+RELEASED_SHARED_KEYS = ("max_disp", "hidden_dims", "corr_radius", "corr_levels", "train_iters", "valid_iters")
+RELEASED_FIXED = {"n_gru_layers": 3, "n_downsample": 2, "corr_implementation": "reg", "mixed_precision": True,
+                  "low_memory": 0}
+RELEASED_ARCHITECTURE = ("n_gru_layers", "n_downsample")  # the fixed keys that a loaded file must match
+
+
 def released_cfg(cfg: ModelConfig) -> dict:
-    """The model keys of the released `cfg.yaml` (folder 23-51-11) for this model; the fixed ones as released."""
-    return {"vit_size": cfg.size, "max_disp": cfg.max_disp, "hidden_dims": list(cfg.hidden_dims),
-            "n_gru_layers": 3, "n_downsample": 2, "corr_radius": cfg.corr_radius, "corr_levels": cfg.corr_levels,
-            "corr_implementation": "reg", "train_iters": cfg.train_iters, "valid_iters": cfg.valid_iters,
-            "mixed_precision": True, "low_memory": 0}
+    """The model keys of the released `cfg.yaml` for this model."""
+    shared = {key: getattr(cfg, key) for key in RELEASED_SHARED_KEYS}
+    return {"vit_size": cfg.size, **shared, "hidden_dims": list(cfg.hidden_dims), **RELEASED_FIXED}
 
 
 def read_released_cfg(checkpoint: str | Path) -> ModelConfig | None:
@@ -90,13 +95,14 @@ def read_released_cfg(checkpoint: str | Path) -> ModelConfig | None:
     if not path.is_file():
         return None
     raw = yaml.safe_load(path.read_text()) or {}
-    for key, supported in (("n_gru_layers", 3), ("n_downsample", 2)):
+    for key in RELEASED_ARCHITECTURE:
+        supported = RELEASED_FIXED[key]
         if raw.get(key, supported) != supported:
             raise ConfigError(key, f"{supported} (the released architecture), got {raw[key]!r}", source=str(path))
     cfg = ModelConfig(size=raw.get("vit_size", "vitl"))  # the released script's default
     if cfg.size not in ("tiny", "vits", "vitb", "vitl"):
         raise ConfigError("vit_size", f"one of vits, vitb, vitl (or our tiny), got {cfg.size!r}", source=str(path))
-    for key in ("max_disp", "hidden_dims", "corr_radius", "corr_levels", "train_iters", "valid_iters"):
+    for key in RELEASED_SHARED_KEYS:
         if key in raw:
             default = getattr(cfg, key)
             if type(raw[key]) is not type(default) or (isinstance(default, list)

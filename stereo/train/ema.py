@@ -73,9 +73,8 @@ class EMA:
         if missing:
             raise KeyError(f"EMA state does not match the model's trainable parameters: {sorted(missing)[:5]}")
         if state.get("partitioned", False) != self.partitioned:
-            raise ValueError("the EMA was saved " + ("with" if state.get("partitioned") else "without") +
-                             " ZeRO-3 partitioning and cannot resume " + ("with" if self.partitioned else "without") +
-                             " it: keep deepspeed.zero_stage on one side of 3")
+            raise ValueError(f"the EMA was saved {'with' if not self.partitioned else 'without'} ZeRO-3's partitions: "
+                             "resume on the same side of deepspeed.zero_stage=3")
         for n, t in state["shadow"].items():
             self.shadow[n].copy_(t)
 
