@@ -14,6 +14,7 @@ DATA = 4  # unusable training data: too many unreadable samples in a shard, no r
 CHECKPOINT = 5  # no loadable checkpoint to resume from, or a save failed (disk full, permission denied)
 RUN_DIR_BUSY = 6  # another live trainer holds the run directory's lock
 PREEMPTED = 75  # a stop signal (Slurm, Ctrl-C): checkpointed at the step in progress; restart to resume
+INTERRUPTED = 130  # a second Ctrl-C: stopped at once without saving the step in progress (the shell's code)
 
 MEANING = {
     OK: "done",
@@ -24,4 +25,5 @@ MEANING = {
     CHECKPOINT: "checkpoint error",
     RUN_DIR_BUSY: "run directory in use",
     PREEMPTED: "preempted (checkpointed; restart to resume)",
+    INTERRUPTED: "interrupted",
 }

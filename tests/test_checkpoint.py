@@ -2,6 +2,7 @@
 round trip, and a kill -9 during a save that leaves the previous checkpoint loadable."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -54,7 +55,7 @@ def test_rotation_keeps_last_and_every_kth_and_points_latest(engine, tmp_path):
     manager = CheckpointManager(tmp_path, keep_last=2, keep_every=2, rank=0)
     for step in range(1, 6):
         _step(engine)
-        manager.save(engine, step, {"step": step})
+        manager.save(engine, step, {"step": step}, "name: x\n")
     root = tmp_path / "checkpoints"
     assert complete_steps(root) == [2, 4, 5]
     assert (root / "latest").read_text().strip() == step_dir_name(5)
@@ -66,24 +67,23 @@ def test_round_trip_restores_weights_and_trainer_state(engine, tmp_path):
     manager = CheckpointManager(tmp_path, keep_last=2, keep_every=None, rank=0)
     _step(engine)
     saved = _weights(engine)
-    manager.save(engine, 7, {"step": 7, "note": "x"})
+    manager.save(engine, 7, {"step": 7, "note": "x"}, "name: x\n")
     _step(engine)
     assert any(not torch.equal(saved[k], v) for k, v in _weights(engine).items())
-    state = manager.load(engine, manager.latest())
-    assert state == {"step": 7, "note": "x"}
+    step_dir, state = manager.resume(engine)
+    assert step_dir == manager.latest() and state == {"step": 7, "note": "x"}
     assert all(torch.equal(saved[k], v) for k, v in _weights(engine).items())
 
 
 def test_directory_without_marker_is_never_loaded_and_is_cleaned(engine, tmp_path):
     manager = CheckpointManager(tmp_path, keep_last=2, keep_every=None, rank=0)
-    manager.save(engine, 1, {"step": 1})
+    manager.save(engine, 1, {"step": 1}, "name: x\n")
     # a later save that was renamed but died before its marker, and one still under .tmp
     for name in (step_dir_name(2), step_dir_name(3) + ".tmp"):
         (tmp_path / "checkpoints" / name / "ds").mkdir(parents=True)
     assert manager.latest() == tmp_path / "checkpoints" / step_dir_name(1)
-    with pytest.raises(FileNotFoundError, match="incomplete"):
-        manager.load(engine, tmp_path / "checkpoints" / step_dir_name(2))
-    manager.save(engine, 4, {"step": 4})
+    assert manager.resume(engine)[0] == tmp_path / "checkpoints" / step_dir_name(1)
+    manager.save(engine, 4, {"step": 4}, "name: x\n")
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()) == [
         step_dir_name(1), step_dir_name(4)]
 
@@ -103,12 +103,12 @@ _KILLED_WRITER = textwrap.dedent("""
     engine = _toy_engine(width=512)  # big enough that a save takes a while
     manager = CheckpointManager({run_dir!r}, keep_last=2, keep_every=None, rank=0)
     _step(engine)
-    manager.save(engine, 1, {{"step": 1}})
+    manager.save(engine, 1, {{"step": 1}}, "")
     torch.save(engine.module.state_dict(), {expected!r})
     print("saved", flush=True)
     _step(engine)
     while True:
-        manager.save(engine, 2, {{"step": 2}})
+        manager.save(engine, 2, {{"step": 2}}, "")
 """)
 
 
@@ -133,6 +133,77 @@ def test_kill_during_save_leaves_previous_checkpoint_loadable(engine, tmp_path):
     assert manager.latest() == run_dir / "checkpoints" / step_dir_name(1)
     assert not (run_dir / "checkpoints" / step_dir_name(2) / COMPLETE).exists()
     fresh = _toy_engine(width=512)
-    assert manager.load(fresh, manager.latest()) == {"step": 1}
+    assert manager.resume(fresh) == (manager.latest(), {"step": 1})
     want = torch.load(expected)
     assert all(torch.equal(want[k], v) for k, v in fresh.module.state_dict().items())
+
+
+def test_damage_with_the_same_size_is_caught_by_the_checksum(engine, tmp_path):
+    from stereo.train.failures import CheckpointError
+
+    manager = CheckpointManager(tmp_path, keep_last=2, keep_every=None, rank=0)
+    manager.save(engine, 1, {"step": 1}, "name: x\n")
+    manager.save(engine, 2, {"step": 2}, "name: x\n")
+    states = tmp_path / "checkpoints" / step_dir_name(2) / "ds" / "mp_rank_00_model_states.pt"
+    data = bytearray(states.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    states.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"{states}: checksum .* differs from the recorded"):
+        find_checkpoint(tmp_path)
+    step_dir, state = manager.resume(engine)
+    assert step_dir.name == step_dir_name(1) and state == {"step": 1}
+
+
+def test_tidy_repairs_a_kill_between_commit_and_rotation(engine, tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=2, keep_every=None, rank=0)
+    for step in (1, 2):
+        manager.save(engine, step, {"step": step}, "name: x\n")
+    root = tmp_path / "checkpoints"
+    # step 3 committed, then killed before `latest` was replaced and before the rotation removed step 1
+    shutil.copytree(root / step_dir_name(2), root / step_dir_name(3))
+    (root / "latest.writing").write_text(step_dir_name(3) + "\n")
+    manager.tidy()
+    assert complete_steps(root) == [2, 3]
+    assert (root / "latest").read_text().strip() == step_dir_name(3)
+    assert not (root / "latest.writing").exists()
+
+
+def test_guarded_adamw_clips_and_skips_non_finite_updates():
+    from stereo.train.engine import GuardedAdamW
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = GuardedAdamW([weight], max_norm=1.0, lr=0.1)
+    weight.grad = torch.tensor([3.0, 4.0, 0.0])
+    optimizer.step()
+    assert optimizer._global_grad_norm == 5.0 and not optimizer.overflow
+    assert torch.allclose(weight.grad, torch.tensor([0.6, 0.8, 0.0]))  # clipped to norm 1 before the update
+    after_good = weight.detach().clone()
+    state = {k: v.clone() for k, v in optimizer.state[weight].items()}
+    weight.grad = torch.tensor([1.0, float("nan"), 0.0])
+    optimizer.step()
+    assert optimizer.overflow and optimizer._global_grad_norm != optimizer._global_grad_norm
+    assert torch.equal(weight.detach(), after_good)
+    assert all(torch.equal(state[k], v) for k, v in optimizer.state[weight].items())  # moments untouched too
+
+
+def test_zero_stage_0_reports_the_grad_norm_and_skips_a_non_finite_gradient(engine):
+    import deepspeed
+
+    from stereo.config import load_config
+    from stereo.train.engine import deepspeed_config, grad_norm
+
+    cfg = load_config("tiny", ["deepspeed.zero_stage=0", "data.batch_size=2"])
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 1, 3))
+    from stereo.train.engine import GuardedAdamW
+
+    optimizer = GuardedAdamW(model.parameters(), max_norm=cfg.optim.grad_clip, lr=1e-2)
+    stage0, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, 1, "fp32"))
+    _step(stage0)
+    assert stage0.was_step_applied() and grad_norm(stage0) > 0
+    before = _weights(stage0)
+    loss = stage0(torch.ones(2, 3, 8, 8)).square().mean()  # a finite loss ...
+    stage0.backward(loss)
+    next(stage0.module.parameters()).grad[0] = float("inf")  # ... with a non-finite gradient
+    stage0.step()
+    assert not stage0.was_step_applied() and grad_norm(stage0) == float("inf")
+    assert all(torch.equal(before[k], v) for k, v in _weights(stage0).items())

@@ -68,13 +68,25 @@ def test_overrides_are_typed():
     ("checkpoint.keep_last=1", "checkpoint.keep_last", ">= 2"),
     ("deepspeed.zero_stage=4", "deepspeed.zero_stage", "0, 1, 2 or 3"),
     ("optim=3", "optim", "a mapping"),
+    # values that pass the type check but used to break the run
+    ("checkpoint.every=0", "checkpoint.every", ">= 1"),
+    ("checkpoint.every=-5", "checkpoint.every", ">= 1"),
+    ("logging.every=0", "logging.every", ">= 1"),
+    ("train.val_every=0", "train.val_every", ">= 1"),
+    ("train.grad_accum=0", "train.grad_accum", ">= 1"),
+    ("train.max_bad_steps=0", "train.max_bad_steps", ">= 1"),
+    ("data.max_bad_sample_rate=-1", "data.max_bad_sample_rate", "in [0, 1]"),
+    ("data.max_bad_sample_rate=1.5", "data.max_bad_sample_rate", "in [0, 1]"),
+    ("optim.grad_clip=-1", "optim.grad_clip", ">= 0"),
+    ("optim.betas=[0.9,1.0]", "optim.betas", "in [0, 1)"),
+    ("augment.crop=[1,2", "augment.crop", "a YAML value"),
 ])
 def test_bad_values_name_the_key(override, key, expected):
     with pytest.raises(ConfigError) as info:
         load_config("tiny", [override])
     assert info.value.key == key
     assert expected in str(info.value)
-    assert "tiny.yaml" in str(info.value) and override in str(info.value)
+    assert ("tiny.yaml" in str(info.value) or "command line" in str(info.value)) and override in str(info.value)
 
 
 def test_unknown_key_suggests_the_closest():

@@ -1,4 +1,5 @@
-"""The run logger keeps metrics.jsonl complete when wandb's service dies (Slurm's SIGTERM reaches it too).
+"""The run logger: metrics.jsonl stays complete and strict JSON whatever wandb does (its service killed by Slurm's
+SIGTERM, no network at start), and WANDB_MODE from the environment wins.
 
 Runs in a child process: wandb leaves the address of its service in the environment of the process that started
 it, and processes started later by other tests would inherit the address of the service killed here."""
@@ -7,6 +8,8 @@ import json
 import subprocess
 import sys
 import textwrap
+
+import pytest
 
 SCRIPT = textwrap.dedent("""
     import os, signal, sys
@@ -36,3 +39,40 @@ def test_wandb_service_killed_mid_run_does_not_stop_logging(tmp_path):
     assert "wandb off: True" in proc.stdout
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
+
+
+MODES = textwrap.dedent("""
+    import json, os, sys
+    from stereo.config import load_config
+    from stereo.train.logging import RunLogger
+
+    run_dir, overrides = sys.argv[1], sys.argv[2:]
+    logger = RunLogger(run_dir, load_config("tiny", overrides), [], None, rank=0)
+    logger.log(1, {"loss": 1.0, "grad_norm": float("nan")})
+    mode = logger.wandb_run.settings.mode if logger.wandb_run is not None else None
+    logger.finish()
+    print("mode:", mode)
+""")
+
+
+def run_logger(run_dir, overrides, env):
+    base = {"WANDB_SILENT": "true", "PATH": "/usr/bin:/bin", "HOME": str(run_dir)}
+    return subprocess.run([sys.executable, "-c", MODES, str(run_dir), *overrides], capture_output=True, text=True,
+                          timeout=180, env={**base, **env})
+
+
+def test_wandb_mode_from_the_environment_wins_over_an_api_key(tmp_path):
+    done = run_logger(tmp_path, ["logging.wandb=auto"], {"WANDB_API_KEY": "0" * 40, "WANDB_MODE": "offline"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "mode: offline" in done.stdout
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_wandb_that_cannot_start_is_a_warning_and_metrics_stay_strict_json(tmp_path):
+    done = run_logger(tmp_path, ["logging.wandb=online", "logging.wandb_init_timeout_s=5"],
+                      {"WANDB_API_KEY": "0" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9"})  # nothing listens there
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "mode: None" in done.stdout
+    assert "warning: wandb did not start" in done.stderr
+    (line,) = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl"))["grad_norm"] is None

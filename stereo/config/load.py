@@ -70,7 +70,11 @@ def _apply_override(tree: dict, text: str) -> None:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
             raise ConfigError(dotted, f"{key} is not a section", source="command line")
-    node[keys[-1]] = yaml.safe_load(value) if value.strip() else None
+    try:
+        node[keys[-1]] = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as exc:
+        problem = str(getattr(exc, "problem", None) or exc).strip()
+        raise ConfigError(dotted, f"a YAML value, got {text!r} ({problem})", source="command line") from None
 
 
 def _convert(value: Any, tp: Any, key: str) -> Any:

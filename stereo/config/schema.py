@@ -81,6 +81,10 @@ class DataConfig:
     def validate(self) -> None:
         if self.batch_size < 1:
             raise ConfigError("data.batch_size", f">= 1, got {self.batch_size}")
+        if not 0.0 <= self.max_bad_sample_rate <= 1.0:
+            raise ConfigError("data.max_bad_sample_rate", f"a rate in [0, 1], got {self.max_bad_sample_rate}")
+        if self.val_samples is not None and self.val_samples < 1:
+            raise ConfigError("data.val_samples", f">= 1 or null, got {self.val_samples}")
         if self.num_workers < 0:
             raise ConfigError("data.num_workers", f">= 0, got {self.num_workers}")
         for split in ("train", "val"):
@@ -129,8 +133,15 @@ class OptimConfig:
     grad_clip: float = 1.0  # global norm; 0 disables
 
     def validate(self) -> None:
-        if self.lr <= 0:
-            raise ConfigError("optim.lr", f"> 0, got {self.lr}")
+        for key in ("lr", "vit_lr", "eps"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"optim.{key}", f"> 0, got {getattr(self, key)}")
+        for key in ("weight_decay", "grad_clip"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"optim.{key}", f">= 0 ({'0 disables it' if key == 'grad_clip' else 'none'}), "
+                                  f"got {getattr(self, key)}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError("optim.betas", f"[beta1, beta2], each in [0, 1), got {self.betas}")
 
 
 @dataclass
@@ -166,10 +177,14 @@ class TrainConfig:
     val_every: int = 5000
     max_bad_steps: int = 10  # consecutive non-finite steps before the run stops
     run_dir: str | None = None  # default: runs/<config name>-<timestamp>
+    # resume even though keys other than the cadences changed since the checkpoint (docs/training.md#resume)
+    allow_config_change: bool = False
+    cudnn_benchmark: bool = False  # cuDNN autotuning: faster steps, a slower first step at every (re)start
 
     def validate(self) -> None:
-        if self.steps < 1:
-            raise ConfigError("train.steps", f">= 1, got {self.steps}")
+        for key in ("steps", "grad_accum", "val_every", "max_bad_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key}", f">= 1, got {getattr(self, key)}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ConfigError("train.ema_decay", f"in (0, 1) or null, got {self.ema_decay}")
 
@@ -193,6 +208,10 @@ class CheckpointConfig:
     keep_every: int | None = None  # additionally keep every M-th step forever
 
     def validate(self) -> None:
+        if self.every < 1:
+            raise ConfigError("checkpoint.every", f">= 1 (steps between checkpoints), got {self.every}")
+        if self.keep_every is not None and self.keep_every < 1:
+            raise ConfigError("checkpoint.keep_every", f">= 1 or null, got {self.keep_every}")
         if self.keep_last < 2:
             raise ConfigError("checkpoint.keep_last", f">= 2 (a crash while writing must leave one), got {self.keep_last}")
 
@@ -205,7 +224,15 @@ class LoggingConfig:
     group: str | None = None
     tags: list[str] = field(default_factory=list)
     every: int = 20
-    image_every: int = 1000
+    image_every: int = 1000  # 0: no training pictures
+    wandb_init_timeout_s: int = 30  # a wandb that cannot start in time is skipped (metrics.jsonl has everything)
+
+    def validate(self) -> None:
+        if self.every < 1:
+            raise ConfigError("logging.every", f">= 1, got {self.every}")
+        for key in ("image_every", "wandb_init_timeout_s"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"logging.{key}", f">= 0, got {getattr(self, key)}")
 
 
 @dataclass

@@ -9,7 +9,10 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import atexit
+import ctypes
 import logging
+import multiprocessing
 import signal
 from collections.abc import Iterator
 from typing import Any
@@ -27,6 +30,7 @@ from stereo.data.stream import DatasetSource, RoleState, RoleStream, Sample, Tra
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
+PR_SET_PDEATHSIG = 1
 
 
 def collate(samples: list[Sample], max_disp: float) -> dict[str, torch.Tensor]:
@@ -47,6 +51,29 @@ def collate(samples: list[Sample], max_disp: float) -> dict[str, torch.Tensor]:
     }
 
 
+def stop_workers(timeout_s: float = 5.0) -> None:
+    """Kill this process's loader workers and reap them. They ignore SIGTERM, so multiprocessing's exit-time cleanup
+    (SIGTERM, then an unbounded join) would wait for them forever: registered to run before it, and called by the
+    trainer's exit path."""
+    workers = [p for p in multiprocessing.active_children() if p.daemon]
+    for worker in workers:
+        worker.kill()
+    for worker in workers:
+        worker.join(timeout_s)
+
+
+atexit.register(stop_workers)  # atexit runs last-registered first: before multiprocessing's own cleanup
+
+
+def die_with_parent() -> None:
+    """Linux: have the kernel SIGKILL this process when its parent dies, however the parent dies (kill -9)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass  # not Linux: the DataLoader's watchdog still ends orphaned workers, more slowly
+
+
 class _RoleBatches(IterableDataset):
     """What one DataLoader worker runs: the batches of its role, each with the role's state after it."""
 
@@ -64,9 +91,12 @@ class _RoleBatches(IterableDataset):
         if info is not None:  # one core per worker: OpenCV and torch must not start their own thread pools
             cv2.setNumThreads(1)
             torch.set_num_threads(1)
-            # Slurm signals every process of the job: the trainer saves on SIGTERM, so its workers must outlive it
-            # (they still exit when the trainer does: the DataLoader's watchdog ends orphaned workers)
+            # Slurm signals every process of the job and a Ctrl-C the whole terminal group: the trainer saves on
+            # SIGTERM/SIGINT, so its workers must outlive both. They end with the trainer: it kills them on every
+            # exit (stereo.train.failures), and the kernel does if the trainer dies first (die_with_parent).
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            die_with_parent()
         role = self.rank * self.slots + ((info.id if info else 0) + self.offset) % self.slots
         state = RoleState.from_dict(self.states[role]) if role in self.states else RoleState()
         stream = RoleStream(self.sources, role, self.num_roles, self.seed, self.max_bad_rate, state, self.transform)
@@ -120,6 +150,14 @@ class TrainLoader:
                                  "sets (start the data stream afresh by not loading this state)")
         self.consumed = int(state["consumed"])
         self.role_states = {int(role): RoleState.from_dict(s).to_dict() for role, s in state["roles"].items()}
+
+    def epochs(self) -> dict[str, int]:
+        """The epoch each data set has reached on this rank (the furthest of its roles)."""
+        reached = {source.name: 0 for source in self.sources}
+        for state in self.role_states.values():
+            for name, cursor in state["cursors"].items():
+                reached[name] = max(reached.get(name, 0), cursor[0])
+        return reached
 
     def bad_sample_counts(self) -> dict[str, int]:
         """Bad samples skipped so far, per reason, by the roles of this rank (up to the last consumed batch)."""

@@ -1,26 +1,36 @@
-"""Atomic, rotating checkpoints: DeepSpeed's own files plus our per-rank trainer state.
+"""Atomic, verified, rotating checkpoints: DeepSpeed's own files plus our per-rank trainer state.
 
 Layout under RUN_DIR/checkpoints/:
-  step_NNNNNNNN.tmp/   being written by every rank (DeepSpeed files in ds/, trainer_state_rank{r}.pt)
-  step_NNNNNNNN/       renamed by rank 0 after a barrier; complete only once COMPLETE exists (written last)
+  step_NNNNNNNN.tmp/   being written by every rank (DeepSpeed files in ds/, trainer_state_rank{r}.pt, config.yaml)
+  step_NNNNNNNN/       renamed by rank 0 after every rank wrote; complete only once COMPLETE exists (written last)
   latest               text: the newest complete directory name (a convenience; loading scans for COMPLETE)
+COMPLETE is a JSON manifest: the size and xxh3-64 checksum of every file, hashed by the ranks in parallel at save
+and checked again before a resume, so a truncated or damaged file is named and the next older checkpoint is used.
 A directory without COMPLETE is never loaded and is removed by the next save, so a crash or kill -9 at any moment
-leaves the previous checkpoint loadable.
+leaves the previous checkpoint loadable. A save that fails (disk full, permission) names the path and the cause,
+removes its partial directory and raises CheckpointError; the previous checkpoint stays the newest.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from stereo.train.failures import CheckpointError
+
 COMPLETE = "COMPLETE"
 DS_TAG = "ds"
+CONFIG_FILE = "config.yaml"  # the resolved config the checkpoint was trained with (compared on resume)
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+_CHUNK = 8 << 20
 
 
 def step_dir_name(step: int) -> str:
@@ -44,21 +54,93 @@ def complete_steps(root: Path) -> list[int]:
 
 
 def find_checkpoint(run_dir: Path, step: int | None = None) -> Path:
-    """The newest complete checkpoint of a run (or the one at `step`); a clear error when there is none."""
+    """The newest complete checkpoint of a run (or the one at `step`), verified; a clear error when there is none."""
     root = Path(run_dir) / "checkpoints"
     steps = complete_steps(root)
     if not steps:
         raise FileNotFoundError(f"{root}: no complete checkpoint (a step_NNNNNNNN directory with {COMPLETE})")
-    if step is None:
-        return root / step_dir_name(steps[-1])
-    if step not in steps:
+    if step is not None and step not in steps:
         raise FileNotFoundError(f"{root}: no complete checkpoint at step {step} (have {steps})")
-    return root / step_dir_name(step)
+    step_dir = root / step_dir_name(steps[-1] if step is None else step)
+    problem = verify_files(step_dir, list_manifest(step_dir))
+    if problem:
+        raise CheckpointError(f"checkpoint {step_dir} is damaged: {problem}")
+    return step_dir
+
+
+# ---- manifest: sizes and checksums ---------------------------------------------------------------------------------
+
+def file_digest(path: Path) -> list:
+    import xxhash
+
+    digest = xxhash.xxh3_64()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return [path.stat().st_size, digest.hexdigest()]
+
+
+def list_manifest(step_dir: Path) -> dict[str, list] | None:
+    """{relative path: [size, xxh3]} from COMPLETE; None for a checkpoint written before manifests existed."""
+    try:
+        record = json.loads((step_dir / COMPLETE).read_text())
+    except (ValueError, OSError):
+        return None
+    return record.get("files") if isinstance(record, dict) else None
+
+
+def verify_files(step_dir: Path, files: dict[str, list] | None, share: tuple[int, int] = (0, 1)) -> str | None:
+    """The first problem among this rank's share (index % world == rank) of the manifest's files, or None."""
+    if files is None:
+        return None if (step_dir / DS_TAG).is_dir() else f"{step_dir / DS_TAG}: missing"
+    rank, world = share
+    for i, (name, (size, checksum)) in enumerate(sorted(files.items())):
+        if i % world != rank:
+            continue
+        path = step_dir / name
+        if not path.is_file():
+            return f"{path}: missing"
+        actual = path.stat().st_size
+        if actual != size:
+            return f"{path}: {actual} bytes, expected {size} (truncated or overwritten)"
+        if file_digest(path)[1] != checksum:
+            return f"{path}: checksum {file_digest(path)[1]} differs from the recorded {checksum} (damaged)"
+    return None
+
+
+# ---- collectives that tolerate one rank failing ----------------------------------------------------------------------
+
+def _world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _first_problem(problem: str | None) -> str | None:
+    """Every rank learns the first problem any rank had (doubles as a barrier)."""
+    if not dist.is_initialized():
+        return problem
+    problems: list = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem)
+    return next((p for p in problems if p), None)
 
 
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def describe_write_error(path: Path, exc: BaseException) -> str:
+    """torch.save reports a full disk as `basic_ios::clear: iostream error`; say what really happened."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "no space left on device"
+    if isinstance(exc, PermissionError):
+        return f"permission denied ({exc})"
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < 64 << 20:
+        return f"no space left on device ({free >> 20} MiB free; {type(exc).__name__}: {exc})"
+    if not os.access(existing, os.W_OK):
+        return f"permission denied on {existing} ({type(exc).__name__}: {exc})"
+    return f"{type(exc).__name__}: {exc}"
 
 
 class CheckpointManager:
@@ -70,49 +152,82 @@ class CheckpointManager:
         steps = complete_steps(self.root)
         return self.root / step_dir_name(steps[-1]) if steps else None
 
-    def save(self, engine, step: int, trainer_state: dict) -> Path:
-        """Collective: every rank calls it at the same step."""
+    # ---- save ------------------------------------------------------------------------------------------------------
+
+    def save(self, engine, step: int, trainer_state: dict, config_yaml: str) -> Path:
+        """Collective: every rank calls it at the same step. Raises CheckpointError on every rank if any rank's
+        write failed; the partial directory is removed and the previous checkpoint stays the newest."""
         final = self.root / step_dir_name(step)
         tmp = final.with_name(final.name + ".tmp")
+        problem = None
         if self.rank == 0:
-            self._remove_incomplete()
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        _barrier()
-        engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
-        torch.save(trainer_state, trainer_state_path(tmp, self.rank))
-        _barrier()  # every rank's files are on disk before the commit
-        if self.rank == 0:
-            shutil.rmtree(final, ignore_errors=True)  # an uncommitted leftover of an earlier attempt
-            os.replace(tmp, final)
-            _fsync_write(final / COMPLETE, f"{step}\n")
-            _fsync_write(self.root / "latest", final.name + "\n")
-            self._prune()
-        _barrier()
+            try:
+                self._remove_incomplete()
+                shutil.rmtree(tmp, ignore_errors=True)
+                (tmp / DS_TAG).mkdir(parents=True)
+                _fsync_write(tmp / CONFIG_FILE, config_yaml)
+            except OSError as exc:
+                problem = f"{tmp}: {describe_write_error(tmp, exc)}"
+        problem = _first_problem(problem)
+        if problem is None:
+            problem = self._write_rank_files(engine, tmp, trainer_state)
+        if problem is None:
+            problem = _first_problem(self._commit(tmp, final, step))
+        if problem is not None:
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            kept = self.latest()
+            raise CheckpointError(f"checkpoint save at step {step} failed: {problem}. The partial save was removed; "
+                                  f"{f'the previous checkpoint {kept} is intact' if kept else 'no earlier checkpoint'}")
         return final
 
-    def load(self, engine, step_dir: Path) -> dict:
-        """Restore DeepSpeed's state (weights, optimizer, loss scaler) and return this rank's trainer state."""
-        if not (step_dir / COMPLETE).is_file():
-            raise FileNotFoundError(f"{step_dir}: incomplete checkpoint (no {COMPLETE}); refusing to load it")
-        state_file = trainer_state_path(step_dir, self.rank)
-        if not state_file.is_file():
-            raise FileNotFoundError(f"{state_file}: missing; was the run saved with a different number of processes?")
-        path, _ = engine.load_checkpoint(str(step_dir), tag=DS_TAG, load_optimizer_states=True,
-                                         load_lr_scheduler_states=False)
-        if path is None:
-            raise FileNotFoundError(f"{step_dir / DS_TAG}: DeepSpeed could not load this checkpoint")
-        return torch.load(state_file, map_location="cpu", weights_only=False)
+    def _write_rank_files(self, engine, tmp: Path, trainer_state: dict) -> str | None:
+        problem = None
+        try:
+            engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
+        except (OSError, RuntimeError) as exc:
+            # A write failed between DeepSpeed's opening and closing barriers: join the closing one, in which the
+            # ranks whose writes succeeded are waiting.
+            problem = f"{tmp / DS_TAG}: {describe_write_error(tmp, exc)}"
+            _barrier()
+        if problem is None:
+            path = trainer_state_path(tmp, self.rank)
+            try:
+                torch.save(trainer_state, path)
+            except (OSError, RuntimeError) as exc:
+                problem = f"{path}: {describe_write_error(path, exc)}"
+        return _first_problem(problem)
 
-    def _remove_incomplete(self) -> None:
-        if not self.root.is_dir():
-            return
-        for entry in self.root.iterdir():
-            if entry.name.startswith("step_") and entry.is_dir() and not (entry / COMPLETE).is_file():
-                shutil.rmtree(entry, ignore_errors=True)
+    def _commit(self, tmp: Path, final: Path, step: int) -> str | None:
+        """Hash this rank's share of the files, then rank 0 renames and writes the manifest last."""
+        rank, world = _world()
+        names = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        mine = {name: file_digest(tmp / name) for i, name in enumerate(names) if i % world == rank}
+        if dist.is_initialized():
+            shares: list = [None] * world
+            dist.all_gather_object(shares, mine)
+            files = {k: v for share in shares for k, v in share.items()}
+        else:
+            files = mine
+        if self.rank != 0:
+            return None
+        try:
+            shutil.rmtree(final, ignore_errors=True)  # an uncommitted leftover of an earlier attempt
+            os.replace(tmp, final)
+            _fsync_write(final / COMPLETE, json.dumps({"step": step, "files": files}, indent=1) + "\n")
+        except OSError as exc:
+            shutil.rmtree(final, ignore_errors=True)
+            return f"{final}: {describe_write_error(final, exc)}"
+        self.tidy()
+        return None
 
-    def _prune(self) -> None:
+    def tidy(self) -> None:
+        """Rank 0: `latest` names the newest complete checkpoint, no stray files, rotation applied (also at start-up,
+        after a kill between the commit and the rotation)."""
+        (self.root / "latest.writing").unlink(missing_ok=True)
         steps = complete_steps(self.root)
+        if not steps:
+            return
         keep = set(steps[-self.keep_last:])
         if self.keep_every:
             keep |= {s for s in steps if s % self.keep_every == 0}
@@ -121,6 +236,62 @@ class CheckpointManager:
                 # un-commit first, so that a kill during the removal cannot leave a half-deleted "complete" one
                 (self.root / step_dir_name(step) / COMPLETE).unlink()
                 shutil.rmtree(self.root / step_dir_name(step))
+        latest = self.root / "latest"
+        if not latest.is_file() or latest.read_text().strip() != step_dir_name(steps[-1]):
+            _fsync_write(latest, step_dir_name(steps[-1]) + "\n")
+
+    def _remove_incomplete(self) -> None:
+        if not self.root.is_dir():
+            return
+        for entry in self.root.iterdir():
+            if entry.name.startswith("step_") and entry.is_dir() and not (entry / COMPLETE).is_file():
+                shutil.rmtree(entry, ignore_errors=True)
+
+    # ---- load ------------------------------------------------------------------------------------------------------
+
+    def resume(self, engine) -> tuple[Path, dict] | None:
+        """Collective. Load the newest checkpoint whose files verify and load, falling back to older ones (saying
+        why); None when the run has no checkpoint. Raises CheckpointError when checkpoints exist but none loads."""
+        failures = []
+        for step in reversed(complete_steps(self.root)):
+            step_dir = self.root / step_dir_name(step)
+            problem = _first_problem(verify_files(step_dir, list_manifest(step_dir), _world()))
+            state = None
+            if problem is None:
+                state, problem = self._load(engine, step_dir)
+                problem = _first_problem(problem)
+            if problem is None:
+                if failures and self.rank == 0:
+                    print(f"resuming from the older checkpoint {step_dir} instead", file=sys.stderr, flush=True)
+                return step_dir, state
+            failures.append(f"{step_dir.name}: {problem}")
+            if self.rank == 0:
+                print(f"checkpoint {step_dir} is unusable: {problem}; trying the previous one", file=sys.stderr,
+                      flush=True)
+            if "size mismatch" in problem:  # older checkpoints have the same shapes: no point in trying them
+                break
+        if failures:
+            raise CheckpointError(f"{self.root}: no usable checkpoint ({'; '.join(failures)}). Nothing was deleted; "
+                                  "move the damaged directories away to start afresh")
+        return None
+
+    def _load(self, engine, step_dir: Path) -> tuple[dict | None, str | None]:
+        """(this rank's trainer state, None) or (None, what failed)."""
+        state_file = trainer_state_path(step_dir, self.rank)
+        if not state_file.is_file():
+            return None, f"{state_file}: missing (saved with a different number of processes?)"
+        try:
+            path, _ = engine.load_checkpoint(str(step_dir), tag=DS_TAG, load_optimizer_states=True,
+                                             load_lr_scheduler_states=False)
+            if path is None:
+                return None, f"{step_dir / DS_TAG}: DeepSpeed found no checkpoint there"
+            return torch.load(state_file, map_location="cpu", weights_only=False), None
+        except Exception as exc:  # noqa: BLE001 - any failure names the checkpoint, and an older one is tried
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            if "size mismatch" in str(exc):
+                return None, (f"{step_dir / DS_TAG}: size mismatch: the checkpoint's weights do not fit this model "
+                              f"(was model.* changed?): {first_line}")
+            return None, f"{step_dir / DS_TAG}: {type(exc).__name__}: {first_line}"
 
 
 def _fsync_write(path: Path, text: str) -> None:

@@ -1,8 +1,13 @@
-"""`python -m stereo train CONFIG [a.b=value ...]`, launched by torchrun (or Slurm through jobs/)."""
+"""`python -m stereo train CONFIG [a.b=value ...]`, launched by torchrun (or Slurm through jobs/).
+
+The config and the paths it names are checked before any process group or run directory exists (exit 2); then
+the run goes through stereo.train.failures.run_to_exit, the one exit path (codes in stereo/exitcodes.py).
+"""
 
 from __future__ import annotations
 
 from stereo.config import load_config
+from stereo.config.paths import check_paths
 
 
 def add_arguments(parser) -> None:
@@ -11,7 +16,11 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    cfg = load_config(args.config, args.overrides)  # a bad config fails here, before any process group starts
+    cfg = load_config(args.config, args.overrides)
+    check_paths(cfg)
+    from stereo.train.failures import ExitContext, run_to_exit
     from stereo.train.loop import train
 
-    return train(cfg, list(args.overrides))
+    context = ExitContext()
+    run_to_exit(lambda: train(cfg, list(args.overrides), context), context)
+    return 1  # not reached: run_to_exit ends the process

@@ -59,13 +59,50 @@ def init_distributed() -> DistEnv:
     return DistEnv(int(os.environ["RANK"]), local_rank, int(os.environ["WORLD_SIZE"]), device)
 
 
+def guards_gradients(cfg: Config, precision: str) -> bool:
+    """ZeRO stage 0 in fp32 hands our optimizer the gradients directly: no DeepSpeed check of their norm there."""
+    return cfg.deepspeed.zero_stage == 0 and precision == "fp32"
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that clips by the global norm and skips the update when that norm is not finite, reporting both the
+    way DeepSpeed's own optimizers do (`_global_grad_norm`, `overflow`), so `engine.was_step_applied()` and the
+    logged grad_norm mean the same at every ZeRO stage. Used where DeepSpeed does neither (guards_gradients)."""
+
+    def __init__(self, params, max_norm: float, **kwargs):
+        super().__init__(params, **kwargs)
+        self.max_norm = max_norm
+        self.overflow = False
+        self._global_grad_norm: float | None = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+        self._global_grad_norm = float(norm)  # the step's one host sync, as DeepSpeed's overflow check has
+        self.overflow = not torch.isfinite(norm).item()
+        if self.overflow:
+            return None
+        if self.max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, self.max_norm, norm)
+        return super().step(closure)
+
+
+def grad_norm(engine) -> float | None:
+    """The last step's global gradient norm before clipping (None where it is unknown)."""
+    value = engine.get_global_grad_norm()
+    if value is None:
+        value = getattr(engine.optimizer, "_global_grad_norm", None)
+    return float(value) if value is not None else None
+
+
 def deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict:
     # activation checkpointing is the model's own (cfg.model.activation_checkpointing, torch.utils.checkpoint)
     ds = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum,
         "train_batch_size": cfg.data.batch_size * cfg.train.grad_accum * world_size,
-        "gradient_clipping": cfg.optim.grad_clip,
+        "gradient_clipping": 0.0 if guards_gradients(cfg, precision) else cfg.optim.grad_clip,
         "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
         # our torch AdamW instead of DeepSpeed's fused Adam: no JIT build of that op (190 s -> 79 s on a fresh CPU box)
         "zero_allow_untested_optimizer": True,
@@ -83,19 +120,21 @@ def deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict:
     return ds
 
 
-def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, cfg: Config, precision: str) -> torch.optim.Optimizer:
     groups = model.param_groups(cfg.optim.lr, cfg.optim.vit_lr)
     for group in groups:
         group["peak_lr"] = group["lr"]  # the schedule scales from here every step
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                             weight_decay=cfg.optim.weight_decay)
+    kwargs = dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    if guards_gradients(cfg, precision):
+        return GuardedAdamW(groups, max_norm=cfg.optim.grad_clip, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
 
 
 def build_engine(model: torch.nn.Module, cfg: Config, env: DistEnv, precision: str):
     import deepspeed
 
     model.to(env.device)
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg, precision)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=deepspeed_config(cfg, env.world_size, precision))
     return engine

@@ -1,13 +1,16 @@
-"""Run logging: RUN_DIR/metrics.jsonl (always) and wandb (offline unless an API key is configured).
+"""Run logging: RUN_DIR/metrics.jsonl (always, strict JSON: null for a missing or non-finite value) and wandb.
 
 One wandb run per training: its id lives in RUN_DIR/wandb_id and is reused with resume="allow" on every restart.
-Only rank 0 logs. The API key is read by wandb from the environment and never written by us anywhere.
+Only rank 0 logs. The API key is read by wandb from the environment and never written by us anywhere. wandb is a
+mirror of metrics.jsonl: a failed start or a dead service is one warning and the run goes on without it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -18,9 +21,23 @@ from stereo.config import Config, to_dict
 
 
 def wandb_mode(setting: str) -> str:
+    """WANDB_MODE set by the user wins; `auto` is online with an API key and offline without."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
     if setting == "auto":
         return "online" if os.environ.get("WANDB_API_KEY") else "offline"
     return setting
+
+
+def strict(value):
+    """A JSON-safe scalar: NaN and infinities become null (strict JSON readers reject bare NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 class RunLogger:
@@ -30,7 +47,11 @@ class RunLogger:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self.wandb_run = None
         if self.enabled and wandb_mode(cfg.logging.wandb) != "disabled":
-            self.wandb_run = self._start_wandb(cfg, overrides, git_revision)
+            try:
+                self.wandb_run = self._start_wandb(cfg, overrides, git_revision)
+            except Exception as exc:  # noqa: BLE001 - no network, bad key, broken install: the run goes on
+                first_line = (str(exc).strip().splitlines() or [""])[0]
+                warn(f"wandb did not start ({type(exc).__name__}: {first_line}); logging to {self.metrics_path} only")
 
     def _start_wandb(self, cfg: Config, overrides: list[str], git_revision: str | None):
         import wandb
@@ -43,10 +64,12 @@ class RunLogger:
             project=cfg.logging.project, entity=cfg.logging.entity, group=cfg.logging.group or cfg.name,
             name=" ".join([cfg.name, *overrides]) or cfg.name, tags=tags, config=to_dict(cfg), id=run_id,
             resume="allow", dir=str(self.run_dir), mode=wandb_mode(cfg.logging.wandb),
-            notes=f"git {git_revision}" if git_revision else None)
+            notes=f"git {git_revision}" if git_revision else None,
+            settings=wandb.Settings(init_timeout=cfg.logging.wandb_init_timeout_s))
 
     def truncate_after(self, step: int) -> None:
-        """On resume: drop lines logged after the checkpoint we restart from (they will be logged again)."""
+        """On resume: drop lines logged after the checkpoint we restart from (they will be logged again); a start
+        without a checkpoint passes -1 and drops everything an earlier, checkpoint-less start logged."""
         if not self.enabled or not self.metrics_path.is_file():
             return
         kept = [line for line in self.metrics_path.read_text().splitlines()
@@ -56,10 +79,30 @@ class RunLogger:
     def log(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
             return
-        record = {"step": step, "time": time.time(), **scalars}
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self._append({"step": step, "time": time.time(), **scalars})
         self._to_wandb(lambda run: run.log(scalars, step=step))
+
+    def _append(self, record: dict) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps({k: strict(v) for k, v in record.items()}, allow_nan=False) + "\n")
+
+    def startup(self, step: int, summary: str, seconds: dict[str, float]) -> None:
+        """One line per start in the log, and its breakdown in metrics.jsonl (`startup/<phase>_s`)."""
+        if not self.enabled:
+            return
+        print(summary, file=sys.stderr, flush=True)
+        self.log(step, {f"startup/{phase}_s": round(s, 3) for phase, s in seconds.items()}
+                 | {"startup/total_s": round(sum(seconds.values()), 3)})
+
+    def record_config_changes(self, step: int, changes: list[tuple[str, object, object]]) -> None:
+        """Config keys changed since the resumed checkpoint: in the log and metrics.jsonl (not in wandb's charts)."""
+        if not self.enabled or not changes:
+            return
+        listing = {key: {"was": old, "now": new} for key, old, new in changes}
+        print("config changed since the checkpoint: " + "; ".join(f"{k}: {v['was']!r} -> {v['now']!r}"
+                                                                  for k, v in listing.items()), file=sys.stderr,
+              flush=True)
+        self._append({"step": step, "time": time.time(), "event": "config_change", "changes": listing})
 
     def log_image(self, step: int, name: str, image: np.ndarray) -> None:
         """An (H, W, 3) uint8 picture: saved under RUN_DIR/images/ and sent to wandb."""
@@ -83,9 +126,9 @@ class RunLogger:
         try:
             send(self.wandb_run)
         except Exception as exc:  # noqa: BLE001 - any failure of the mirror must not cost the checkpoint
-            print(f"wandb unavailable ({type(exc).__name__}: {exc}); logging to metrics.jsonl only", flush=True)
+            warn(f"wandb unavailable ({type(exc).__name__}: {exc}); logging to {self.metrics_path} only")
             self.wandb_run = None
 
-    def finish(self) -> None:
-        self._to_wandb(lambda run: run.finish())
+    def finish(self, exit_code: int = 0) -> None:
+        self._to_wandb(lambda run: run.finish(exit_code=exit_code))
         self.wandb_run = None

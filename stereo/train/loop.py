@@ -1,8 +1,9 @@
-"""The training loop. `train(cfg, overrides)` reads top to bottom: setup, resume, steps, checkpoints, exit.
+"""The training loop. `train(cfg, overrides, context)` reads top to bottom: setup, resume, steps, checkpoints, exit.
 
 One optimizer step = `train.grad_accum` micro-batches. A micro-batch whose loss is not finite on any rank is
 dropped on every rank (no backward, no update, no EMA) and counted; `train.max_bad_steps` in a row stop the run.
-A step DeepSpeed itself skips (non-finite gradients, fp16 overflow) is counted the same way.
+A step whose gradients are not finite is skipped and counted the same way (DeepSpeed's check under ZeRO and fp16,
+stereo.train.engine.GuardedAdamW at stage 0). Failures leave through stereo.train.failures (one exit path).
 """
 
 from __future__ import annotations
@@ -14,63 +15,76 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from stereo.config import Config
+from stereo import exitcodes
+from stereo.config import Config, dump_yaml
 from stereo.model.precision import resolve_precision
 from stereo.train import engine as ds_engine
 from stereo.train.checkpoint import CheckpointManager
 from stereo.train.ema import EMA
+from stereo.train.failures import ExitContext
 from stereo.train.logging import RunLogger
 from stereo.train.loss import stereo_loss
 from stereo.train.rng import rng_state, seed_everything, set_rng_state
-from stereo.train.run import (RunState, Validator, Window, batches_forever, nan_injection_steps, prepare_run_dir,
-                              started, training_panel)
+from stereo.train.run import (RunState, StartupClock, Validator, Window, batches_forever, nan_injection_steps,
+                              open_run_dir, started, training_panel)
 from stereo.train.schedules import lr_multiplier
-from stereo.train.signals import EXIT_PREEMPTED, TrainerSignals
-
-EXIT_TOO_MANY_BAD_STEPS = 3
+from stereo.train.signals import TrainerSignals
 
 
-def train(cfg: Config, overrides: list[str]) -> int:
+def train(cfg: Config, overrides: list[str], context: ExitContext) -> int:
     from stereo.data.loader import build_train_loader
     from stereo.model import build_model
     from stereo.model.io import initialise
 
+    clock = StartupClock()
     env = ds_engine.init_distributed()
-    signals = TrainerSignals().install()
-    run_dir, git_revision = prepare_run_dir(cfg, env.rank)
-    log = RunLogger(run_dir, cfg, overrides, git_revision, env.rank)  # before seeding: wandb draws random numbers
+    context.rank = env.rank
+    signals = TrainerSignals(env.rank).install()
+    clock.mark("process_group")
+    run = open_run_dir(cfg, context)  # lock, config check against the checkpoint, this start's config
+    log = RunLogger(run.path, cfg, overrides, run.git_revision, env.rank)  # before seeding: wandb draws numbers
+    context.cleanups.append(log.finish)
     seed_everything(cfg.train.seed, env.rank)
     torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
     precision = resolve_precision(cfg.train.precision, env.device, "train.precision")
+    ckpts = CheckpointManager(run.path, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every, env.rank)
+    clock.mark("run_dir")
 
-    ckpts = CheckpointManager(run_dir, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every, env.rank)
-    resume_from = ckpts.latest()
     model = build_model(cfg.model)
-    if resume_from is None:  # resuming beats model.init_from: the checkpoint has every weight
+    if ckpts.latest() is None:  # resuming beats model.init_from: the checkpoint has every weight
         initialise(model, cfg.model)
+    clock.mark("model_build")
     engine = ds_engine.build_engine(model, cfg, env, precision)
     ema = EMA(engine.module, cfg.train.ema_decay) if cfg.train.ema_decay else None
+    clock.mark("deepspeed_init")
+    resumed = ckpts.resume(engine)  # the newest checkpoint that verifies, else an older one, saying why
+    clock.mark("checkpoint_load")
     loader = build_train_loader(cfg.data, cfg.augment, cfg.model.max_disp, env.rank, env.world_size)
-    state, saved = RunState(), ckpts.load(engine, resume_from) if resume_from is not None else None
+    state, saved = RunState(), resumed[1] if resumed else None
     if saved is not None:
-        state = RunState.restore(saved, env.world_size, resume_from)
+        state = RunState.restore(saved, env.world_size, resumed[0])
         loader.load_state_dict(saved["loader"])
         if ema is not None:
             ema.load_state_dict(saved["ema"])
+    log.truncate_after(state.step if saved is not None else -1)
+    log.record_config_changes(state.step, run.changes)
     validator = Validator(cfg, engine.module, ema, env, log)
     if state.step == 0:
         validator.run(0, "before")
+        clock.mark("validation")
     # started before the RNG restore: starting torch's DataLoader draws a seed from the global RNG
     batches = started(batches_forever(loader, env.device))
     if saved is not None:
         set_rng_state(saved["rng"])
-        log.truncate_after(state.step)
-        print(f"[rank {env.rank}] resumed from {resume_from} at step {state.step}", file=sys.stderr, flush=True)
+    clock.mark("loader_start")
+
     nan_steps = nan_injection_steps(env.rank)
     progress = tqdm(total=cfg.train.steps, initial=state.step, desc="train", disable=env.rank != 0,
                     file=sys.stderr, dynamic_ncols=True, mininterval=2.0)
+    first_step = state.step + 1
     window = Window()
-    exit_code = 0
+    exit_code = exitcodes.OK
     while state.step < cfg.train.steps:
         lr = ds_engine.set_learning_rate(engine, lr_multiplier(state.step, cfg.train.steps, cfg.schedule))
         good = 0
@@ -83,8 +97,7 @@ def train(cfg: Config, overrides: list[str]) -> int:
             if nan_steps[state.step + 1] > 0:  # test hook (STEREO_TEST_NAN_STEPS): poison this rank's loss
                 nan_steps[state.step + 1] -= 1
                 terms["total"] = terms["total"] * float("nan")
-            agreed = signals.agree(~torch.isfinite(terms["total"].detach()))
-            if agreed.bad_loss:
+            if signals.agree(~torch.isfinite(terms["total"].detach())).bad_loss:
                 state.count_bad_step(env.rank, "non-finite loss")
                 if state.bad_streak >= cfg.train.max_bad_steps:
                     break
@@ -97,39 +110,44 @@ def train(cfg: Config, overrides: list[str]) -> int:
             print(f"[rank {env.rank}] stopping: {state.bad_streak} non-finite steps in a row at step {state.step + 1} "
                   f"(train.max_bad_steps={cfg.train.max_bad_steps}); the last good checkpoint is kept",
                   file=sys.stderr, flush=True)
-            exit_code = EXIT_TOO_MANY_BAD_STEPS
+            exit_code = exitcodes.TOO_MANY_BAD_STEPS
             break
         if engine.was_step_applied():
             state.bad_streak = 0
             if ema is not None:
                 ema.update()
         else:
-            state.count_bad_step(env.rank, "DeepSpeed skipped the update (non-finite gradients or fp16 overflow)")
+            state.count_bad_step(env.rank, "non-finite gradients (the update was skipped)")
         state.step += 1
         state.samples_seen += cfg.data.batch_size * cfg.train.grad_accum * env.world_size
-        progress.update(1)
+        if state.step == first_step:
+            clock.mark("first_step")
+            log.startup(state.step, clock.summary(run, resumed, loader.epochs()), clock.seconds)
         if state.step % cfg.logging.every == 0 or state.step == cfg.train.steps:
-            scalars = window.flush(lr, engine.get_global_grad_norm(), state.skipped_steps, loader)
+            scalars = window.flush(lr, ds_engine.grad_norm(engine), state.skipped_steps, loader)
             log.log(state.step, scalars)
             progress.set_postfix(loss=f"{scalars['loss']:.3f}", lr=f"{lr:.2e}")
+        progress.update(1)
         if cfg.logging.image_every and state.step % cfg.logging.image_every == 0:
             log.log_image(state.step, "train/disparity", training_panel(batch, preds[-1]))
         if state.step % cfg.train.val_every == 0 and state.step < cfg.train.steps:
             validator.run(state.step)
+        agreed = signals.agree()  # a signal during backward, the update or validation is saved at this step
         if agreed.stop or agreed.checkpoint or state.step % cfg.checkpoint.every == 0 \
                 or state.step == cfg.train.steps:
-            ckpts.save(engine, state.step, state.trainer_state(loader, ema, rng_state(), engine, cfg, git_revision))
+            ckpts.save(engine, state.step, state.trainer_state(loader, ema, rng_state(), engine, cfg, run.git_revision),
+                       dump_yaml(cfg))
             signals.checkpoint_done()
         if agreed.stop:
-            print(f"[rank {env.rank}] signal received: checkpointed at step {state.step}, exiting "
-                  f"{EXIT_PREEMPTED} for requeue", file=sys.stderr, flush=True)
-            exit_code = EXIT_PREEMPTED
+            print(f"[rank {env.rank}] stopped by a signal: checkpointed at step {state.step}, exiting "
+                  f"{exitcodes.PREEMPTED} (start the same command again to resume)", file=sys.stderr, flush=True)
+            exit_code = exitcodes.PREEMPTED
             break
     progress.close()
-    if exit_code == 0:
+    signals.uninstall()
+    if exit_code == exitcodes.OK:
         validator.run(state.step, "after")
         validator.print_summary()
-    log.finish()
     if dist.is_initialized():
         dist.barrier()
     return exit_code

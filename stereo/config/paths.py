@@ -1,0 +1,47 @@
+"""What a training config points at, checked before anything is created or queued: the data sets' shard sources and
+the starting weights. Each problem names the key and the path; all of them are reported at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stereo.config.errors import ConfigError
+from stereo.config.schema import Config
+
+
+def is_remote(source: str) -> bool:
+    """`pipe:` commands and URLs are read by the data workers; only they can tell whether these exist."""
+    return source.strip().startswith("pipe:") or "://" in source
+
+
+def path_problems(cfg: Config) -> list[tuple[str, str]]:
+    from stereo.data.shardlist import ShardListError, resolve_shards
+    from stereo.train.checkpoint import complete_steps
+
+    problems = []
+    if not cfg.data.train:
+        problems.append(("data.train", "at least one data set to train on, got none"))
+    for split in ("train", "val"):
+        for i, spec in enumerate(getattr(cfg.data, split)):
+            if is_remote(spec.shards):
+                continue
+            try:
+                resolve_shards(spec.shards)
+            except ShardListError as exc:
+                problems.append((f"data.{split}[{i}].shards", str(exc)))
+    resuming = bool(cfg.train.run_dir and complete_steps(Path(cfg.train.run_dir) / "checkpoints"))
+    if not resuming:  # a resume takes every weight from its checkpoint
+        weights = (("model.init_from", cfg.model.init_from),
+                   ("model.pretrained.depth_anything", cfg.model.pretrained.depth_anything),
+                   ("model.pretrained.edgenext", cfg.model.pretrained.edgenext))
+        problems += [(key, f"an existing file, got {value!r} (not found)")
+                     for key, value in weights if value and not Path(value).is_file()]
+    return problems
+
+
+def check_paths(cfg: Config) -> None:
+    problems = path_problems(cfg)
+    if problems:
+        key, expected = problems[0]
+        more = "".join(f"; {k}: {e}" for k, e in problems[1:])
+        raise ConfigError(key, expected + more)

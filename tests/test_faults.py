@@ -1,0 +1,290 @@
+"""Faults injected on purpose into the real trainer (issue 12): every failure ends the run at once with a clear
+message and a documented exit code, nothing is lost, and a resume never silently mixes configs.
+
+End-to-end runs use the tiny config on the demo shards (64x128 crops, 2 GRU iterations, ZeRO-0 as `make train`);
+a module-scoped base run (4 steps, checkpoints at 2 and 4) is copied for each resume scenario.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import free_port
+from stereo.train.checkpoint import COMPLETE, complete_steps
+from test_train import REPO, TORCHRUN, descendants, metrics, wait_for_step
+
+BASE = ["augment.crop=[64,128]", "data.batch_size=1", "model.train_iters=2", "model.valid_iters=2",
+        "logging.every=1", "logging.image_every=0", "train.val_every=1000", "data.val=[]", "logging.wandb=disabled",
+        "schedule.warmup_steps=2", "data.num_workers=1"]
+EXIT_BOUND_S = 120  # generous on a busy 2-core machine; the defects hung forever
+
+
+def trainer(run_dir: Path, *overrides: str, env: dict | None = None) -> subprocess.Popen:
+    """`python -m stereo train tiny ...` (one process, no torchrun), output to RUN_DIR.log."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    log = open(run_dir.parent / f"{run_dir.name}.log", "a")
+    cmd = [sys.executable, "-m", "stereo", "train", "tiny", f"train.run_dir={run_dir}", *BASE, *overrides]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "MASTER_PORT": str(free_port()), **(env or {})})
+
+
+def finish(proc: subprocess.Popen, run_dir: Path, timeout: float = 600) -> tuple[int, str]:
+    code = proc.wait(timeout=timeout)
+    return code, (run_dir.parent / f"{run_dir.name}.log").read_text()
+
+
+def strict_metrics(run_dir: Path) -> list[dict]:
+    def reject(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    return [json.loads(line, parse_constant=reject) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def no_process_mentions(text: str) -> bool:
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text.encode() in cmdline.read_bytes():
+                return False
+        except OSError:
+            pass
+    return True
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory) -> Path:
+    """4 steps, checkpoints at steps 2 and 4; started over leftovers of a checkpoint-less earlier start."""
+    run_dir = tmp_path_factory.mktemp("base") / "run"
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 99.0}\n{"step": 2, "loss": 98.0}\n')
+    code, log = finish(trainer(run_dir, "train.steps=4", "checkpoint.every=2"), run_dir)
+    assert code == 0, log[-3000:]
+    return run_dir
+
+
+def copy_of(run_dir: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "run"
+    shutil.copytree(run_dir, target)
+    return target
+
+
+# ---- 1. any exception ends every rank and every loader worker ------------------------------------------------------
+
+def test_exception_on_one_rank_ends_all_ranks_and_workers_promptly(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "metrics.jsonl").mkdir(parents=True)  # rank 0 fails at its first log line, inside the loop
+    log_path = tmp_path / "torchrun.log"
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "stereo", "train", "tiny",
+           f"train.run_dir={run_dir}", *BASE, "data.num_workers=2", "train.steps=50"]
+    start = time.monotonic()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code = proc.wait(timeout=EXIT_BOUND_S + 120)
+        except subprocess.TimeoutExpired:
+            for pid in [proc.pid, *descendants(proc.pid)]:
+                os.kill(pid, signal.SIGKILL)
+            pytest.fail(f"the trainer hung after the error:\n{log_path.read_text()[-3000:]}")
+    elapsed = time.monotonic() - start
+    out = log_path.read_text()
+    assert code != 0
+    assert "[rank 0] training stopped (internal error, exit code 1): IsADirectoryError" in out
+    assert f"[rank 0] no checkpoint was written yet in {run_dir}" in out
+    assert "[rank 1] stopping: another rank stopped" in out
+    assert elapsed < EXIT_BOUND_S + 60, f"{elapsed:.0f} s"
+    assert no_process_mentions(f"train.run_dir={run_dir}"), "a trainer or loader worker outlived the run"
+
+
+def test_data_error_in_a_worker_keeps_its_type_and_exit_code(tmp_path):
+    """A BadDataError raised in a DataLoader worker reaches the exit path as itself: exit 4 and its own message."""
+    from test_stream import write_shards
+
+    from stereo.config.schema import AugmentConfig, DataConfig, DatasetSpec
+    from stereo.data.loader import build_train_loader
+    from stereo.exitcodes import DATA
+    from stereo.train.failures import exit_code_for, failure_report
+
+    broken = {i: {"meta.json": b"{}"} for i in range(4)}  # no image and no disparity member
+    write_shards(tmp_path / "bad", [list(range(4))], damage=broken)
+    cfg = DataConfig(train=[DatasetSpec("bad", str(tmp_path / "bad"))], batch_size=1, num_workers=1,
+                     max_bad_sample_rate=0.0)
+    with pytest.raises(Exception) as caught:
+        next(iter(build_train_loader(cfg, AugmentConfig(crop=[32, 32]), 512, 0, 1)))
+    assert exit_code_for(caught.value) == DATA
+    report = failure_report(caught.value, 0, tmp_path, DATA)
+    assert report.startswith("[rank 0] training stopped (data error, exit code 4): shard ")
+    assert "Traceback" not in report and "data.max_bad_sample_rate=0.0" in report
+
+
+# ---- 3. damaged checkpoints: named, and the older complete one is used ----------------------------------------------
+
+def test_damaged_newest_checkpoint_falls_back_to_the_older_one(base_run, tmp_path):
+    run_dir = copy_of(base_run, tmp_path)
+    states = run_dir / "checkpoints/step_00000004/ds/mp_rank_00_model_states.pt"
+    states.write_bytes(states.read_bytes()[: states.stat().st_size // 2])  # truncated, COMPLETE still there
+    code, log = finish(trainer(run_dir, "train.steps=5", "checkpoint.every=2"), run_dir)
+    assert code == 0, log[-3000:]
+    assert f"checkpoint {run_dir}/checkpoints/step_00000004 is unusable: {states}: " in log
+    assert "expected" in log and "truncated" in log
+    assert f"resuming from the older checkpoint {run_dir}/checkpoints/step_00000002 instead" in log
+    assert "start 2 of run" in log and "resumed at step 2" in log
+    steps = [r["step"] for r in strict_metrics(run_dir) if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5]  # what step 4's damaged checkpoint had was trained again, logged once
+
+
+def test_no_usable_checkpoint_stops_with_exit_5_and_deletes_nothing(base_run, tmp_path):
+    run_dir = copy_of(base_run, tmp_path)
+    shutil.rmtree(run_dir / "checkpoints/step_00000004/ds")
+    trainer_state = run_dir / "checkpoints/step_00000002/trainer_state_rank0.pt"
+    trainer_state.write_bytes(trainer_state.read_bytes()[:100])
+    code, log = finish(trainer(run_dir, "train.steps=6"), run_dir)
+    assert code == 5, log[-3000:]
+    assert "training stopped (checkpoint error, exit code 5)" in log
+    assert "step_00000004: " in log and "ds/mp_rank_00_model_states.pt: missing" in log
+    assert f"step_00000002: {trainer_state}: 100 bytes, expected" in log
+    assert complete_steps(run_dir / "checkpoints") == [2, 4]
+
+
+# ---- 4. disk full while saving -----------------------------------------------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=30m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, f"this test mounts a 30 MB tmpfs (needs root): {done.stderr}"
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_disk_full_names_the_path_keeps_the_previous_checkpoint_and_exits(small_disk):
+    run_dir = small_disk / "run"
+    proc = trainer(run_dir, "train.steps=6", "checkpoint.every=1")
+    try:
+        code = proc.wait(timeout=EXIT_BOUND_S + 200)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("the trainer hung after the failed save")
+    log = (small_disk / "run.log").read_text()
+    assert code == 5, log[-3000:]
+    assert "checkpoint save at step 2 failed: " in log and "no space left on device" in log
+    assert f"{run_dir}/checkpoints/step_00000002.tmp" in log
+    assert f"the previous checkpoint {run_dir}/checkpoints/step_00000001 is intact" in log
+    assert complete_steps(run_dir / "checkpoints") == [1]
+    assert not list((run_dir / "checkpoints").glob("*.tmp")), "the partial save must be removed"
+    from stereo.train.checkpoint import find_checkpoint
+
+    find_checkpoint(run_dir)  # verifies every recorded size and checksum
+
+
+# ---- 5. one trainer per run directory ------------------------------------------------------------------------------
+
+def test_second_trainer_on_a_run_directory_is_refused_and_the_first_is_unharmed(tmp_path):
+    run_dir = tmp_path / "run"
+    first = trainer(run_dir, "train.steps=200", "checkpoint.every=100")
+    wait_for_step(run_dir, 1, first)
+    second = subprocess.run([sys.executable, "-m", "stereo", "train", "tiny", f"train.run_dir={run_dir}", *BASE],
+                            cwd=REPO, capture_output=True, text=True, timeout=EXIT_BOUND_S,
+                            env={**os.environ, "MASTER_PORT": str(free_port())})
+    assert second.returncode == 6, second.stderr[-3000:]
+    assert f"another trainer is using this run directory (pid {first.pid}" in second.stderr
+    assert first.poll() is None, "the first trainer must not be disturbed"
+    first.send_signal(signal.SIGTERM)
+    code, log = finish(first, run_dir)
+    assert code == 75, log[-3000:]
+    assert not (run_dir / "trainer.lock").exists(), "the lock is released on exit"
+    steps = [r["step"] for r in strict_metrics(run_dir) if "loss" in r]
+    assert steps == sorted(set(steps)), "the refused trainer wrote into the run"
+
+
+# ---- 6. resume compares the stored config ------------------------------------------------------------------------
+
+def test_resume_refuses_a_changed_config_and_keeps_config_yaml(base_run, tmp_path):
+    run_dir = copy_of(base_run, tmp_path)
+    before = (run_dir / "config.yaml").read_text()
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "stereo", "train", "tiny", f"train.run_dir={run_dir}", *BASE,
+                           "train.steps=6", "data.batch_size=2", "augment.crop=[64,160]"], cwd=REPO,
+                          capture_output=True, text=True, timeout=EXIT_BOUND_S,
+                          env={**os.environ, "MASTER_PORT": str(free_port())})
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "2 key(s) differ: augment.crop: [64, 128] -> [64, 160]; data.batch_size: 1 -> 2" in done.stderr
+    assert "train.allow_config_change=true" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert (run_dir / "config.yaml").read_text() == before
+    assert len(list((run_dir / "starts").glob("*.yaml"))) == 1
+    assert time.monotonic() - started < EXIT_BOUND_S
+
+
+def test_allowed_config_change_is_recorded(base_run, tmp_path):
+    run_dir = copy_of(base_run, tmp_path)
+    code, log = finish(trainer(run_dir, "train.steps=5", "augment.crop=[64,160]", "train.allow_config_change=true"),
+                       run_dir)
+    assert code == 0, log[-3000:]
+    assert "config changed since the checkpoint: augment.crop: [64, 128] -> [64, 160]" in log
+    events = [r for r in strict_metrics(run_dir) if r.get("event") == "config_change"]
+    assert len(events) == 1 and events[0]["step"] == 4
+    assert events[0]["changes"]["augment.crop"] == {"was": [64, 128], "now": [64, 160]}
+    assert events[0]["changes"]["train.steps"] == {"was": 4, "now": 5}
+    assert sorted(p.name for p in (run_dir / "starts").iterdir()) == ["start_001.yaml", "start_002.yaml"]
+
+
+def test_model_shape_change_is_a_checkpoint_error_naming_the_cause(base_run, tmp_path):
+    run_dir = copy_of(base_run, tmp_path)
+    code, log = finish(trainer(run_dir, "model.hidden_dims=[24,24,24]", "train.allow_config_change=true"), run_dir)
+    assert code == 5, log[-3000:]
+    assert "size mismatch: the checkpoint's weights do not fit this model (was model.* changed?)" in log
+    assert "Traceback" not in log
+    assert complete_steps(run_dir / "checkpoints") == [2, 4]
+
+
+# ---- 8 and 9: values, the fresh-start log, grad_norm at ZeRO 0, strict JSON -------------------------------------------
+
+def test_missing_shards_are_refused_before_the_run_directory_exists(tmp_path):
+    run_dir = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "stereo", "train", "tiny", f"train.run_dir={run_dir}",
+                           f"data.train=[{{name: x, shards: {tmp_path}/nowhere}}]"], cwd=REPO, capture_output=True,
+                          text=True, timeout=EXIT_BOUND_S)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("config error: data.train[0].shards: ")
+    assert f"{tmp_path}/nowhere" in done.stderr
+    assert not run_dir.exists()
+
+
+def test_base_run_logs_strict_json_with_a_grad_norm_and_drops_checkpointless_leftovers(base_run):
+    records = strict_metrics(base_run)
+    losses = [r for r in records if "loss" in r]
+    assert [r["step"] for r in losses] == [1, 2, 3, 4]  # the leftover lines 1 and 2 (loss 99, 98) are gone
+    assert all(r["loss"] < 90 for r in losses)
+    assert all(isinstance(r["grad_norm"], float) and r["grad_norm"] > 0 for r in losses)
+    startup = [r for r in records if "startup/total_s" in r]
+    assert len(startup) == 1 and startup[0]["step"] == 1
+    assert startup[0]["startup/total_s"] >= startup[0]["startup/deepspeed_init_s"] > 0
+
+
+# ---- Ctrl-C --------------------------------------------------------------------------------------------------------
+
+def test_ctrl_c_saves_the_step_in_progress_and_exits_cleanly(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = trainer(run_dir, "train.steps=500", "checkpoint.every=1000")
+    wait_for_step(run_dir, 3, proc)
+    last_logged = max(r["step"] for r in metrics(run_dir) if "loss" in r)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+    code, log = finish(proc, run_dir)
+    assert code == 75, log[-3000:]
+    saved = complete_steps(run_dir / "checkpoints")
+    assert len(saved) == 1 and saved[0] in (last_logged, last_logged + 1), (last_logged, saved)
+    assert f"checkpointed at step {saved[0]}" in log
+    assert "Ctrl-C again to stop without saving" in log
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log
+    assert no_process_mentions(f"train.run_dir={run_dir}")
+    assert (run_dir / "checkpoints" / f"step_{saved[0]:08d}" / COMPLETE).is_file()
