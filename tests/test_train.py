@@ -18,7 +18,7 @@ import torch
 
 from conftest import free_port
 from stereo.train.checkpoint import complete_steps, find_checkpoint
-from stereo.train.signals import EXIT_PREEMPTED
+from stereo.exitcodes import PREEMPTED as EXIT_PREEMPTED
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -210,7 +210,7 @@ def test_signal_on_one_rank_checkpoints_all_and_exits_75(nan_then_signal):
     saved = complete_steps(run_dir / "checkpoints")
     assert len(saved) == 1 and 3 <= saved[0] < 50
     for rank in (0, 1):
-        assert f"[rank {rank}] signal received: checkpointed at step {saved[0]}" in log
+        assert f"[rank {rank}] stopped by a signal: checkpointed at step {saved[0]}" in log
     assert max(r["step"] for r in metrics(run_dir)) == saved[0]
 
 

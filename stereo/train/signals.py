@@ -1,7 +1,7 @@
 """Preemption, Ctrl-C and on-demand checkpoints (the contract with the Slurm wrapper, docs/training.md#signals).
 
 SIGUSR1 / SIGTERM / SIGINT (Ctrl-C): finish the step in progress on every rank, checkpoint at that step, exit
-EXIT_PREEMPTED (75). A second Ctrl-C at least INTERRUPT_DEBOUNCE_S later stops at once without saving (exit 130);
+stereo.exitcodes.PREEMPTED (75). A second Ctrl-C at least INTERRUPT_DEBOUNCE_S later stops at once without saving (exit 130);
 one keypress reaches a process more than once (the terminal's group signal, then torchrun forwarding it), hence
 the debounce.
 SIGUSR2 (or `request_checkpoint`): checkpoint at the end of the current step and keep training.
@@ -21,14 +21,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from stereo.exitcodes import PREEMPTED as EXIT_PREEMPTED
 from stereo.train.failures import Aborted
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 CHECKPOINT_SIGNAL = signal.SIGUSR2
 INTERRUPT_DEBOUNCE_S = 2.0
-
-__all__ = ["EXIT_PREEMPTED", "Agreed", "TrainerSignals", "request_checkpoint"]
 
 
 @dataclass
