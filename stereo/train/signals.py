@@ -1,9 +1,9 @@
 """Preemption, Ctrl-C and on-demand checkpoints (the contract with the Slurm wrapper, docs/training.md#signals).
 
 SIGUSR1 / SIGTERM / SIGINT (Ctrl-C): finish the step in progress on every rank, checkpoint at that step, exit
-stereo.exitcodes.PREEMPTED (75). A second Ctrl-C at least INTERRUPT_DEBOUNCE_S later stops at once without saving (exit 130);
-one keypress reaches a process more than once (the terminal's group signal, then torchrun forwarding it), hence
-the debounce.
+stereo.exitcodes.PREEMPTED (75). A second Ctrl-C at least INTERRUPT_DEBOUNCE_S later stops at once without saving
+(exit 130); one keypress reaches a process more than once (the terminal's group signal, then torchrun forwarding
+it), hence the debounce.
 SIGUSR2 (or `request_checkpoint`): checkpoint at the end of the current step and keep training.
 The handlers only set flags; the loop all-reduces them (max) so that every rank acts alike: after each forward
 (with the non-finite-loss flag, before any backward) and once more at the end of each step, so that a signal that
