@@ -12,10 +12,10 @@ import time
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from stereo.config import Config
 from stereo.model.precision import resolve_precision
+from stereo.progress import TrainProgress
 from stereo.train import engine as ds_engine
 from stereo.train.checkpoint import CheckpointManager
 from stereo.train.ema import EMA
@@ -67,8 +67,7 @@ def train(cfg: Config, overrides: list[str]) -> int:
         log.truncate_after(state.step)
         print(f"[rank {env.rank}] resumed from {resume_from} at step {state.step}", file=sys.stderr, flush=True)
     nan_steps = nan_injection_steps(env.rank)
-    progress = tqdm(total=cfg.train.steps, initial=state.step, desc="train", disable=env.rank != 0,
-                    file=sys.stderr, dynamic_ncols=True, mininterval=2.0)
+    progress = TrainProgress(cfg.train.steps, state.step, enabled=env.rank == 0)
     window = Window()
     exit_code = 0
     while state.step < cfg.train.steps:
@@ -111,7 +110,7 @@ def train(cfg: Config, overrides: list[str]) -> int:
         if state.step % cfg.logging.every == 0 or state.step == cfg.train.steps:
             scalars = window.flush(lr, engine.get_global_grad_norm(), state.skipped_steps, loader)
             log.log(state.step, scalars)
-            progress.set_postfix(loss=f"{scalars['loss']:.3f}", lr=f"{lr:.2e}")
+            progress.log(scalars)
         if cfg.logging.image_every and state.step % cfg.logging.image_every == 0:
             log.log_image(state.step, "train/disparity", training_panel(batch, preds[-1]))
         if state.step % cfg.train.val_every == 0 and state.step < cfg.train.steps:
@@ -130,6 +129,7 @@ def train(cfg: Config, overrides: list[str]) -> int:
         validator.run(state.step, "after")
         validator.print_summary()
     log.finish()
+    progress.done(exit_code, run_dir, ckpts.latest(), cfg)
     if dist.is_initialized():
         dist.barrier()
     return exit_code
