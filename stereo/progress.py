@@ -95,7 +95,8 @@ def next_steps(run_dir: Path, checkpoint: Path | None, cfg: Any, seconds: float)
     bench = "BENCH=demo" if demo else "BENCH=<kitti15|middeval3|eth3d|...> DATA=<its directory>"
     lines = [f"done in {duration(seconds)}: checkpoint {checkpoint if checkpoint is not None else '(none)'}",
              "next:",
-             f"  make eval CKPT={run} {bench}" + ("   # the demo validation set, as scored above" if demo else ""),
+             f"  make eval CKPT={run} {bench} OUT={run}/eval" + ("   # the demo validation set, as scored above"
+                                                                  if demo else ""),
              f"  make demo-pair && make infer CKPT={run} LEFT={DEMO_PAIR}/left.png RIGHT={DEMO_PAIR}/right.png "
              f"OUT={run}/motorcycle",
              f"  make export RUN={run} OUT={run}/model.pth   # released-format weights (EMA)",

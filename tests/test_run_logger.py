@@ -36,3 +36,26 @@ def test_wandb_service_killed_mid_run_does_not_stop_logging(tmp_path):
     assert "wandb off: True" in proc.stdout
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
+
+
+IMAGE_SCRIPT = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from stereo.config import load_config
+    from stereo.eval.report import disparity_panel
+    from stereo.train.logging import RunLogger
+
+    logger = RunLogger(sys.argv[1], load_config("tiny", ["logging.wandb=offline"]), [], None, rank=0)
+    gt = np.tile(np.linspace(1, 30, 64, dtype=np.float32), (32, 1))
+    logger.log_image(7, "val/disparity_0", disparity_panel(np.zeros((32, 64, 3), np.uint8), gt, gt, gt > 0))
+    logger.finish()
+""")
+
+
+def test_validation_panels_reach_wandb(tmp_path):
+    """The trainer's Validator logs its labelled panels through log_image: a file in the run and a wandb image."""
+    proc = subprocess.run([sys.executable, "-c", IMAGE_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                          timeout=120, env={"WANDB_SILENT": "true", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "images/val_disparity_0_00000007.png").is_file()
+    assert list(tmp_path.glob("wandb/offline-run-*/files/media/images/val/disparity_0_*.png"))

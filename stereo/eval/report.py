@@ -165,7 +165,7 @@ def nice_ticks(vmin: float, vmax: float, count: int = 6) -> list[float]:
     """Round values (1, 2 or 5 times a power of ten apart) inside [vmin, vmax], about `count` of them."""
     if not (math.isfinite(vmin) and math.isfinite(vmax)) or vmax <= vmin:
         return [vmin] if math.isfinite(vmin) else []
-    raw = (vmax - vmin) / max(count - 1, 1)
+    raw = (vmax - vmin) / count
     power = 10 ** math.floor(math.log10(raw))
     step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
     first = math.ceil(vmin / step) * step
