@@ -136,9 +136,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
 
 def _nested_paths(cls: type, key: str, prefix: str) -> list[str]:
     """Dotted paths of every field named `key` in the sections below `cls` (`steps` -> `train.steps`)."""
-    found = []
+    found, hints = [], typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        tp = typing.get_type_hints(cls)[f.name]
+        tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
             path = f"{prefix}.{f.name}" if prefix else f.name
             found += [f"{path}.{key}"] if key in {g.name for g in dataclasses.fields(tp)} else []

@@ -50,8 +50,8 @@ def evaluate(model: torch.nn.Module, samples: Iterable[dict[str, Any]], iters: i
     panel PNG per image under `images/` and `summary.png`.
     `hierarchical`: predict as the released `--hiera` does (see stereo.model.infer.predict).
     `total`: the number of samples, for the progress display, when `samples` has no len().
-    `keep_panels`: the labelled panels of the first N samples are returned under `panels` as (key, image) pairs
-    (the trainer logs them as validation images).
+    `keep_panels`: the labelled panels of the first N samples are returned under `panels` (the trainer logs them
+    as validation images).
     `headline` names the summary keys shown in the table and sheet; its first entry (without the `/pooled` or
     `/mean_image` suffix) ranks the images for the sheet.
     """
@@ -62,7 +62,7 @@ def evaluate(model: torch.nn.Module, samples: Iterable[dict[str, Any]], iters: i
         (out / "images" if panels else out).mkdir(parents=True, exist_ok=True)
     accumulator = MetricAccumulator(max_disp)
     rows: list[dict[str, Any]] = []
-    kept: list[tuple[str, np.ndarray]] = []
+    kept: list[np.ndarray] = []
     if total is None:
         try:
             total = len(samples)  # type: ignore[arg-type]
@@ -84,7 +84,7 @@ def evaluate(model: torch.nn.Module, samples: Iterable[dict[str, Any]], iters: i
         if panels or len(kept) < keep_panels:
             panel = disparity_panel(sample["left"], sample["disp"], pred, sample["valid"])
             if len(kept) < keep_panels:
-                kept.append((sample["key"], panel))
+                kept.append(panel)
             if panels:
                 panel_path = out / "images" / f"{len(rows):04d}_{_file_name(sample['key'])}.png"
                 Image.fromarray(panel).save(panel_path)

@@ -178,7 +178,7 @@ class Validator:
             self.module.train(was_training)
             scalars = {f"val/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
             self.log.log(step, scalars)
-            for index, (_, panel) in enumerate(metrics["panels"]):
+            for index, panel in enumerate(metrics["panels"]):
                 self.log.log_image(step, f"val/disparity_{index}", panel)
             epe = scalars.get("val/epe/pooled", math.nan)
             if label:
