@@ -5,10 +5,27 @@ VENV  ?= .venv
 TORCH ?= torch==2.13.0
 CONFIG ?= tiny
 NPROC ?= 1
-# `make train CONFIG=x optim.lr=1e-5`: every command-line assignment whose name has a dot is a config override.
-OVERRIDES := $(strip $(foreach w,$(MAKEOVERRIDES),$(if $(findstring .,$(firstword $(subst =, ,$(w)))),$(w))) $(ARGS))
+PAIR  := shards/demo/motorcycle
+# `make train CONFIG=x optim.lr=1e-5`: every command-line assignment whose name is in lower case is a config
+# override; the config check refuses one without its section (`steps=10`: did you mean train.steps=10?).
+UPPER := A B C D E F G H I J K L M N O P Q R S T U V W X Y Z
+lower_case = $(if $(strip $(foreach c,$(UPPER),$(findstring $(c),$(1)))),,$(1))
+OVERRIDES := $(strip $(foreach w,$(MAKEOVERRIDES),$(if $(call lower_case,$(firstword $(subst =, ,$(w)))),$(w))) $(ARGS))
 
-.PHONY: help setup test test-gpu gpu-check train demo-data shards bench bench-data eval compare infer export \
+# A fresh clone: targets that run Python say what to do instead of ".venv/bin/python: No such file or directory".
+NO_PYTHON := help setup clean slurm-up slurm-down docker docker-build docker-run
+ifeq ($(filter setup,$(MAKECMDGOALS)),)
+ifneq ($(filter-out $(NO_PYTHON),$(or $(MAKECMDGOALS),help)),)
+ifeq ($(shell command -v $(PY)),)
+$(error $(PY) not found: run `make setup` first)
+endif
+endif
+endif
+# $(call require,VARIABLES,example): stops a target before Python starts, naming what is missing.
+missing = $(strip $(foreach v,$(1),$(if $($(v)),,$(v))))
+require = $(if $(call missing,$(1)),$(error make $@ needs $(call missing,$(1)), for example: $(2)))
+
+.PHONY: help setup test test-gpu gpu-check train demo-data demo-pair shards bench bench-data eval compare infer export \
         submit status logs cancel slurm-up slurm-down docker docker-build docker-run config clean
 
 help: ## list the targets
@@ -38,7 +55,11 @@ gpu-check: ## on a GPU node: the gpu tests, `bench` eager and compiled, a ViT-L 
 demo-data: ## write the procedurally generated demo shards to shards/demo
 	$(PY) -m stereo demo-data --out shards/demo
 
+demo-pair: ## write the Middlebury motorcycle pair bundled with scikit-image to shards/demo/motorcycle (for infer)
+	$(PY) -m stereo demo-pair --out $(PAIR)
+
 train: ## train CONFIG (default tiny: demo shards, CPU, a few minutes); overrides as a.b=value
+	@$(PY) -m stereo config --check $(CONFIG) $(OVERRIDES)
 	@if grep -qs 'shards/demo/' $(CONFIG) configs/$(CONFIG).yaml && [ ! -f shards/demo/train/manifest.json ]; then \
 		$(MAKE) --no-print-directory demo-data; fi
 	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) -m stereo train $(CONFIG) $(OVERRIDES)
@@ -55,17 +76,20 @@ bench: ## time a training step and inference (GPU): median step, samples/s, peak
 bench-data: ## data-loading throughput per core on FSD-like samples
 	$(PY) -m stereo bench-data
 
-eval: ## evaluate: CKPT=... BENCH=kitti15 DATA=/data/KITTI [SIZE=vitl for a lone released file] [ITERS=32] [OUT=dir] [HIERA=1]
-	$(PY) -m stereo eval --ckpt $(CKPT) --bench $(BENCH) --data $(DATA) $(if $(SIZE),--size $(SIZE)) \
+eval: ## evaluate: CKPT=... BENCH=kitti15 DATA=/data/KITTI (BENCH=demo: the demo val shards) [SIZE=vitl] [ITERS=32] [OUT=dir] [HIERA=1]
+	$(call require,CKPT BENCH $(if $(filter demo,$(BENCH)),,DATA),make eval CKPT=runs/demo BENCH=demo or make eval CKPT=model.pth BENCH=kitti15 DATA=/data/KITTI)
+	$(PY) -m stereo eval --ckpt $(CKPT) --bench $(BENCH) $(if $(DATA),--data $(DATA)) $(if $(SIZE),--size $(SIZE)) \
 		$(if $(ITERS),--iters $(ITERS)) $(if $(OUT),--out $(OUT)) $(if $(HIERA),--hierarchical)
 
 compare: ## compare runs: RUNS="runs/a runs/b"
 	$(PY) -m stereo compare $(RUNS)
 
 infer: ## one pair: CKPT=... LEFT=... RIGHT=... OUT=... [HIERA=1 for large images]
+	$(call require,CKPT LEFT RIGHT OUT,make infer CKPT=runs/demo LEFT=$(PAIR)/left.png RIGHT=$(PAIR)/right.png OUT=runs/demo/motorcycle)
 	$(PY) -m stereo infer --ckpt $(CKPT) --left $(LEFT) --right $(RIGHT) --out $(OUT) $(if $(HIERA),--hierarchical)
 
 export: ## released-format checkpoint from a run: RUN=runs/x OUT=model.pth
+	$(call require,RUN OUT,make export RUN=runs/demo OUT=runs/demo/model.pth)
 	$(PY) -m stereo export $(RUN) --out $(OUT) --ema
 
 submit: ## submit CONFIG to Slurm through submitit (validated first)

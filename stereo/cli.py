@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("stereo.train.cli", "train FoundationStereo (torchrun/Slurm launch it; CONFIG [a.b=value ...])"),
     "shards": ("stereo.data.cli", "convert a public stereo data set into WebDataset shards"),
     "demo-data": ("stereo.data.demo", "write the procedurally generated demo shards"),
+    "demo-pair": ("stereo.data.motorcycle", "write the Middlebury motorcycle pair bundled with scikit-image as PNGs"),
     "bench-data": ("stereo.data.bench", "measure data-loading throughput (decode + augmentation)"),
     "eval": ("stereo.eval.cli", "evaluate a checkpoint on a benchmark (KITTI, Middlebury, ETH3D, Scene Flow)"),
     "metrics": ("stereo.eval.metrics_cli", "EPE / BP-x / D1 for one prediction and ground truth, as JSON"),

@@ -2,7 +2,7 @@
 [--hierarchical]`.
 
 Writes `disp.pfm` (float32 px), `disp.png` (16-bit, value = disparity x 256, as KITTI), `disp_color.png`
-(turbo) and, with --focal (px) and --baseline (m), `depth.pfm` (metres, 0 where the disparity is not positive).
+(turbo over the 1st-99th percentile, its colour bar in px below the image) and, with --focal (px) and --baseline (m), `depth.pfm` (metres, 0 where the disparity is not positive).
 Any image size works. The checkpoint is a released-format .pth, one of our exports or a run directory; its model
 config comes from the checkpoint, else --config, else the released cfg.yaml beside it, else the released defaults
 of --size.
@@ -32,16 +32,33 @@ def disparity_to_depth(disp: np.ndarray, focal_px: float, baseline_m: float) -> 
     return depth
 
 
+def colour_scale(disp: np.ndarray) -> tuple[float, float]:
+    """The colour PNG's range: the 1st to 99th percentile of the finite disparities (outliers cannot wash it out)."""
+    finite = disp[np.isfinite(disp)]
+    if not finite.size:
+        return 0.0, 1.0
+    low, high = (float(v) for v in np.percentile(finite, [1, 99]))
+    return low, max(high, low + 1e-3)
+
+
+def describe(disp: np.ndarray) -> str:
+    finite = disp[np.isfinite(disp)]
+    if not finite.size:
+        return "disparity: no finite value"
+    low, high = colour_scale(disp)
+    return (f"disparity {finite.min():.2f} .. {finite.max():.2f} px (median {np.median(finite):.2f}); "
+            f"disp_color.png spans {low:.1f} .. {high:.1f} px")
+
+
 def write_outputs(disp: np.ndarray, out: Path, focal: float | None, baseline: float | None) -> list[Path]:
-    from stereo.eval.report import colorize_disparity
+    from stereo.eval.report import colorize_disparity, with_disparity_bar
 
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "disp.pfm", out / "disp.png", out / "disp_color.png"]
     write_pfm(written[0], disp)
     written[1].write_bytes(encode_png(np.clip(np.round(disp * PNG_SCALE), 0, 65535).astype(np.uint16)))
-    finite = disp[np.isfinite(disp)]
-    vmax = float(np.percentile(finite, 99)) if finite.size else 1.0
-    written[2].write_bytes(encode_png(colorize_disparity(disp, 0.0, max(vmax, 1e-3))))
+    low, high = colour_scale(disp)
+    written[2].write_bytes(encode_png(with_disparity_bar(colorize_disparity(disp, low, high), low, high)))
     if focal is not None and baseline is not None:
         written.append(out / "depth.pfm")
         write_pfm(written[-1], disparity_to_depth(disp, focal, baseline))
@@ -96,4 +113,5 @@ def run(args: argparse.Namespace) -> int:
         disp = predict(model, tensor(left), tensor(right), iters, args.hierarchical)[0, 0].cpu().numpy()
     for path in write_outputs(disp, args.out, args.focal, args.baseline):
         print(f"wrote {path}", file=sys.stderr)
+    print(describe(disp))
     return 0

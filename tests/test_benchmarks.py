@@ -44,7 +44,8 @@ def right_view_disparity(disp_left: np.ndarray) -> np.ndarray:
 
 
 def test_every_benchmark_has_a_fake_tree():
-    assert set(TREES) == set(BENCHMARKS)
+    # `demo` reads the demo shards only (tests/test_walkthrough.py evaluates a run on them)
+    assert set(TREES) == {name for name, bench in BENCHMARKS.items() if bench.source is not None}
 
 
 @pytest.mark.parametrize("name", sorted(TREES))

@@ -59,7 +59,7 @@ def test_metrics_cli_names_bad_files(tmp_path, capsys):
 
 
 def test_disparity_panel_shares_one_colour_scale_and_blacks_out_invalid():
-    from stereo.eval.report import disparity_panel
+    from stereo.eval.report import disparity_tiles
 
     gt = np.tile(np.linspace(1, 50, 8, dtype=np.float32), (4, 1))
     valid = np.ones_like(gt, bool)
@@ -67,8 +67,9 @@ def test_disparity_panel_shares_one_colour_scale_and_blacks_out_invalid():
     pred = gt.copy()
     pred[3, 7] += 10  # one wrong pixel
     left_chw = np.full((3, 4, 8), 100.0, np.float32)  # the trainer passes CHW float tensors' numpy
-    panel = disparity_panel(left_chw, gt, pred[None], valid[None])
+    panel, vmin, vmax = disparity_tiles(left_chw, gt, pred[None], valid[None])
     assert panel.shape == (4, 32, 3) and panel.dtype == np.uint8
+    assert 1 <= vmin < vmax <= 50
     left, gt_rgb, pred_rgb, err_rgb = np.split(panel, 4, axis=1)
     assert (left == 100).all()
     assert (gt_rgb[0, 0] == 0).all() and (err_rgb[0, 0] == 0).all()  # no ground truth: black
@@ -119,10 +120,10 @@ def test_eval_cli_writes_json_table_and_pictures(tmp_path, demo_checkpoint, caps
     assert "| d1/pooled |" in table and "000001_10" in table
     panels = sorted((out / "images").glob("*.png"))
     assert len(panels) == 2
-    with Image.open(panels[0]) as panel:
-        assert panel.size == (4 * fakedata.W, fakedata.H)  # left | gt | prediction | error
+    with Image.open(panels[0]) as panel:  # left | gt | prediction | error, with headers and colour bars
+        assert panel.width == 4 * fakedata.W and panel.height > fakedata.H + 24
     with Image.open(out / "summary.png") as sheet:
-        assert sheet.width >= 4 * fakedata.W and sheet.height > 2 * sheet.width * fakedata.H // (4 * fakedata.W)
+        assert sheet.width == 1280 and sheet.height > 2 * 1280 * fakedata.H // (4 * fakedata.W)
 
 
 def test_eval_cli_needs_a_config_for_a_bare_checkpoint(tmp_path, demo_checkpoint, capsys):

@@ -58,7 +58,7 @@ def checkpoint_and_pair(tmp_path_factory):
     return root
 
 
-def test_infer_command_writes_disparity_and_depth(checkpoint_and_pair):
+def test_infer_command_writes_disparity_and_depth(checkpoint_and_pair, capsys):
     root = checkpoint_and_pair
     out = root / "out"
     args = ["infer", "--ckpt", str(root / "tiny.pth"), "--left", str(root / "left.png"), "--right",
@@ -67,8 +67,9 @@ def test_infer_command_writes_disparity_and_depth(checkpoint_and_pair):
     assert main(args) == 0
     disp = read_pfm(out / "disp.pfm")
     assert disp.shape == (40, 70) and np.isfinite(disp).all()
+    assert f"disparity {disp.min():.2f} .. {disp.max():.2f} px" in capsys.readouterr().out
     png = decode_image((out / "disp_color.png").read_bytes())
-    assert png.shape == (40, 70, 3)
+    assert png.shape[1:] == (70, 3) and png.shape[0] > 40  # the colour bar's band below the picture
     import cv2
 
     sixteen = cv2.imread(str(out / "disp.png"), cv2.IMREAD_UNCHANGED)

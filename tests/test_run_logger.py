@@ -76,3 +76,26 @@ def test_wandb_that_cannot_start_is_a_warning_and_metrics_stay_strict_json(tmp_p
     assert "warning: wandb did not start" in done.stderr
     (line,) = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl"))["grad_norm"] is None
+
+
+IMAGE_SCRIPT = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from stereo.config import load_config
+    from stereo.eval.report import disparity_panel
+    from stereo.train.logging import RunLogger
+
+    logger = RunLogger(sys.argv[1], load_config("tiny", ["logging.wandb=offline"]), [], None, rank=0)
+    gt = np.tile(np.linspace(1, 30, 64, dtype=np.float32), (32, 1))
+    logger.log_image(7, "val/disparity_0", disparity_panel(np.zeros((32, 64, 3), np.uint8), gt, gt, gt > 0))
+    logger.finish()
+""")
+
+
+def test_validation_panels_reach_wandb(tmp_path):
+    """The trainer's Validator logs its labelled panels through log_image: a file in the run and a wandb image."""
+    proc = subprocess.run([sys.executable, "-c", IMAGE_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                          timeout=120, env={"WANDB_SILENT": "true", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "images/val_disparity_0_00000007.png").is_file()
+    assert list(tmp_path.glob("wandb/offline-run-*/files/media/images/val/disparity_0_*.png"))

@@ -138,16 +138,29 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported annotation {tp} for {key}")
 
 
+def _nested_paths(cls: type, key: str, prefix: str) -> list[str]:
+    """Dotted paths of every field named `key` in the sections below `cls` (`steps` -> `train.steps`)."""
+    found, hints = [], typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            path = f"{prefix}.{f.name}" if prefix else f.name
+            found += [f"{path}.{key}"] if key in {g.name for g in dataclasses.fields(tp)} else []
+            found += _nested_paths(tp, key, path)
+    return found
+
+
 def _build(cls: type, values: dict, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in values:
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
             dotted = f"{prefix}.{key}" if prefix else str(key)
-            hint = (f"{prefix}.{close[0]}" if prefix else close[0]) if close else None
-            raise ConfigError(dotted, f"unknown key (valid: {', '.join(names)})" if not close else "unknown key",
-                              hint=hint)
+            close = _nested_paths(cls, str(key), prefix) or [
+                f"{prefix}.{name}" if prefix else name
+                for name in difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)]
+            raise ConfigError(dotted, "unknown key" if close else f"unknown key (valid: {', '.join(names)})",
+                              hint=" or ".join(close) or None)
     kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in values.items()}
     obj = cls(**kwargs)
     if hasattr(obj, "validate"):
@@ -167,12 +180,27 @@ def load_config(name: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     path = find_config(name)
     tree = _read_yaml(path)
     tree.setdefault("name", path.stem)
-    source = str(path)
+    source = _shown(path)
     for text in overrides:
         _apply_override(tree, text)
     if overrides:
         source += " + overrides " + " ".join(overrides)
-    return from_dict(tree, source)
+    try:
+        return from_dict(tree, source)
+    except ConfigError as exc:
+        given = dict(text.split("=", 1) for text in overrides if "=" in text)
+        if exc.hint and exc.key in given:  # a misplaced override (`steps=10`): suggest the whole assignment
+            exc.hint = " or ".join(f"{hint}={given[exc.key]}" for hint in exc.hint.split(" or "))
+            exc.args = (exc.render(),)
+        raise
+
+
+def _shown(path: Path) -> str:
+    """A config path as the user would type it: relative to the working directory when it lies below it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def to_dict(cfg: Config) -> dict:

@@ -15,6 +15,7 @@ import logging
 import multiprocessing
 import signal
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -26,6 +27,7 @@ from stereo.config.schema import AugmentConfig, DataConfig, DatasetSpec
 from stereo.data.augment import Augmentor
 from stereo.data.reader import UnreadableSample, index_tar, iter_pipe, read_indexed
 from stereo.data.shardlist import resolve_shards
+from stereo.data.shards import read_manifest
 from stereo.data.stream import DatasetSource, RoleState, RoleStream, Sample, Transform, decode_checked
 
 log = logging.getLogger(__name__)
@@ -203,6 +205,17 @@ def iter_val_samples(data_cfg: DataConfig) -> Iterator[Sample]:
                 yield item
                 if remaining is not None:
                     remaining -= 1
+
+
+def count_val_samples(data_cfg: DataConfig) -> int | None:
+    """How many samples `iter_val_samples` yields, from the shards' manifests (None when one has no manifest)."""
+    total = 0
+    for spec in data_cfg.val:
+        manifest = read_manifest(spec.shards) if Path(spec.shards).is_dir() else None
+        if manifest is None:
+            return None
+        total += manifest["num_samples"]
+    return total if data_cfg.val_samples is None else min(total, data_cfg.val_samples)
 
 
 def _shard_samples(shard) -> Iterator[Sample | UnreadableSample]:

@@ -8,7 +8,10 @@ ETH3D BP-1 0.5, KITTI-12 D1 2.3, KITTI-15 D1 2.8, Scene Flow EPE 0.34.
 Aggregation follows the evaluation code of the RAFT-Stereo family that the paper compares within: KITTI pools
 pixels over the whole set (as the KITTI devkit does), the others average per-image values with equal weights
 (MiddEval3's own web table weights a few scenes by one half; we do not). Both aggregations are always in
-results.json. No disparity cap is applied anywhere (see stereo.eval.metrics for what that changes on Scene Flow).
+results.json. No disparity cap is applied to them (see stereo.eval.metrics for what that changes on Scene Flow).
+
+`demo` is not a benchmark of the paper: it scores a run on the demo validation shards exactly as the trainer's
+validation does, so that `make eval CKPT=runs/<tiny run> BENCH=demo` reproduces the EPE the training printed.
 """
 
 from __future__ import annotations
@@ -32,11 +35,13 @@ Sample = dict[str, Any]
 class Benchmark:
     name: str
     title: str
-    source: str  # key of stereo.data.sources.SOURCES for raw directories
+    source: str | None  # key of stereo.data.sources.SOURCES for raw directories; None: shards only
     protocol: str  # which split, mask, resolution and aggregation; shown in results and docs
     headline: tuple[str, ...]  # summary keys reported; the first is the paper's number
-    paper: float  # FoundationStereo zero-shot value of headline[0]
+    paper: float | None  # FoundationStereo zero-shot value of headline[0]; None: not a published benchmark
     source_options: dict[str, str] = field(default_factory=dict)
+    default_data: str | None = None  # where the data is when --data is not given
+    max_disp_from_model: bool = False  # drop gt >= the model's max_disp, as the trainer's validation does
     scale: float = 1.0  # images and ground truth are resized by this before inference
     nocc_from_right_disparity: bool = False  # derive the non-occluded mask by a left-right check of the gt
 
@@ -86,6 +91,13 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in [
         protocol="FlyingThings3D TEST, final pass, full resolution 960x540. EPE over every pixel with finite gt > 0 "
                  "(no 192 px cap), mean over images; also BP-1 and D1.",
         headline=("epe/mean_image", "epe/pooled", "bp_1/mean_image", "d1/mean_image"), paper=0.34),
+    Benchmark(
+        name="demo", title="Demo validation shards (procedural scenes + the Middlebury motorcycle)",
+        source=None, default_data="shards/demo/val", max_disp_from_model=True,
+        protocol="The validation split `make demo-data` writes: 8 procedural scenes (320x160) and the Middlebury 2014 "
+                 "motorcycle pair at scikit-image's size (741x500). As the trainer's validation: finite gt below "
+                 "the model's max_disp, pooled over all pixels; no published number to compare with.",
+        headline=("epe/pooled", "bp_2/pooled", "d1/pooled"), paper=None),
 ]}
 
 
@@ -144,6 +156,10 @@ class BenchmarkSamples:
             raise SourceError(f"{self.data}: source options ({', '.join(options)}) apply to raw directories; shards "
                               "hold whatever was chosen when they were written")
         if not is_shard_location(self.data):
+            if benchmark.source is None:
+                raise SourceError(f"{self.data}: no shards there (no manifest.json); the {benchmark.name} benchmark "
+                                  f"reads shards only" + (" (`make demo-data` writes them)" if benchmark.name == "demo"
+                                                          else ""))
             self.raw = get_source(benchmark.source).list_samples(
                 self.data, **{**benchmark.source_options, **(options or {})})[:limit]
 

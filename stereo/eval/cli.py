@@ -103,12 +103,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--bench", required=True, choices=sorted(BENCHMARKS), help="benchmark protocol")
-    parser.add_argument("--data", required=True, help="the benchmark's raw directory (official layout) or its shards")
+    parser.add_argument("--data", help="the benchmark's raw directory (official layout) or its shards "
+                                        "(default for --bench demo: shards/demo/val)")
     parser.add_argument("--iters", type=int,
                         help="GRU iterations (default: the config's eval.iters, else model.valid_iters)")
     parser.add_argument("--out", type=Path, help="output directory (default runs/eval/<bench>-<checkpoint name>)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N pairs")
-    parser.add_argument("--max-disp", type=float, help="drop gt >= this from the metrics (default: no cap)")
+    parser.add_argument("--max-disp", type=float,
+                        help="drop gt >= this from the metrics (default: no cap; demo: the model's max_disp)")
     parser.add_argument("--option", "-o", action="append", default=[], metavar="NAME=VALUE",
                         help="data source option, repeatable (e.g. passes=clean for sceneflow)")
     parser.add_argument("--no-images", action="store_true", help="skip the per-image panels and summary sheet")
@@ -116,26 +118,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     bench = get_benchmark(args.bench)
+    data = args.data or bench.default_data
+    if data is None:
+        print(f"eval: --data is required for {bench.name} (its raw directory or shards)", file=sys.stderr)
+        return 2
     device = torch.device(args.device)
     precision = resolve_precision(args.precision, device, "--precision")
     try:
-        samples = BenchmarkSamples(bench, args.data, args.limit, parse_options(args.option))
+        samples = BenchmarkSamples(bench, data, args.limit, parse_options(args.option))
         model, cfg, description = load_model(args.ckpt, args.config, args.size, device)
     except (FileNotFoundError, SourceError, CodecError, WeightMismatchError) as exc:
         print(f"eval: {exc}", file=sys.stderr)
         return 1
     iters = args.iters or cfg.eval.iters or cfg.model.valid_iters
+    max_disp = args.max_disp if args.max_disp is not None else (
+        cfg.model.max_disp if bench.max_disp_from_model else None)
     out = args.out or Path("runs/eval") / f"{bench.name}-{args.ckpt.resolve().name.split('.')[0]}"
     metadata: dict[str, Any] = {
-        "benchmark": bench.name, "title": bench.title, "protocol": bench.protocol, "data": str(args.data),
+        "benchmark": bench.name, "title": bench.title, "protocol": bench.protocol, "data": str(data),
         "checkpoint": description, "model": cfg.model.size, "iters": iters, "hierarchical": args.hierarchical,
-        "precision": precision, "max_disp": args.max_disp,
-        f"paper ({bench.headline[0]})": bench.paper,
+        "precision": precision, "max_disp": max_disp,
+        **({f"paper ({bench.headline[0]})": bench.paper} if bench.paper is not None else {}),
     }
     print(f"eval {bench.title}: {description}, {iters} iterations, {device} ({precision})", file=sys.stderr)
     try:
         with autocast_to(precision, device):
-            result = evaluate(model, samples, iters, device, out_dir=out, max_disp=args.max_disp,
+            result = evaluate(model, samples, iters, device, out_dir=out, max_disp=max_disp,
                               headline=bench.headline, title=bench.title, save_images=not args.no_images,
                               metadata=metadata, hierarchical=args.hierarchical)
     except (CodecError, BadSample) as exc:  # an unreadable file of the benchmark: name it rather than score less
@@ -144,7 +152,8 @@ def run(args: argparse.Namespace) -> int:
     for key in bench.headline:
         value = result[key]
         print(f"{key:>24}: {'-' if value is None else f'{value:.4f}'}")
-    print(f"{'paper':>24}: {bench.paper} ({bench.headline[0]}, FoundationStereo zero-shot)")
+    if bench.paper is not None:
+        print(f"{'paper':>24}: {bench.paper} ({bench.headline[0]}, FoundationStereo zero-shot)")
     print(f"wrote {out}/results.json, results.md" + ("" if args.no_images else ", images/, summary.png"),
           file=sys.stderr)
     return 0

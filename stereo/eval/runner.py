@@ -18,14 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from stereo.eval.metrics import MetricAccumulator
 from stereo.eval.report import disparity_panel, markdown_table, summary_sheet
 from stereo.model.infer import predict
+from stereo.progress import track
 
 DEFAULT_HEADLINE: tuple[str, ...] = ("epe/pooled", "bp_2/pooled", "d1/pooled")
-SHEET_IMAGES = 4  # worst and best images shown on the summary sheet
+SHEET_IMAGES = 3  # worst and best images shown on the summary sheet
 
 
 def _to_tensor(image: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -40,7 +40,8 @@ def _file_name(key: str) -> str:
 def evaluate(model: torch.nn.Module, samples: Iterable[dict[str, Any]], iters: int, device: str | torch.device,
              out_dir: str | Path | None = None, max_disp: float | None = None, progress: bool = True, *,
              headline: Sequence[str] = DEFAULT_HEADLINE, title: str = "evaluation", save_images: bool = True,
-             metadata: dict[str, Any] | None = None, hierarchical: bool = False) -> dict[str, Any]:
+             metadata: dict[str, Any] | None = None, hierarchical: bool = False, total: int | None = None,
+             keep_panels: int = 0) -> dict[str, Any]:
     """Predict every sample, score it, and return the summary (flat: `epe/pooled`, `d1_noc/mean_image`, ...,
     `images`, `pixels`, `seconds_per_image`) plus `rows`: the per-image rows (key, metrics, seconds, size).
 
@@ -48,6 +49,9 @@ def evaluate(model: torch.nn.Module, samples: Iterable[dict[str, Any]], iters: i
     With `out_dir`: `results.json` and `results.md` (both led by `metadata`), and unless `save_images` is false a
     panel PNG per image under `images/` and `summary.png`.
     `hierarchical`: predict as the released `--hiera` does (see stereo.model.infer.predict).
+    `total`: the number of samples, for the progress display, when `samples` has no len().
+    `keep_panels`: the labelled panels of the first N samples are returned under `panels` (the trainer logs them
+    as validation images).
     `headline` names the summary keys shown in the table and sheet; its first entry (without the `/pooled` or
     `/mean_image` suffix) ranks the images for the sheet.
     """
@@ -58,11 +62,13 @@ def evaluate(model: torch.nn.Module, samples: Iterable[dict[str, Any]], iters: i
         (out / "images" if panels else out).mkdir(parents=True, exist_ok=True)
     accumulator = MetricAccumulator(max_disp)
     rows: list[dict[str, Any]] = []
-    try:
-        total: int | None = len(samples)  # type: ignore[arg-type]
-    except TypeError:  # a generator, or shards whose length is unknown until read
-        total = None
-    for sample in tqdm(samples, total=total, desc=title, unit="img", disable=not progress, leave=False):
+    kept: list[np.ndarray] = []
+    if total is None:
+        try:
+            total = len(samples)  # type: ignore[arg-type]
+        except TypeError:  # a generator, or shards whose length is unknown until read
+            total = None
+    for sample in track(samples, total, title, "img", enabled=progress):
         left, right = _to_tensor(sample["left"], device), _to_tensor(sample["right"], device)
         start = time.perf_counter()
         # no_grad, not inference_mode: under ZeRO-3 the forward gathers weights that later train, and a tensor made in
@@ -75,14 +81,18 @@ def evaluate(model: torch.nn.Module, samples: Iterable[dict[str, Any]], iters: i
         pred = disp.float().cpu().numpy().reshape(sample["disp"].shape)
         row = {"key": sample["key"], **accumulator.add(pred, sample["disp"], sample["valid"], sample.get("nocc")),
                "seconds": seconds, "height": pred.shape[0], "width": pred.shape[1]}
-        if panels:
-            panel_path = out / "images" / f"{len(rows):04d}_{_file_name(sample['key'])}.png"
-            Image.fromarray(disparity_panel(sample["left"], sample["disp"], pred, sample["valid"])).save(panel_path)
-            row["panel"] = str(panel_path.relative_to(out))
+        if panels or len(kept) < keep_panels:
+            panel = disparity_panel(sample["left"], sample["disp"], pred, sample["valid"])
+            if len(kept) < keep_panels:
+                kept.append(panel)
+            if panels:
+                panel_path = out / "images" / f"{len(rows):04d}_{_file_name(sample['key'])}.png"
+                Image.fromarray(panel).save(panel_path)
+                row["panel"] = str(panel_path.relative_to(out))
         rows.append(row)
     summary = accumulator.summary()
     summary["seconds_per_image"] = float(np.mean([r["seconds"] for r in rows])) if rows else None
-    result = {**summary, "rows": rows}
+    result = {**summary, "rows": rows, **({"panels": kept} if keep_panels else {})}
     if out is not None:
         write_report(out, result, headline, title, metadata)
     return result
@@ -103,7 +113,7 @@ def write_report(out: Path, result: dict[str, Any], headline: Sequence[str], tit
                  metadata: dict[str, Any] | None = None) -> None:
     """results.json (everything), results.md (headline table + per-image table), summary.png (worst/best)."""
     rows, metadata = result["rows"], metadata or {}
-    summary = {k: v for k, v in result.items() if k != "rows"}
+    summary = {k: v for k, v in result.items() if k not in ("rows", "panels")}
     (out / "results.json").write_text(json.dumps(_json_safe({**metadata, "summary": summary, "images": rows}),
                                                  indent=2) + "\n")
     per_image_keys = list(dict.fromkeys(k.rsplit("/", 1)[0] for k in headline))
@@ -124,4 +134,4 @@ def write_report(out: Path, result: dict[str, Any], headline: Sequence[str], tit
         return [(r["key"], r[rank_key], out / r["panel"]) for r in chosen]
 
     summary_sheet(out / "summary.png", f"{title}  (ranked by {rank_key})",
-                  [(k, summary.get(k)) for k in headline], tiles(worst), tiles(best))
+                  [(k, summary.get(k)) for k in headline], tiles(worst), tiles(best), rank_key)

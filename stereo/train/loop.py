@@ -13,11 +13,11 @@ import time
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from stereo import exitcodes
 from stereo.config import Config, dump_yaml
 from stereo.model.precision import resolve_precision
+from stereo.progress import TrainProgress
 from stereo.train import engine as ds_engine
 from stereo.train.checkpoint import CheckpointManager
 from stereo.train.ema import EMA
@@ -80,8 +80,7 @@ def train(cfg: Config, overrides: list[str], context: ExitContext) -> int:
     clock.mark("loader_start")
 
     nan_steps = nan_injection_steps(env.rank)
-    progress = tqdm(total=cfg.train.steps, initial=state.step, desc="train", disable=env.rank != 0,
-                    file=sys.stderr, dynamic_ncols=True, mininterval=2.0)
+    progress = TrainProgress(cfg.train.steps, state.step, enabled=env.rank == 0)
     first_step = state.step + 1
     window = Window()
     exit_code = exitcodes.OK
@@ -126,7 +125,7 @@ def train(cfg: Config, overrides: list[str], context: ExitContext) -> int:
         if state.step % cfg.logging.every == 0 or state.step == cfg.train.steps:
             scalars = window.flush(lr, ds_engine.grad_norm(engine), state.skipped_steps, loader)
             log.log(state.step, scalars)
-            progress.set_postfix(loss=f"{scalars['loss']:.3f}", lr=f"{lr:.2e}")
+            progress.log(scalars)
         progress.update(1)
         if cfg.logging.image_every and state.step % cfg.logging.image_every == 0:
             log.log_image(state.step, "train/disparity", training_panel(batch, preds[-1]))
@@ -148,6 +147,8 @@ def train(cfg: Config, overrides: list[str], context: ExitContext) -> int:
     if exit_code == exitcodes.OK:
         validator.run(state.step, "after")
         validator.print_summary()
+    log.finish(exit_code)  # before the closing lines, which wandb's summary would otherwise bury
+    progress.done(exit_code, run.path, ckpts.latest(), cfg)
     if dist.is_initialized():
         dist.barrier()
     return exit_code

@@ -25,6 +25,7 @@ from stereo.train.failures import ExitContext, agree_on_failure
 from stereo.train.rundir import RunDirLock, check_resume_config, record_start
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+VAL_PANELS = 2  # validation images logged (the first held-out samples' labelled panels)
 
 
 def git_revision() -> str | None:
@@ -222,7 +223,7 @@ class Validator:
         if not self.cfg.data.val:
             return
         if self.env.rank == 0 or self.cfg.deepspeed.zero_stage == 3:
-            from stereo.data.loader import iter_val_samples
+            from stereo.data.loader import count_val_samples, iter_val_samples
             from stereo.eval.runner import evaluate
 
             was_training = self.module.training
@@ -230,10 +231,13 @@ class Validator:
             with (self.ema.applied() if self.ema is not None else contextlib.nullcontext()), torch.no_grad():
                 metrics = evaluate(self.module, iter_val_samples(self.cfg.data), self.cfg.model.valid_iters,
                                    self.env.device, max_disp=self.cfg.model.max_disp, title=f"validation {step}",
-                                   progress=self.env.rank == 0)
+                                   progress=self.env.rank == 0, total=count_val_samples(self.cfg.data),
+                                   keep_panels=VAL_PANELS)
             self.module.train(was_training)
             scalars = {f"val/{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
             self.log.log(step, scalars)
+            for index, panel in enumerate(metrics["panels"]):
+                self.log.log_image(step, f"val/disparity_{index}", panel)
             epe = scalars.get("val/epe/pooled", math.nan)
             if label:
                 self.epe[label] = epe
