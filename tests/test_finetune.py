@@ -208,7 +208,7 @@ def test_step_zero_validation_scores_the_starting_file(finetuned, starts, data):
 
 def test_resume_wins_over_init_from(finetuned, starts):
     log = finetuned["second_log"]
-    assert "resumed from" in log and "step_00000001" in log
+    assert "resumed at step 1 from" in log and "step_00000001" in log
     steps = [r["step"] for r in metrics(finetuned["run_dir"]) if "loss" in r]
     assert steps == [1, 2, 3, 4]  # continued, not restarted at 1
     assert [r["step"] for r in metrics(finetuned["run_dir"]) if "val/epe/pooled" in r] == [0, 1, 4]  # no new step 0

@@ -143,7 +143,7 @@ def pair2(tmp_path_factory):
 @pytest.mark.parametrize("pair", ["pair1", "pair2"])
 def test_kill9_and_restart_is_bit_identical(pair, request):
     straight, killed, log = request.getfixturevalue(pair)
-    assert "resumed from" in log and "step_00000003" in log
+    assert "resumed at step 3 from" in log and "step_00000003" in log
     assert_bit_identical(straight, killed)
     assert complete_steps(killed / "checkpoints") == [6, 8]  # keep_last=2
     assert (killed / "checkpoints" / "latest").read_text().strip() == "step_00000008"
