@@ -171,8 +171,9 @@ def test_bad_samples_are_skipped_counted_and_fail_above_the_rate(tmp_path: Path)
     corrupt_jpeg = {**members_for(2), "left.jpg": b"\xff\xd8\xff\xe0 not really a jpeg"}
     del corrupt_jpeg["left.png"]
     missing_right = {k: v for k, v in members_for(3).items() if k != "right.png"}
+    empty_left = {**members_for(4), "left.png": b""}  # OpenCV raises cv2.error on an empty buffer
     paths = write_shards(tmp_path / "bad", [list(range(0, 10)), list(range(10, 20))],
-                         damage={1: nan_disp, 2: corrupt_jpeg, 3: missing_right})
+                         damage={1: nan_disp, 2: corrupt_jpeg, 3: missing_right, 4: empty_left})
     data = paths[1].read_bytes()
     paths[1].write_bytes(data[: len(data) // 2])  # truncated in the middle of a sample
     source = sources_from_specs([DatasetSpec("bad", str(tmp_path / "bad"))])[0]
@@ -184,8 +185,8 @@ def test_bad_samples_are_skipped_counted_and_fail_above_the_rate(tmp_path: Path)
             break
         good.append(ident)
     counts = dict(stream.state.bad)
-    assert set(good).isdisjoint({1, 2, 3}) and len(set(good)) == len(good)
-    assert counts["invalid_disparity"] == 1 and counts["undecodable"] == 1 and counts["missing_member"] == 1
+    assert set(good).isdisjoint({1, 2, 3, 4}) and len(set(good)) == len(good)
+    assert counts["invalid_disparity"] == 1 and counts["undecodable"] == 2 and counts["missing_member"] == 1
     assert counts["truncated"] >= 3
     assert len(good) + sum(counts.values()) == 20  # every sample of the epoch either read or counted once
 

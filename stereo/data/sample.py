@@ -144,7 +144,12 @@ def _ground_truth(members: dict[str, bytes], key: str, view: str, meta: dict) ->
     if "focal" not in meta or "baseline" not in meta:
         raise CodecError(f"{key}: {depth_name}.{found[0]} needs focal and baseline in meta.json, got {sorted(meta)}")
     depth = decode_depth(found[1], found[0], f"{key}.{depth_name}.{found[0]}")
-    return depth_to_disparity(depth, float(meta["focal"]), float(meta["baseline"]))
+    try:
+        focal, baseline = float(meta["focal"]), float(meta["baseline"])
+    except (TypeError, ValueError):
+        raise CodecError(f"{key}.meta.json: focal and baseline must be numbers, got {meta['focal']!r}, "
+                         f"{meta['baseline']!r}") from None
+    return depth_to_disparity(depth, focal, baseline)
 
 
 def _check_shape(key: str, what: str, array: np.ndarray, shape: tuple[int, int]) -> None:
@@ -154,7 +159,12 @@ def _check_shape(key: str, what: str, array: np.ndarray, shape: tuple[int, int])
 
 def decode_sample(members: dict[str, bytes], key: str) -> dict[str, Any]:
     """Members (extension -> bytes; `__key__`-style entries ignored) -> numpy sample (docs/architecture.md)."""
-    meta = json.loads(members["meta.json"]) if "meta.json" in members else {}
+    try:
+        meta = json.loads(members["meta.json"]) if "meta.json" in members else {}
+    except ValueError as exc:
+        raise CodecError(f"{key}.meta.json: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise CodecError(f"{key}.meta.json: expected a JSON object, got {type(meta).__name__}")
     images = {}
     for view in ("left", "right"):
         found = _find(members, view)
