@@ -17,6 +17,8 @@ import webdataset as wds
 from stereo.config.schema import AugmentConfig, DataConfig, DatasetSpec
 from stereo.data.codecs import encode_pfm, encode_png
 from stereo.data.loader import build_train_loader, iter_val_samples, sources_from_specs
+from stereo.data.reader import FetchOptions
+from stereo.data.remote import RetryPolicy
 from stereo.data.shardlist import ShardListError, resolve_shards
 from stereo.data.stream import BadDataError, DatasetSource, RoleState, RoleStream
 
@@ -205,14 +207,18 @@ def test_val_samples_in_order_once_and_capped(shard_dir: Path):
     assert samples[0]["left"].shape == SIZE + (3,) and samples[0]["dataset"] == "v"
 
 
-def test_failing_pipe_commands_are_reported(shard_dir: Path):
-    dies_after = DatasetSource("p", resolve_shards(f"pipe:cat {shard_dir}/000000.tar; exit 3"), 1.0)
+def test_failing_pipe_commands_are_retried_then_counted_as_failed_shards(shard_dir: Path):
+    """A command that fails is run again and the samples it already gave are skipped (none lost, none twice);
+    after the retry budget the shard counts as failed and the stream goes on; a second failure above the rate
+    stops with BadDataError."""
+    fetch = FetchOptions(RetryPolicy(retries=2, backoff_s=0.01), max_failed_rate=0.5)
+    dies_after = DatasetSource("p", resolve_shards(f"pipe:cat {shard_dir}/000000.tar; exit 3"), 1.0, fetch)
     stream = role_stream(dies_after)
     assert sorted(ident_of(stream.next()) for _ in range(5)) == list(range(5))
     stream.next()  # the next epoch starts after the failure was counted
-    assert stream.state.bad == {"pipe_failed": 1}
-    missing = DatasetSource("m", resolve_shards("pipe:cat /nonexistent/000000.tar"), 1.0)
-    with pytest.raises(BadDataError, match="nonexistent/000000.tar.*pipe_failed"):
+    assert stream.state.bad == {"failed_shards": 1}
+    missing = DatasetSource("m", resolve_shards("pipe:cat /nonexistent/000000.tar"), 1.0, fetch)
+    with pytest.raises(BadDataError, match="2 of 2 shards .*nonexistent/000000.tar: exit status 1 .*No such file"):
         role_stream(missing).next()
 
 

@@ -21,8 +21,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from stereo.config.schema import AugmentConfig, DataConfig, DatasetSpec
 from stereo.data.augment import Augmentor
-from stereo.data.reader import UnreadableSample, index_tar, iter_pipe, read_indexed
-from stereo.data.shardlist import resolve_shards
+from stereo.data.reader import FetchOptions, UnreadableSample, index_tar, iter_streamed, read_indexed
+from stereo.data.remote import RetryPolicy, ShardCache
+from stereo.data.shardlist import Shard, resolve_shards
 from stereo.data.stream import DatasetSource, RoleState, RoleStream, Sample, Transform, decode_checked
 
 log = logging.getLogger(__name__)
@@ -130,11 +131,17 @@ class TrainLoader:
         return totals
 
 
-def sources_from_specs(specs: list[DatasetSpec]) -> list[DatasetSource]:
+def fetch_options(data_cfg: DataConfig) -> FetchOptions:
+    cache = ShardCache(data_cfg.cache_dir, int(data_cfg.cache_gb * 1e9)) if data_cfg.cache_dir else None
+    return FetchOptions(RetryPolicy(data_cfg.shard_retries, data_cfg.retry_backoff_s), cache,
+                        data_cfg.max_failed_shard_rate)
+
+
+def sources_from_specs(specs: list[DatasetSpec], fetch: FetchOptions = FetchOptions()) -> list[DatasetSource]:
     names = [spec.name for spec in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"data set names must be unique (they seed the shard order): {names}")
-    return [DatasetSource(spec.name, resolve_shards(spec.shards), spec.weight) for spec in specs]
+    return [DatasetSource(spec.name, resolve_shards(spec.shards), spec.weight, fetch) for spec in specs]
 
 
 def build_train_loader(data_cfg: DataConfig, augment_cfg: AugmentConfig | None, max_disp: int, rank: int,
@@ -144,7 +151,8 @@ def build_train_loader(data_cfg: DataConfig, augment_cfg: AugmentConfig | None, 
     if not data_cfg.train:
         raise ValueError("data.train: at least one data set, got none")
     transform = Augmentor(augment_cfg, max_disp) if augment_cfg is not None else None
-    return TrainLoader(sources_from_specs(data_cfg.train), seed=data_cfg.seed, rank=rank, world_size=world_size,
+    sources = sources_from_specs(data_cfg.train, fetch_options(data_cfg))
+    return TrainLoader(sources, seed=data_cfg.seed, rank=rank, world_size=world_size,
                        num_workers=data_cfg.num_workers, batch_size=data_cfg.batch_size, max_disp=max_disp,
                        max_bad_rate=data_cfg.max_bad_sample_rate, transform=transform)
 
@@ -153,9 +161,9 @@ def iter_val_samples(data_cfg: DataConfig) -> Iterator[Sample]:
     """Each held-out sample once, in shard order, full size; capped by `data_cfg.val_samples`. Bad ones are skipped
     with a warning (validation must not die on one broken file, nor silently shrink)."""
     remaining = data_cfg.val_samples
-    for source in sources_from_specs(data_cfg.val):
+    for source in sources_from_specs(data_cfg.val, fetch_options(data_cfg)):
         for shard in source.shards:
-            for item in _shard_samples(shard):
+            for item in _shard_samples(shard, source.fetch):
                 if remaining is not None and remaining <= 0:
                     return
                 if isinstance(item, UnreadableSample):
@@ -167,9 +175,10 @@ def iter_val_samples(data_cfg: DataConfig) -> Iterator[Sample]:
                     remaining -= 1
 
 
-def _shard_samples(shard) -> Iterator[Sample | UnreadableSample]:
-    if shard.is_pipe:
-        raw = iter_pipe(shard.url)
+def _shard_samples(shard: Shard, fetch: FetchOptions) -> Iterator[Sample | UnreadableSample]:
+    """Every sample of one shard in stored order (raw items are (key, members, ...))."""
+    if shard.is_streamed:
+        raw = iter_streamed(shard.url, 0, fetch)
     else:
         try:
             index = index_tar(shard.url)
