@@ -46,8 +46,8 @@ train: ## train CONFIG (default tiny: demo shards, CPU, a few minutes); override
 config: ## print CONFIG fully resolved (validates it)
 	$(PY) -m stereo config $(CONFIG) $(OVERRIDES)
 
-shards: ## convert a data set: DATASET=kitti15 SRC=/data/KITTI OUT=shards/kitti15
-	$(PY) -m stereo shards --dataset $(DATASET) --src $(SRC) --out $(OUT)
+shards: ## convert a data set: DATASET=kitti15 SRC=/data/KITTI OUT=shards/kitti15 (or s3://bucket/kitti15) [SHARD_SIZE=1GB]
+	$(PY) -m stereo shards --dataset $(DATASET) --src $(SRC) --out $(OUT) $(if $(SHARD_SIZE),--shard-size $(SHARD_SIZE))
 
 bench: ## time a training step and inference (GPU): median step, samples/s, peak memory, MFU
 	$(PY) -m stereo bench --out runs/bench.json

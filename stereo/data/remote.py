@@ -145,6 +145,7 @@ class RangeReader:
         self.retried = 0  # reconnections so far (for the log and the tests)
         self._body: Any = None
         self._failures = 0
+        self._given_up: FetchError | None = None
         self._errors = _network_errors()
         self._connect()
 
@@ -167,25 +168,33 @@ class RangeReader:
         self.policy.wait(self._failures)
 
     def read(self, size: int = -1) -> bytes:
+        if self._given_up is not None:
+            raise self._given_up
         chunks, wanted = [], size
-        while wanted != 0:
-            if self._body is None:
-                self._connect()
-            try:
-                chunk = self._body.read(wanted if wanted > 0 else 1 << 20)
-            except self._errors as exc:
-                self._failed(_classify(self.url, exc))
-                continue
-            if not chunk:
-                if self.size is not None and self.position < self.size:  # closed early without an error
-                    self._failed(FetchError(f"{self.url}: connection closed at byte {self.position} of {self.size}"))
+        try:
+            while wanted != 0:
+                if self._body is None:
+                    self._connect()
+                try:
+                    chunk = self._body.read(wanted if wanted > 0 else 1 << 20)
+                except self._errors as exc:
+                    self._failed(_classify(self.url, exc))
                     continue
-                break
-            chunks.append(chunk)
-            self.position += len(chunk)
-            self._failures = 0
-            if wanted > 0:
-                wanted -= len(chunk)
+                if not chunk:
+                    if self.size is not None and self.position < self.size:  # closed early without an error
+                        self._failed(FetchError(f"{self.url}: connection closed at byte {self.position} of "
+                                                f"{self.size}"))
+                        continue
+                    break
+                chunks.append(chunk)
+                self.position += len(chunk)
+                self._failures = 0
+                if wanted > 0:
+                    wanted -= len(chunk)
+        except FetchError as exc:
+            if not chunks:
+                raise
+            self._given_up = exc  # hand out what arrived (whole samples in it are kept), fail on the next read
         return b"".join(chunks)
 
     def _close_body(self) -> None:
