@@ -223,7 +223,9 @@ LOADER_RUN = r"""
 import hashlib, json, os, sys
 from stereo.config.schema import AugmentConfig, DataConfig, DatasetSpec
 from stereo.data.loader import build_train_loader
+import time
 rank, out, total, resume, cache = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1", sys.argv[5]
+pace = float(sys.argv[7])  # seconds per batch: a slow consumer, so the kill finds batches prefetched
 cfg = DataConfig(train=[DatasetSpec("s3", sys.argv[6])], batch_size=2, num_workers=2, seed=5,
                  shard_retries=2, retry_backoff_s=0.01, cache_dir=cache or None)
 loader = build_train_loader(cfg, AugmentConfig(crop=[32, 32]), 512, rank, 2)
@@ -241,37 +243,48 @@ with open(out, "a") as log:
         done += 1
         if done == total:
             break
+        time.sleep(pace)
 """
 
 
-def _loader_run(rank: int, out: Path, total: int, resume: bool, cache: str, source: str) -> subprocess.Popen:
+def _loader_run(rank: int, out: Path, total: int, resume: bool, cache: str, source: str, pace: float = 0.0,
+                ) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", LOADER_RUN, str(rank), str(out), str(total), "1" if resume else "0",
-                             cache, source], cwd=REPO, start_new_session=True, env=os.environ.copy())
+                             cache, source, str(pace)], cwd=REPO, start_new_session=True, env=os.environ.copy())
 
 
 def _digests(path: Path) -> list[str]:
     return [json.loads(line)["digest"] for line in path.read_text().splitlines()]
 
 
+def _wait_all(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        assert proc.wait(300) == 0
+
+
 def test_remote_exact_resume_after_kill9_at_world_size_2_with_2_workers(s3, tmp_path):
-    """4 roles on 3 shards (each split into 2 parts): kill -9 mid-shard, resume from the last saved state (remote
-    reads restart at the saved byte offset, the cached ones from the local copy) == the uninterrupted batches."""
-    total, source = 10, f"s3://{BUCKET}/set"
-    for cache in ("", str(tmp_path / "cache")):
-        for rank in range(2):
-            straight, killed = tmp_path / f"straight{rank}{bool(cache)}", tmp_path / f"killed{rank}{bool(cache)}"
-            assert _loader_run(rank, straight, total, False, cache, source).wait(300) == 0
-            proc = _loader_run(rank, killed, total, False, cache, source)
-            deadline = time.time() + 300
-            while not killed.exists() or len(killed.read_text().splitlines()) < 3:
-                assert proc.poll() is None and time.time() < deadline
-                time.sleep(0.01)
-            os.killpg(proc.pid, signal.SIGKILL)  # the rank and its two loader workers
-            proc.wait()
-            head = len(_digests(killed))
-            assert head < total
-            assert _loader_run(rank, killed, total, True, cache, source).wait(300) == 0
-            assert _digests(killed) == _digests(straight), f"rank {rank} (cache {bool(cache)}), killed after {head}"
-    offsets = [c[4] for line in killed.read_text().splitlines()
+    """4 roles on 3 shards (each split into 2 parts): both ranks killed with -9 mid-shard and resumed from their
+    last saved state (remote reads restart at the saved byte offset; rank 1 also through the cache) give the
+    batches of the uninterrupted run."""
+    total, source, cache = 10, f"s3://{BUCKET}/set", str(tmp_path / "cache")
+    straight = [tmp_path / f"straight{rank}" for rank in range(2)]
+    killed = [tmp_path / f"killed{rank}" for rank in range(2)]
+    _wait_all([_loader_run(rank, straight[rank], total, False, "", source) for rank in range(2)])
+    procs = [_loader_run(rank, killed[rank], total, False, cache if rank else "", source, pace=2.0)
+             for rank in range(2)]
+    deadline = time.time() + 300
+    for rank, proc in enumerate(procs):
+        while not killed[rank].exists() or len(killed[rank].read_text().splitlines()) < 3 + rank:
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)  # the rank and its two loader workers
+        proc.wait()
+    heads = [len(_digests(path)) for path in killed]
+    assert max(heads) < total
+    _wait_all([_loader_run(rank, killed[rank], total, True, cache if rank else "", source) for rank in range(2)])
+    for rank in range(2):
+        assert _digests(killed[rank]) == _digests(straight[rank]), f"rank {rank}, killed after {heads[rank]}"
+    offsets = [c[4] for path in killed for line in path.read_text().splitlines()
                for role in json.loads(line)["state"]["roles"].values() for c in role["cursors"].values()]
     assert any(offsets), "remote cursors carry byte offsets"
+    assert list(Path(cache).glob("*.tar"))
