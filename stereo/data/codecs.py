@@ -42,8 +42,7 @@ def _imdecode(data: bytes, flags: int, name: str, what: str) -> np.ndarray:
 
 def decode_image(data: bytes, name: str = "image") -> np.ndarray:
     """JPEG/PNG bytes (gray, RGB, RGBA, 8 or 16 bit) -> (H, W, 3) uint8 RGB."""
-    bgr = _imdecode(data, cv2.IMREAD_COLOR, name, "JPEG/PNG image")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return _imdecode(data, cv2.IMREAD_COLOR_RGB, name, "JPEG/PNG image")  # RGB straight from the decoder
 
 
 def read_image(path: str | Path) -> np.ndarray:
