@@ -62,6 +62,9 @@ class RawSample:
     valid_masks: tuple[MaskFile, ...] = ()  # all must hold (besides finite, > 0)
     nocc_masks: tuple[MaskFile, ...] = ()  # all must hold for a pixel to count as non-occluded
     meta: dict[str, Any] = field(default_factory=dict)  # focal (px) and baseline (m) for depth sets, ...
+    # negative disparity marks invalid pixels (users' files: -1 is a common marker) instead of being refused as a
+    # sign or view mix-up, which it is in the public sets
+    negative_invalid: bool = False
 
     def __post_init__(self) -> None:
         if "." in Path(self.key).name:
@@ -93,8 +96,8 @@ def _read(path: str) -> bytes:
 
 
 def _combined_mask(masks: tuple[MaskFile, ...]) -> bytes:
-    if len(masks) == 1 and masks[0].codec == "nonzero":
-        return _read(masks[0].path)
+    """One 8-bit 0/255 PNG, whatever the files are (KITTI's `disp_noc` is a 16-bit disparity map, users' masks may
+    be RGB): readers outside this code see the documented format."""
     combined = None
     for mask in masks:
         try:
@@ -209,15 +212,15 @@ def decode_sample(members: dict[str, bytes], key: str) -> dict[str, Any]:
     }
 
 
-def check_members(members: dict[str, bytes], key: str) -> str | None:
+def check_members(members: dict[str, bytes], key: str, negative_invalid: bool = False) -> str | None:
     """Why a sample must not be trained on, or None: undecodable or mismatched sizes, negative disparity
-    (a sign or view mix-up), or no valid pixel at all."""
+    (a sign or view mix-up, unless `negative_invalid`: then it only marks invalid pixels), or no valid pixel."""
     try:
         sample = decode_sample(members, key)
         raw = _ground_truth(members, key, "disp", sample["meta"])
     except CodecError as exc:
         return str(exc)
-    negative = int(np.count_nonzero(np.isfinite(raw) & (raw < 0)))
+    negative = 0 if negative_invalid else int(np.count_nonzero(np.isfinite(raw) & (raw < 0)))
     if negative:
         return f"{negative} pixels with negative disparity (min {float(np.nanmin(raw)):.3f})"
     if not sample["valid"].any():
@@ -228,7 +231,7 @@ def check_members(members: dict[str, bytes], key: str) -> str | None:
 def encode_checked(raw: RawSample) -> tuple[str, dict[str, bytes]]:
     """encode_raw plus a full decode and check: the `encode` the shard writer uses for raw data sets."""
     members = encode_raw(raw)
-    reason = check_members(members, raw.key)
+    reason = check_members(members, raw.key, raw.negative_invalid)
     if reason:
         raise BadSample(raw.left, reason)
     return raw.key, members
