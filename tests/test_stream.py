@@ -240,3 +240,18 @@ def test_workers_outlive_a_sigterm_to_the_process_group(tmp_path: Path):
             assert next(it)["left"].shape == (1, 3, 32, 32)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_flip_without_right_disparity_is_logged_once_per_data_set(tmp_path: Path, caplog):
+    write_shards(tmp_path / "plain", [list(range(4))])
+    with_right = {i: {**members_for(i), "disp_right.pfm": members_for(i)["disp.pfm"]} for i in range(10, 14)}
+    write_shards(tmp_path / "right", [list(range(10, 14))], damage=with_right)
+    cfg = DataConfig(train=[DatasetSpec("plain", str(tmp_path / "plain")), DatasetSpec("right", str(tmp_path / "right"))],
+                     num_workers=0)
+    with caplog.at_level("WARNING"):
+        build_train_loader(cfg, AugmentConfig(crop=[32, 32], hflip_prob=0.5), 512, 0, 1)
+        build_train_loader(cfg, AugmentConfig(crop=[32, 32], hflip_prob=0.5), 512, 1, 2)  # other ranks stay quiet
+        build_train_loader(cfg, AugmentConfig(crop=[32, 32]), 512, 0, 1)
+    flips = [r.getMessage() for r in caplog.records if "hflip_prob" in r.getMessage()]
+    assert flips == ["augment.hflip_prob=0.5 does not apply to data set 'plain': its samples have no right-view "
+                     "disparity (disp_right.*), so they are never flipped"]

@@ -122,7 +122,9 @@ class AugmentConfig:
     gamma: list[float] = field(default_factory=lambda: [1.0, 1.0])  # range of the random gamma
     asymmetric_color_prob: float = 0.2
     eraser_prob: float = 0.5
-    hflip_prob: float = 0.0  # swaps the views; needs the right-view disparity
+    # swaps the views; needs a right-view disparity (Scene Flow, Middlebury 2014, CREStereo, FallingThings,
+    # InStereo2K, Virtual KITTI 2, the demo): FSD, KITTI, ETH3D, Sintel and MiddEval3 are never flipped (logged)
+    hflip_prob: float = 0.0
     vflip_prob: float = 0.0
 
     def validate(self) -> None:

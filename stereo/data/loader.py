@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import signal
 from collections.abc import Iterator
+from contextlib import closing
 from typing import Any
 
 import cv2
@@ -152,9 +153,35 @@ def build_train_loader(data_cfg: DataConfig, augment_cfg: AugmentConfig | None, 
         raise ValueError("data.train: at least one data set, got none")
     transform = Augmentor(augment_cfg, max_disp) if augment_cfg is not None else None
     sources = sources_from_specs(data_cfg.train, fetch_options(data_cfg))
+    if augment_cfg is not None and augment_cfg.hflip_prob > 0 and rank == 0:
+        warn_unflippable(sources, augment_cfg.hflip_prob)
     return TrainLoader(sources, seed=data_cfg.seed, rank=rank, world_size=world_size,
                        num_workers=data_cfg.num_workers, batch_size=data_cfg.batch_size, max_disp=max_disp,
                        max_bad_rate=data_cfg.max_bad_sample_rate, transform=transform)
+
+
+def warn_unflippable(sources: list[DatasetSource], hflip_prob: float) -> None:
+    """The view-swap flip needs the right view's disparity; say once per data set when its samples have none
+    (judged by the first sample; pipe: sources are not opened for this)."""
+    for source in sources:
+        names = _first_member_names(source.shards[0], source.fetch)
+        if names is not None and not any(n.startswith(("disp_right.", "depth_right.")) for n in names):
+            log.warning("augment.hflip_prob=%g does not apply to data set %r: its samples have no right-view "
+                        "disparity (disp_right.*), so they are never flipped", hflip_prob, source.name)
+
+
+def _first_member_names(shard: Shard, fetch: FetchOptions) -> list[str] | None:
+    try:
+        if shard.is_pipe:
+            return None
+        if shard.is_streamed:
+            with closing(iter_streamed(shard.url, 0, fetch)) as items:
+                first = next(items, None)
+            return list(first[1]) if isinstance(first, tuple) else None
+        samples = index_tar(shard.url).samples
+        return list(samples[0].members) if samples else None
+    except (UnreadableSample, OSError):  # a broken shard is reported when it is read, not here
+        return None
 
 
 def iter_val_samples(data_cfg: DataConfig) -> Iterator[Sample]:
