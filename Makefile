@@ -52,8 +52,8 @@ shards: ## convert a data set: DATASET=kitti15 SRC=/data/KITTI OUT=shards/kitti1
 bench: ## time a training step and inference (GPU): median step, samples/s, peak memory, MFU
 	$(PY) -m stereo bench --out runs/bench.json
 
-bench-data: ## data-loading throughput per core on FSD-like samples
-	$(PY) -m stereo bench-data
+bench-data: ## data-loading throughput per core at FSD's 1280x720, vs a plain cv2 loader [OUT=figures.json]
+	OMP_NUM_THREADS=1 $(PY) -m stereo bench-data $(if $(OUT),--out $(OUT))
 
 eval: ## evaluate: CKPT=... BENCH=kitti15 DATA=/data/KITTI [SIZE=vitl for a lone released file] [ITERS=32] [OUT=dir] [HIERA=1]
 	$(PY) -m stereo eval --ckpt $(CKPT) --bench $(BENCH) --data $(DATA) $(if $(SIZE),--size $(SIZE)) \

@@ -172,8 +172,10 @@ def table(report: dict) -> str:
         for index, (stage, ms) in enumerate(stages.items()):
             lines.append(f"{name if index == 0 else '':<10} {stage:<17} {ms:>10.1f}")
         lines.append(f"{'':<10} {'total':<17} {core[name]['total_ms']:>10.1f} {core[name]['samples_per_s']:>10.1f}")
-    lines += [f"{'ours / plain':<28} {'':>10} {report['speedup_vs_plain']:>9.2f}x", "",
-              f"DataLoader, batch {report['batch_size']}, simulated step {report['step_ms']:g} ms:",
+    lines.append(f"{'ours / plain':<28} {'':>10} {report['speedup_vs_plain']:>9.2f}x")
+    if not report["loader"]:
+        return "\n".join(lines)
+    lines += ["", f"DataLoader, batch {report['batch_size']}, simulated step {report['step_ms']:g} ms (wall time):",
               f"{'workers':>8} {'first batch s':>14} {'wait ms (median)':>17} {'wait ms (mean)':>15} "
               f"{'samples/s':>10}"]
     for row in report["loader"]:
