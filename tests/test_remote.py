@@ -288,3 +288,26 @@ def test_remote_exact_resume_after_kill9_at_world_size_2_with_2_workers(s3, tmp_
                for role in json.loads(line)["state"]["roles"].values() for c in role["cursors"].values()]
     assert any(offsets), "remote cursors carry byte offsets"
     assert list(Path(cache).glob("*.tar"))
+
+
+def test_training_on_s3_shards_writes_no_endpoint_or_credentials(s3, tmp_path):
+    """A real (tiny) training run streams its data from the S3 server; the secret key and the endpoint, given in
+    the environment only, appear in no file of the run directory (config.yaml, metrics, wandb) nor in its log."""
+    run_dir = tmp_path / "run"
+    overrides = ["augment.crop=[32,64]", "data.batch_size=1", "data.num_workers=1", "model.train_iters=1",
+                 "model.valid_iters=1", "train.steps=2", "checkpoint.every=2", "logging.every=1",
+                 "train.val_every=1000", "data.val=[]", "logging.wandb=offline", "schedule.warmup_steps=1",
+                 f"data.train=[{{name: s3, shards: 's3://{BUCKET}/set'}}]", f"train.run_dir={run_dir}"]
+    run = subprocess.run([sys.executable, "-m", "stereo", "train", "tiny", *overrides], cwd=REPO, capture_output=True,
+                         text=True, timeout=600, env={**os.environ, "WANDB_MODE": "offline"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    steps = [json.loads(line).get("step") for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert 2 in steps
+    assert f"s3://{BUCKET}/set" in (run_dir / "config.yaml").read_text()
+    endpoint = os.environ["AWS_ENDPOINT_URL"].split("//")[1]
+    assert (run_dir / "wandb").is_dir()
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert SECRET.encode() not in data and endpoint.encode() not in data, path
+    assert SECRET not in run.stdout + run.stderr and endpoint not in run.stdout + run.stderr

@@ -168,7 +168,7 @@ def test_exact_resume_with_two_workers(tmp_path: Path, world_size: int):
         mismatched.load_state_dict(state)
 
 
-def test_bad_samples_are_skipped_counted_and_fail_above_the_rate(tmp_path: Path):
+def test_bad_samples_are_skipped_counted_and_fail_above_the_rate(tmp_path: Path, caplog):
     nan_disp = {**members_for(1), "disp.pfm": encode_pfm(np.full(SIZE, np.nan, np.float32))}
     corrupt_jpeg = {**members_for(2), "left.jpg": b"\xff\xd8\xff\xe0 not really a jpeg"}
     del corrupt_jpeg["left.png"]
@@ -191,6 +191,11 @@ def test_bad_samples_are_skipped_counted_and_fail_above_the_rate(tmp_path: Path)
     assert counts["invalid_disparity"] == 1 and counts["undecodable"] == 2 and counts["missing_member"] == 1
     assert counts["truncated"] >= 3
     assert len(good) + sum(counts.values()) == 20  # every sample of the epoch either read or counted once
+
+    logged = [r.getMessage() for r in caplog.records if "skipped a bad sample" in r.getMessage()]
+    assert any("(undecodable)" in m and "bad/000000.tar: s00004: s00004.left.png: empty (0 bytes)" in m
+               for m in logged), logged  # the shard and the key, beside the counts
+    assert all("role 0 has skipped {" in m for m in logged)
 
     strict = role_stream(source, rate=0.01)
     with pytest.raises(BadDataError, match=r"shard .*/bad/00000[01]\.tar"):
@@ -246,8 +251,7 @@ def test_flip_without_right_disparity_is_logged_once_per_data_set(tmp_path: Path
     write_shards(tmp_path / "plain", [list(range(4))])
     with_right = {i: {**members_for(i), "disp_right.pfm": members_for(i)["disp.pfm"]} for i in range(10, 14)}
     write_shards(tmp_path / "right", [list(range(10, 14))], damage=with_right)
-    cfg = DataConfig(train=[DatasetSpec("plain", str(tmp_path / "plain")), DatasetSpec("right", str(tmp_path / "right"))],
-                     num_workers=0)
+    cfg = DataConfig(train=[DatasetSpec(name, str(tmp_path / name)) for name in ("plain", "right")], num_workers=0)
     with caplog.at_level("WARNING"):
         build_train_loader(cfg, AugmentConfig(crop=[32, 32], hflip_prob=0.5), 512, 0, 1)
         build_train_loader(cfg, AugmentConfig(crop=[32, 32], hflip_prob=0.5), 512, 1, 2)  # other ranks stay quiet
@@ -255,3 +259,19 @@ def test_flip_without_right_disparity_is_logged_once_per_data_set(tmp_path: Path
     flips = [r.getMessage() for r in caplog.records if "hflip_prob" in r.getMessage()]
     assert flips == ["augment.hflip_prob=0.5 does not apply to data set 'plain': its samples have no right-view "
                      "disparity (disp_right.*), so they are never flipped"]
+
+
+def test_bad_sample_log_is_rate_limited(caplog):
+    """The first 5 per reason, then every 100th: a broken data set cannot flood the log, and counts stay exact."""
+    from stereo.data.stream import count_bad
+
+    state = RoleState()
+    with caplog.at_level("WARNING"):
+        for index in range(250):
+            count_bad(state, 2, "undecodable", 1, f"shards/x/000001.tar: key{index}: broken")
+        count_bad(state, 2, "truncated", 40, "shards/x/000002.tar: 40 samples missing from the end")
+    messages = [r.getMessage() for r in caplog.records]
+    keys = [m.split(": ")[2] for m in messages if "(undecodable)" in m]
+    assert keys == ["key0", "key1", "key2", "key3", "key4", "key99", "key199"]
+    assert "from now on every 100th is logged" in messages[4] and "every 100th" not in messages[3]
+    assert state.bad == {"undecodable": 250, "truncated": 40} and sum("(truncated)" in m for m in messages) == 1

@@ -163,8 +163,8 @@ def loader_wait(shard_dir: Path, augment_cfg: AugmentConfig, workers: int, batch
 def table(report: dict) -> str:
     sample, core = report["sample"], report["per_core"]
     height, width = sample["size"]
-    lines = [f"data loading, one core (CPU time): FSD-like {width}x{height} samples (JPEG pair {sample['jpeg_kb']} KB each, "
-             f"packed PNG disparity {sample['disparity_kb']} KB), augmented to {sample['crop'][0]}x"
+    lines = [f"data loading, one core (CPU time): FSD-like {width}x{height} samples (JPEG pair "
+             f"{sample['jpeg_kb']} KB each, packed PNG disparity {sample['disparity_kb']} KB), augmented to {sample['crop'][0]}x"
              f"{sample['crop'][1]}, {core['samples']} samples", "",
              f"{'loader':<10} {'stage':<17} {'ms/sample':>10} {'samples/s':>10}"]
     for name in ("ours", "plain_cv2"):
