@@ -275,3 +275,12 @@ def test_bad_sample_log_is_rate_limited(caplog):
     assert keys == ["key0", "key1", "key2", "key3", "key4", "key99", "key199"]
     assert "from now on every 100th is logged" in messages[4] and "every 100th" not in messages[3]
     assert state.bad == {"undecodable": 250, "truncated": 40} and sum("(truncated)" in m for m in messages) == 1
+
+
+@pytest.mark.parametrize("key,value", [("shard_retries", -1), ("retry_backoff_s", -0.5),
+                                       ("max_failed_shard_rate", 1.5), ("cache_gb", 0.0)])
+def test_remote_reading_keys_are_validated(key: str, value: float):
+    from stereo.config.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"data.{key}"):
+        DataConfig(**{key: value}).validate()
