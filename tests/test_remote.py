@@ -150,6 +150,10 @@ def test_dropped_connections_resume_with_range_requests(s3):
         assert reader.retried == 3
     ranges = [r for path, r in proxy.gets[before:] if path.endswith("000001.tar")]
     assert ranges == ["bytes=0-", "bytes=20000-", "bytes=65000-", "bytes=70000-"]
+    with RangeReader(url, len(expected) - 100, FAST_RETRY) as reader:
+        assert reader.read() == expected[-100:]
+    with RangeReader(url, len(expected), FAST_RETRY) as reader:  # a resume right at the end reads nothing
+        assert reader.read() == b""
 
     make_public()
     for source in (f"s3://{BUCKET}/set", f"http://127.0.0.1:{proxy.port}/{BUCKET}/set/"):

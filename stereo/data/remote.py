@@ -103,8 +103,15 @@ def _classify(url: str, exc: Exception) -> FetchError:
 def _open_body(url: str, start: int) -> tuple[Any, int]:
     """A streaming body from byte `start` and the object's total size."""
     if url.startswith("s3://"):
+        import botocore.exceptions as boto
+
         bucket, key = split_s3(url)
-        response = s3_client().get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-")
+        try:
+            response = s3_client().get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-")
+        except boto.ClientError as exc:
+            if start and exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 416:
+                return _EmptyBody(), start  # asked from the very end: nothing left
+            raise
         return response["Body"], start + int(response["ContentLength"])
     import requests
 
