@@ -67,14 +67,14 @@ train: ## train CONFIG (default tiny: demo shards, CPU, a few minutes); override
 config: ## print CONFIG fully resolved (validates it)
 	$(PY) -m stereo config $(CONFIG) $(OVERRIDES)
 
-shards: ## convert a data set: DATASET=kitti15 SRC=/data/KITTI OUT=shards/kitti15
-	$(PY) -m stereo shards --dataset $(DATASET) --src $(SRC) --out $(OUT)
+shards: ## convert a data set: DATASET=kitti15 SRC=/data/KITTI OUT=shards/kitti15 (or s3://bucket/kitti15) [SHARD_SIZE=1GB]
+	$(PY) -m stereo shards --dataset $(DATASET) --src $(SRC) --out $(OUT) $(if $(SHARD_SIZE),--shard-size $(SHARD_SIZE))
 
 bench: ## time a training step and inference (GPU): median step, samples/s, peak memory, MFU
 	$(PY) -m stereo bench --out runs/bench.json
 
-bench-data: ## data-loading throughput per core on FSD-like samples
-	$(PY) -m stereo bench-data
+bench-data: ## data-loading throughput per core at FSD's 1280x720, vs a plain cv2 loader [OUT=figures.json]
+	OMP_NUM_THREADS=1 $(PY) -m stereo bench-data $(if $(OUT),--out $(OUT))
 
 eval: ## evaluate: CKPT=... BENCH=kitti15 DATA=/data/KITTI (BENCH=demo: the demo val shards) [SIZE=vitl] [ITERS=32] [OUT=dir] [HIERA=1]
 	$(call require,CKPT BENCH $(if $(filter demo,$(BENCH)),,DATA),make eval CKPT=runs/demo BENCH=demo or make eval CKPT=model.pth BENCH=kitti15 DATA=/data/KITTI)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from stereo import exitcodes
 from stereo.config.errors import ConfigError
 from stereo.data.codecs import CodecError, encode_png, read_image, write_pfm
 from stereo.model.precision import autocast_to, resolve_precision
@@ -98,6 +99,10 @@ def run(args: argparse.Namespace) -> int:
     precision = resolve_precision(args.precision, device, "--precision")
     try:
         left, right = read_pair(args.left, args.right)
+    except (FileNotFoundError, CodecError, ValueError) as exc:  # a bad input file: one line naming it
+        print(f"infer: {exc}", file=sys.stderr)
+        return exitcodes.CONFIG
+    try:
         model, cfg, description = load_model(args.ckpt, args.config, args.size, device)
     except (FileNotFoundError, ValueError, CodecError, WeightMismatchError) as exc:
         print(f"infer: {exc}", file=sys.stderr)

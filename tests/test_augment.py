@@ -156,3 +156,31 @@ def test_hue_rotation_keeps_greys_and_turns_colours():
     np.testing.assert_allclose(_hue_rotation(0.0), np.eye(3), atol=1e-9)
     turned = _hue_rotation(1 / 3) @ np.array([200.0, 30.0, 30.0])  # a third of a turn: red becomes green-ish
     assert np.argmax(turned) == 1
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+def test_windowed_warps_match_whole_image_warps(mirror: bool):
+    """The fast path (warp only the window the crop reads; images through 4 channels) gives the pixels of a plain
+    3-channel warp of the whole image, at the borders too (replicated), zoomed in or out. OpenCV computes the
+    sample positions in float32, so moving the origin to the window may change the rounding: at most one grey
+    level, and validity only where the valid weight is within one rounding step of the 50 % threshold."""
+    from stereo.data.augment import _affine, _warp, warp_disparity, warp_image
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (90, 150, 3), dtype=np.uint8)
+    disp = rng.uniform(1, 50, (90, 150)).astype(np.float32)
+    valid = rng.random((90, 150)) < 0.7
+    disp[~valid] = 0
+    for scale, x0, y0 in ((1.0, 0, 0), (1.0, 150 - 64, 90 - 48), (0.7, 5, 3), (1.9, 100, 60), (1.3, 0, 70)):
+        x, y = _affine(scale, x0, mirror, 150), _affine(scale * 0.9, y0, False, 90)
+        fast, plain = warp_image(image, x, y, (48, 64)).astype(int), _warp(image, x, y, (48, 64)).astype(int)
+        assert np.abs(fast - plain).max() <= 1 and np.abs(fast - plain).mean() < 0.05
+        weight = _warp(valid.astype(np.float32), x, y, (48, 64))
+        total = _warp(np.where(valid, disp, 0).astype(np.float32), x, y, (48, 64))
+        disp_out, valid_out = warp_disparity(disp, valid, x, y, (48, 64), scale)
+        expected = weight >= 0.5
+        # a sample position moved by one step of OpenCV's 1/32-pixel grid moves a weight by at most 1/32
+        assert (np.abs(weight[valid_out != expected] - 0.5) <= 1 / 32).all()
+        both = valid_out & expected
+        np.testing.assert_allclose(disp_out[both], total[both] / weight[both] * scale, rtol=1e-4)
+        assert not disp_out[~valid_out].any()

@@ -205,3 +205,26 @@ def test_decode_sample_errors_name_the_key():
     del members["disp.kitti.png"]
     with pytest.raises(CodecError, match="s2: no disp.<codec> or depth.<codec> member"):
         decode_sample(members, "s2")
+
+
+@pytest.mark.parametrize("data", [b"", b"\x89PNG\r\n\x1a\n truncated", b"not an image at all"])
+def test_every_codec_fails_with_a_codec_error_naming_the_member(data: bytes):
+    """OpenCV raises cv2.error (not None) for an empty buffer; the stream skips only CodecError/ValueError."""
+    from stereo.data.codecs import DEPTH_CODECS, DISP_CODECS
+
+    for codec in DISP_CODECS:
+        with pytest.raises(CodecError, match=f"k.disp.{codec}: "):
+            decode_disp(data, codec, f"k.disp.{codec}")
+    for codec in DEPTH_CODECS:
+        with pytest.raises(CodecError, match=f"k.depth.{codec}: "):
+            decode_depth(data, codec, f"k.depth.{codec}")
+    with pytest.raises(CodecError, match="k.left.png: "):
+        decode_image(data, "k.left.png")
+    with pytest.raises(CodecError, match="k.nocc.png: "):
+        decode_mask(data, "nonzero", "k.nocc.png")
+    members = {**_members(np.ones((2, 3), np.float32)), "left.png": data}
+    with pytest.raises(CodecError, match="s3.left.png: "):
+        decode_sample(members, "s3")
+    members = {**_members(np.ones((2, 3), np.float32)), "meta.json": data}
+    with pytest.raises(CodecError, match="s4.meta.json: "):
+        decode_sample(members, "s4")

@@ -84,11 +84,18 @@ def test_infer_command_writes_disparity_and_depth(checkpoint_and_pair, capsys):
 def test_infer_command_errors(checkpoint_and_pair, capsys):
     root = checkpoint_and_pair
     base = ["infer", "--ckpt", str(root / "tiny.pth"), "--out", str(root / "bad"), "--device", "cpu"]
-    assert main(base + ["--left", str(root / "missing.png"), "--right", str(root / "right.png")]) == 1
+    assert main(base + ["--left", str(root / "missing.png"), "--right", str(root / "right.png")]) == 2
     assert "missing.png" in capsys.readouterr().err
-    assert main(base + ["--left", str(root / "left.png"), "--right", str(root / "small.png")]) == 1
+    assert main(base + ["--left", str(root / "left.png"), "--right", str(root / "small.png")]) == 2
     err = capsys.readouterr().err
     assert "small.png" in err and "64x32" in err and "70x40" in err
+    (root / "empty.png").write_bytes(b"")
+    (root / "notes.png").write_text("not an image\n")
+    for bad, why in (("empty.png", "empty (0 bytes)"), ("notes.png", "not a decodable JPEG/PNG image")):
+        assert main(base + ["--left", str(root / "left.png"), "--right", str(root / bad)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"infer: {root / bad}: ") and why in err, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
 def test_hierarchical_inference_starts_from_the_half_resolution_pass(checkpoint_and_pair):

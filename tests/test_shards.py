@@ -177,3 +177,50 @@ def test_cli_source_options_and_errors(tmp_path: Path, capsys: pytest.CaptureFix
     assert "sintel: unknown option(s) split (options: passes)" in capsys.readouterr().err
     assert main(["shards", "--dataset", "kitti15", "--src", str(tmp_path / "none"), "--out", str(out)]) == 2
     assert "kitti15: " in capsys.readouterr().err
+
+
+def test_mask_members_are_8bit_0_255_for_an_outside_reader(tmp_path: Path):
+    """KITTI's nocc comes from the 16-bit disp_noc file and a user's mask may be RGB: the stored members are the
+    documented 8-bit single-channel 0/255 PNGs, as any PNG reader sees them."""
+    import cv2
+
+    from fakedata import make_generic
+
+    kitti = make_kitti15(tmp_path / "kitti")
+    generic = make_generic(tmp_path / "generic")
+    mask_line = next(line for line in generic.root.read_text().splitlines() if "masks/" in line)
+    mask_path = generic.root.parent / mask_line.split()[3]
+    gray = cv2.imread(str(mask_path), cv2.IMREAD_UNCHANGED)
+    cv2.imwrite(str(mask_path), cv2.merge([gray // 2, gray // 3, gray]))  # an RGB mask, non-zero where valid
+    for name, fake, member in (("kitti15", kitti, "nocc.png"), ("generic", generic, "valid.png")):
+        samples = SOURCES[name].list_samples(fake.root)
+        write_shards(samples, encode_checked, tmp_path / f"out_{name}", name, workers=0)
+        stored = read_all(tmp_path / f"out_{name}")
+        masked = [raw for raw in samples if member in stored[raw.key]]
+        assert masked, f"{name}: no {member} member"
+        for raw in masked:
+            outside = cv2.imdecode(np.frombuffer(stored[raw.key][member], np.uint8), cv2.IMREAD_UNCHANGED)
+            assert outside.dtype == np.uint8 and outside.ndim == 2 and set(np.unique(outside)) <= {0, 255}
+            truth = fake.by_left()[raw.left]
+            expected = truth.nocc if member == "nocc.png" else truth.disp > 0
+            np.testing.assert_array_equal(outside == 255, expected)
+
+
+def test_generic_list_negative_disparity_marks_invalid_pixels(tmp_path: Path):
+    """docs/data.md: in a user's PFM, inf and <= 0 (e.g. -1) are invalid; a public set's negative disparity is
+    still refused as a sign or view mix-up."""
+    import dataclasses
+
+    from fakedata import make_generic
+    from stereo.data.codecs import read_pfm, write_pfm
+
+    fake = make_generic(tmp_path / "generic")
+    raw = next(r for r in SOURCES["generic"].list_samples(fake.root) if r.target.endswith(".pfm"))
+    disp = read_pfm(raw.target)
+    disp[:, :5] = -1.0
+    write_pfm(raw.target, disp)
+    key, members = encode_checked(raw)
+    sample = decode_sample(members, key)
+    assert not sample["valid"][:, :5].any() and sample["valid"][:, 5:].all()
+    with pytest.raises(BadSample, match="60 pixels with negative disparity"):
+        encode_checked(dataclasses.replace(raw, negative_invalid=False))

@@ -17,6 +17,8 @@ import webdataset as wds
 from stereo.config.schema import AugmentConfig, DataConfig, DatasetSpec
 from stereo.data.codecs import encode_pfm, encode_png
 from stereo.data.loader import build_train_loader, iter_val_samples, sources_from_specs
+from stereo.data.reader import FetchOptions
+from stereo.data.remote import RetryPolicy
 from stereo.data.shardlist import ShardListError, resolve_shards
 from stereo.data.stream import BadDataError, DatasetSource, RoleState, RoleStream
 
@@ -166,13 +168,14 @@ def test_exact_resume_with_two_workers(tmp_path: Path, world_size: int):
         mismatched.load_state_dict(state)
 
 
-def test_bad_samples_are_skipped_counted_and_fail_above_the_rate(tmp_path: Path):
+def test_bad_samples_are_skipped_counted_and_fail_above_the_rate(tmp_path: Path, caplog):
     nan_disp = {**members_for(1), "disp.pfm": encode_pfm(np.full(SIZE, np.nan, np.float32))}
     corrupt_jpeg = {**members_for(2), "left.jpg": b"\xff\xd8\xff\xe0 not really a jpeg"}
     del corrupt_jpeg["left.png"]
     missing_right = {k: v for k, v in members_for(3).items() if k != "right.png"}
+    empty_left = {**members_for(4), "left.png": b""}  # OpenCV raises cv2.error on an empty buffer
     paths = write_shards(tmp_path / "bad", [list(range(0, 10)), list(range(10, 20))],
-                         damage={1: nan_disp, 2: corrupt_jpeg, 3: missing_right})
+                         damage={1: nan_disp, 2: corrupt_jpeg, 3: missing_right, 4: empty_left})
     data = paths[1].read_bytes()
     paths[1].write_bytes(data[: len(data) // 2])  # truncated in the middle of a sample
     source = sources_from_specs([DatasetSpec("bad", str(tmp_path / "bad"))])[0]
@@ -184,10 +187,15 @@ def test_bad_samples_are_skipped_counted_and_fail_above_the_rate(tmp_path: Path)
             break
         good.append(ident)
     counts = dict(stream.state.bad)
-    assert set(good).isdisjoint({1, 2, 3}) and len(set(good)) == len(good)
-    assert counts["invalid_disparity"] == 1 and counts["undecodable"] == 1 and counts["missing_member"] == 1
+    assert set(good).isdisjoint({1, 2, 3, 4}) and len(set(good)) == len(good)
+    assert counts["invalid_disparity"] == 1 and counts["undecodable"] == 2 and counts["missing_member"] == 1
     assert counts["truncated"] >= 3
     assert len(good) + sum(counts.values()) == 20  # every sample of the epoch either read or counted once
+
+    logged = [r.getMessage() for r in caplog.records if "skipped a bad sample" in r.getMessage()]
+    assert any("(undecodable)" in m and "bad/000000.tar: s00004: s00004.left.png: empty (0 bytes)" in m
+               for m in logged), logged  # the shard and the key, beside the counts
+    assert all("role 0 has skipped {" in m for m in logged)
 
     strict = role_stream(source, rate=0.01)
     with pytest.raises(BadDataError, match=r"shard .*/bad/00000[01]\.tar"):
@@ -204,14 +212,18 @@ def test_val_samples_in_order_once_and_capped(shard_dir: Path):
     assert samples[0]["left"].shape == SIZE + (3,) and samples[0]["dataset"] == "v"
 
 
-def test_failing_pipe_commands_are_reported(shard_dir: Path):
-    dies_after = DatasetSource("p", resolve_shards(f"pipe:cat {shard_dir}/000000.tar; exit 3"), 1.0)
+def test_failing_pipe_commands_are_retried_then_counted_as_failed_shards(shard_dir: Path):
+    """A command that fails is run again and the samples it already gave are skipped (none lost, none twice);
+    after the retry budget the shard counts as failed and the stream goes on; a second failure above the rate
+    stops with BadDataError."""
+    fetch = FetchOptions(RetryPolicy(retries=2, backoff_s=0.01), max_failed_rate=0.5)
+    dies_after = DatasetSource("p", resolve_shards(f"pipe:cat {shard_dir}/000000.tar; exit 3"), 1.0, fetch)
     stream = role_stream(dies_after)
     assert sorted(ident_of(stream.next()) for _ in range(5)) == list(range(5))
     stream.next()  # the next epoch starts after the failure was counted
-    assert stream.state.bad == {"pipe_failed": 1}
-    missing = DatasetSource("m", resolve_shards("pipe:cat /nonexistent/000000.tar"), 1.0)
-    with pytest.raises(BadDataError, match="nonexistent/000000.tar.*pipe_failed"):
+    assert stream.state.bad == {"failed_shards": 1}
+    missing = DatasetSource("m", resolve_shards("pipe:cat /nonexistent/000000.tar"), 1.0, fetch)
+    with pytest.raises(BadDataError, match="2 of 2 shards .*nonexistent/000000.tar: exit status 1 .*No such file"):
         role_stream(missing).next()
 
 
@@ -233,3 +245,42 @@ def test_workers_outlive_a_sigterm_to_the_process_group(tmp_path: Path):
             assert next(it)["left"].shape == (1, 3, 32, 32)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_flip_without_right_disparity_is_logged_once_per_data_set(tmp_path: Path, caplog):
+    write_shards(tmp_path / "plain", [list(range(4))])
+    with_right = {i: {**members_for(i), "disp_right.pfm": members_for(i)["disp.pfm"]} for i in range(10, 14)}
+    write_shards(tmp_path / "right", [list(range(10, 14))], damage=with_right)
+    cfg = DataConfig(train=[DatasetSpec(name, str(tmp_path / name)) for name in ("plain", "right")], num_workers=0)
+    with caplog.at_level("WARNING"):
+        build_train_loader(cfg, AugmentConfig(crop=[32, 32], hflip_prob=0.5), 512, 0, 1)
+        build_train_loader(cfg, AugmentConfig(crop=[32, 32], hflip_prob=0.5), 512, 1, 2)  # other ranks stay quiet
+        build_train_loader(cfg, AugmentConfig(crop=[32, 32]), 512, 0, 1)
+    flips = [r.getMessage() for r in caplog.records if "hflip_prob" in r.getMessage()]
+    assert flips == ["augment.hflip_prob=0.5 does not apply to data set 'plain': its samples have no right-view "
+                     "disparity (disp_right.*), so they are never flipped"]
+
+
+def test_bad_sample_log_is_rate_limited(caplog):
+    """The first 5 per reason, then every 100th: a broken data set cannot flood the log, and counts stay exact."""
+    from stereo.data.stream import count_bad
+
+    state = RoleState()
+    with caplog.at_level("WARNING"):
+        for index in range(250):
+            count_bad(state, 2, "undecodable", 1, f"shards/x/000001.tar: key{index}: broken")
+        count_bad(state, 2, "truncated", 40, "shards/x/000002.tar: 40 samples missing from the end")
+    messages = [r.getMessage() for r in caplog.records]
+    keys = [m.split(": ")[2] for m in messages if "(undecodable)" in m]
+    assert keys == ["key0", "key1", "key2", "key3", "key4", "key99", "key199"]
+    assert "from now on every 100th is logged" in messages[4] and "every 100th" not in messages[3]
+    assert state.bad == {"undecodable": 250, "truncated": 40} and sum("(truncated)" in m for m in messages) == 1
+
+
+@pytest.mark.parametrize("key,value", [("shard_retries", -1), ("retry_backoff_s", -0.5),
+                                       ("max_failed_shard_rate", 1.5), ("cache_gb", 0.0)])
+def test_remote_reading_keys_are_validated(key: str, value: float):
+    from stereo.config.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"data.{key}"):
+        DataConfig(**{key: value}).validate()

@@ -9,7 +9,7 @@ from stereo.config.errors import ConfigError
 from stereo.config.schema import Config
 
 
-def is_remote(source: str) -> bool:
+def _streamed(source: str) -> bool:
     """`pipe:` commands and URLs are read by the data workers; only they can tell whether these exist."""
     return source.strip().startswith("pipe:") or "://" in source
 
@@ -23,7 +23,7 @@ def path_problems(cfg: Config) -> list[tuple[str, str]]:
         problems.append(("data.train", "at least one data set to train on, got none"))
     for split in ("train", "val"):
         for i, spec in enumerate(getattr(cfg.data, split)):
-            if is_remote(spec.shards):
+            if _streamed(spec.shards):
                 continue
             try:
                 resolve_shards(spec.shards)

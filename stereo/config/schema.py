@@ -77,6 +77,12 @@ class DataConfig:
     seed: int = 0
     max_bad_sample_rate: float = 0.01  # above this fraction of bad samples in a shard, stop with an error
     val_samples: int | None = None  # cap on validation samples (None: all held-out samples)
+    # remote (s3://, http(s)://) and pipe: shards; endpoint and credentials come from the environment only
+    shard_retries: int = 5  # failed reads in a row (without progress) before a shard counts as failed
+    retry_backoff_s: float = 1.0  # wait before the first retry, doubled for each further one (at most 60 s)
+    max_failed_shard_rate: float = 0.05  # stop when more shards than this share (and more than one) failed
+    cache_dir: str | None = None  # node-local copy of remote shards read once (None: no cache)
+    cache_gb: float = 100.0  # the cache's size bound
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -87,6 +93,14 @@ class DataConfig:
             raise ConfigError("data.val_samples", f">= 1 or null, got {self.val_samples}")
         if self.num_workers < 0:
             raise ConfigError("data.num_workers", f">= 0, got {self.num_workers}")
+        if self.shard_retries < 0:
+            raise ConfigError("data.shard_retries", f">= 0, got {self.shard_retries}")
+        if self.retry_backoff_s < 0:
+            raise ConfigError("data.retry_backoff_s", f">= 0 seconds, got {self.retry_backoff_s}")
+        if not 0.0 <= self.max_failed_shard_rate <= 1.0:
+            raise ConfigError("data.max_failed_shard_rate", f"a rate in [0, 1], got {self.max_failed_shard_rate}")
+        if self.cache_gb <= 0:
+            raise ConfigError("data.cache_gb", f"> 0, got {self.cache_gb}")
         for split in ("train", "val"):
             for i, spec in enumerate(getattr(self, split)):
                 if not spec.shards:
@@ -112,7 +126,9 @@ class AugmentConfig:
     gamma: list[float] = field(default_factory=lambda: [1.0, 1.0])  # range of the random gamma
     asymmetric_color_prob: float = 0.2
     eraser_prob: float = 0.5
-    hflip_prob: float = 0.0  # swaps the views; needs the right-view disparity
+    # swaps the views; needs a right-view disparity (Scene Flow, Middlebury 2014, CREStereo, FallingThings,
+    # InStereo2K, Virtual KITTI 2, the demo): FSD, KITTI, ETH3D, Sintel and MiddEval3 are never flipped (logged)
+    hflip_prob: float = 0.0
     vflip_prob: float = 0.0
 
     def validate(self) -> None:

@@ -23,16 +23,26 @@ class CodecError(ValueError):
     """A file whose bytes do not follow the format its name promises."""
 
 
+def _imdecode(data: bytes, flags: int, name: str, what: str) -> np.ndarray:
+    """cv2.imdecode that fails only with CodecError naming the member: OpenCV returns None for most bad bytes but
+    raises cv2.error for some (an empty buffer), which callers that skip bad samples would not catch."""
+    if not data:
+        raise CodecError(f"{name}: empty (0 bytes), expected a {what}")
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    except cv2.error as exc:
+        raise CodecError(f"{name}: not a decodable {what} ({len(data)} bytes; OpenCV: {exc.err or exc})") from None
+    if image is None:
+        raise CodecError(f"{name}: not a decodable {what} ({len(data)} bytes)")
+    return image
+
+
 # --- images ---------------------------------------------------------------------------------------------------
 
 
 def decode_image(data: bytes, name: str = "image") -> np.ndarray:
     """JPEG/PNG bytes (gray, RGB, RGBA, 8 or 16 bit) -> (H, W, 3) uint8 RGB."""
-    buf = np.frombuffer(data, np.uint8)
-    bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise CodecError(f"{name}: not a decodable JPEG/PNG image ({len(data)} bytes)")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return _imdecode(data, cv2.IMREAD_COLOR_RGB, name, "JPEG/PNG image")  # RGB straight from the decoder
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -41,9 +51,7 @@ def read_image(path: str | Path) -> np.ndarray:
 
 def _decode_unchanged(data: bytes, name: str, dtype: type, channels: int) -> np.ndarray:
     """PNG bytes exactly as stored (no colour conversion, 16 bit kept); checks dtype and channel count."""
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise CodecError(f"{name}: not a decodable PNG ({len(data)} bytes)")
+    img = _imdecode(data, cv2.IMREAD_UNCHANGED, name, "PNG")
     got = 1 if img.ndim == 2 else img.shape[2]
     if img.dtype != dtype or got != channels:
         raise CodecError(f"{name}: expected a {channels}-channel {np.dtype(dtype).name} PNG, got {got}-channel "
@@ -152,7 +160,7 @@ def _instereo2k_disp(data: bytes, name: str) -> np.ndarray:
 def _npy_f32(data: bytes, name: str) -> np.ndarray:
     try:
         array = np.load(io.BytesIO(data), allow_pickle=False)
-    except ValueError as exc:
+    except (ValueError, EOFError, OSError) as exc:  # an empty member is an EOFError
         raise CodecError(f"{name}: not a .npy array ({exc})") from exc
     if array.ndim != 2:
         raise CodecError(f"{name}: expected a 2-D array, got shape {array.shape}")
@@ -241,9 +249,7 @@ def decode_mask(data: bytes, codec: str = "nonzero", name: str = "mask") -> np.n
     """8-bit PNG mask -> bool (H, W) under the named convention."""
     if codec not in MASK_CODECS:
         raise CodecError(f"{name}: unknown mask codec {codec!r} (known: {', '.join(MASK_CODECS)})")
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise CodecError(f"{name}: not a decodable PNG mask ({len(data)} bytes)")
+    img = _imdecode(data, cv2.IMREAD_UNCHANGED, name, "PNG mask")
     if img.ndim == 3:  # some masks are saved as RGB(A) with equal channels
         img = img[..., 0]
     return MASK_CODECS[codec](img)

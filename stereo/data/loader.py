@@ -15,6 +15,7 @@ import logging
 import multiprocessing
 import signal
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from stereo.config.schema import AugmentConfig, DataConfig, DatasetSpec
 from stereo.data.augment import Augmentor
-from stereo.data.reader import UnreadableSample, index_tar, iter_pipe, read_indexed
-from stereo.data.shardlist import resolve_shards
+from stereo.data.reader import FetchOptions, UnreadableSample, index_tar, iter_streamed, read_indexed
+from stereo.data.remote import RetryPolicy, ShardCache
+from stereo.data.shardlist import Shard, resolve_shards
 from stereo.data.shards import read_manifest
 from stereo.data.stream import DatasetSource, RoleState, RoleStream, Sample, Transform, decode_checked
 
@@ -170,11 +172,17 @@ class TrainLoader:
         return totals
 
 
-def sources_from_specs(specs: list[DatasetSpec]) -> list[DatasetSource]:
+def fetch_options(data_cfg: DataConfig) -> FetchOptions:
+    cache = ShardCache(data_cfg.cache_dir, int(data_cfg.cache_gb * 1e9)) if data_cfg.cache_dir else None
+    return FetchOptions(RetryPolicy(data_cfg.shard_retries, data_cfg.retry_backoff_s), cache,
+                        data_cfg.max_failed_shard_rate)
+
+
+def sources_from_specs(specs: list[DatasetSpec], fetch: FetchOptions = FetchOptions()) -> list[DatasetSource]:
     names = [spec.name for spec in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"data set names must be unique (they seed the shard order): {names}")
-    return [DatasetSource(spec.name, resolve_shards(spec.shards), spec.weight) for spec in specs]
+    return [DatasetSource(spec.name, resolve_shards(spec.shards), spec.weight, fetch) for spec in specs]
 
 
 def build_train_loader(data_cfg: DataConfig, augment_cfg: AugmentConfig | None, max_disp: int, rank: int,
@@ -184,18 +192,45 @@ def build_train_loader(data_cfg: DataConfig, augment_cfg: AugmentConfig | None, 
     if not data_cfg.train:
         raise ValueError("data.train: at least one data set, got none")
     transform = Augmentor(augment_cfg, max_disp) if augment_cfg is not None else None
-    return TrainLoader(sources_from_specs(data_cfg.train), seed=data_cfg.seed, rank=rank, world_size=world_size,
+    sources = sources_from_specs(data_cfg.train, fetch_options(data_cfg))
+    if augment_cfg is not None and augment_cfg.hflip_prob > 0 and rank == 0:
+        warn_unflippable(sources, augment_cfg.hflip_prob)
+    return TrainLoader(sources, seed=data_cfg.seed, rank=rank, world_size=world_size,
                        num_workers=data_cfg.num_workers, batch_size=data_cfg.batch_size, max_disp=max_disp,
                        max_bad_rate=data_cfg.max_bad_sample_rate, transform=transform)
+
+
+def warn_unflippable(sources: list[DatasetSource], hflip_prob: float) -> None:
+    """The view-swap flip needs the right view's disparity; say once per data set when its samples have none
+    (judged by the first sample; pipe: sources are not opened for this)."""
+    for source in sources:
+        names = _first_member_names(source.shards[0], source.fetch)
+        if names is not None and not any(n.startswith(("disp_right.", "depth_right.")) for n in names):
+            log.warning("augment.hflip_prob=%g does not apply to data set %r: its samples have no right-view "
+                        "disparity (disp_right.*), so they are never flipped", hflip_prob, source.name)
+
+
+def _first_member_names(shard: Shard, fetch: FetchOptions) -> list[str] | None:
+    try:
+        if shard.is_pipe:
+            return None
+        if shard.is_streamed:
+            with closing(iter_streamed(shard.url, 0, fetch)) as items:
+                first = next(items, None)
+            return list(first[1]) if isinstance(first, tuple) else None
+        samples = index_tar(shard.url).samples
+        return list(samples[0].members) if samples else None
+    except (UnreadableSample, OSError):  # a broken shard is reported when it is read, not here
+        return None
 
 
 def iter_val_samples(data_cfg: DataConfig) -> Iterator[Sample]:
     """Each held-out sample once, in shard order, full size; capped by `data_cfg.val_samples`. Bad ones are skipped
     with a warning (validation must not die on one broken file, nor silently shrink)."""
     remaining = data_cfg.val_samples
-    for source in sources_from_specs(data_cfg.val):
+    for source in sources_from_specs(data_cfg.val, fetch_options(data_cfg)):
         for shard in source.shards:
-            for item in _shard_samples(shard):
+            for item in _shard_samples(shard, source.fetch):
                 if remaining is not None and remaining <= 0:
                     return
                 if isinstance(item, UnreadableSample):
@@ -218,9 +253,10 @@ def count_val_samples(data_cfg: DataConfig) -> int | None:
     return total if data_cfg.val_samples is None else min(total, data_cfg.val_samples)
 
 
-def _shard_samples(shard) -> Iterator[Sample | UnreadableSample]:
-    if shard.is_pipe:
-        raw = iter_pipe(shard.url)
+def _shard_samples(shard: Shard, fetch: FetchOptions) -> Iterator[Sample | UnreadableSample]:
+    """Every sample of one shard in stored order (raw items are (key, members, ...))."""
+    if shard.is_streamed:
+        raw = iter_streamed(shard.url, 0, fetch)
     else:
         try:
             index = index_tar(shard.url)

@@ -1,4 +1,4 @@
-"""Samples out of WebDataset tar shards: random access to local tars, sequential reading of `pipe:` streams.
+"""Samples out of WebDataset tar shards: random access to local tars, streams of remote objects and `pipe:`s.
 
 A sample is the group of consecutive members `<key>.<ext>` sharing a key (the name up to the first dot of the
 basename). Local tars are indexed once (member headers only: one small read per member), then any sample is read
@@ -12,10 +12,12 @@ import subprocess
 import tarfile
 import tempfile
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import BinaryIO
 
+from stereo.data.remote import FetchError, RangeReader, RetryPolicy, ShardCache, redact
 from stereo.data.shardlist import PIPE_PREFIX
 
 
@@ -25,6 +27,13 @@ class UnreadableSample(Exception):
     def __init__(self, reason: str, detail: str = "", count: int = 1):
         self.reason, self.detail, self.count = reason, detail, count  # count: samples lost at once
         super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+class ShardFailed(UnreadableSample):
+    """A streamed shard that could not be fetched to its end within the retry budget (counted per shard)."""
+
+    def __init__(self, detail: str):
+        super().__init__("failed_shards", detail)
 
 
 @dataclass(frozen=True)
@@ -84,33 +93,140 @@ def read_indexed(handle: BinaryIO, index: TarIndex, entry: IndexedSample) -> dic
     return members
 
 
-def iter_pipe(url: str) -> Iterator[tuple[str, dict[str, bytes]] | UnreadableSample]:
-    """Samples of a `pipe:` command's tar stream in order; a damaged tail or a failed command gives one
-    UnreadableSample at the end."""
+def _blocks(size: int) -> int:
+    return (size + tarfile.BLOCKSIZE - 1) // tarfile.BLOCKSIZE * tarfile.BLOCKSIZE
+
+
+def iter_tar(handle: BinaryIO, base: int = 0) -> Iterator[tuple[str, dict[str, bytes], int]]:
+    """Samples of a tar stream in order, each with the byte offset just past it (`base` = the stream's offset in
+    the file), where a reader can start again; raises tarfile.TarError on damaged data."""
+    current_key, current, end = None, {}, base
+    with tarfile.open(fileobj=handle, mode="r|", bufsize=1 << 20) as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            key, ext = split_name(info.name)
+            if key != current_key and current:
+                yield current_key, current, end
+                current = {}
+            current_key = key
+            data = tar.extractfile(info).read()
+            if len(data) != info.size:
+                raise tarfile.ReadError(f"{info.name}: {len(data)} of {info.size} bytes")
+            current[ext] = data
+            end = base + info.offset_data + _blocks(info.size)
+    if current:
+        yield current_key, current, end
+
+
+@dataclass(frozen=True)
+class FetchOptions:
+    """How streamed shards (remote objects and `pipe:` commands) are fetched."""
+
+    retry: RetryPolicy = RetryPolicy()
+    cache: ShardCache | None = None
+    max_failed_rate: float = 0.05  # of the shards a role opened; above it (and more than one) training stops
+
+
+Streamed = Iterator[tuple[str, dict[str, bytes], int] | UnreadableSample]
+
+
+def iter_streamed(url: str, start: int, options: FetchOptions) -> Streamed:
+    """Samples of a remote or `pipe:` shard in stream order (remote objects from byte `start`, pipes from their
+    start). Damaged data ends with one UnreadableSample; a shard that cannot be fetched within the retry budget
+    ends with ShardFailed."""
+    if url.startswith(PIPE_PREFIX):
+        yield from _iter_pipe(url, options.retry)
+    else:
+        yield from _iter_remote(url, start, options)
+
+
+def _iter_remote(url: str, start: int, options: FetchOptions) -> Streamed:
+    cache = options.cache
+    handle = cache.open(url) if cache is not None else None
+    writer = None
+    try:
+        if handle is not None:
+            handle.seek(start)
+        else:
+            handle = RangeReader(url, start, options.retry)
+            if cache is not None and start == 0:
+                writer = cache.writer(url, handle.size)
+    except FetchError as exc:
+        yield ShardFailed(str(exc))
+        return
+    source = _Tee(handle, writer) if writer is not None else handle
+    complete = False
+    try:
+        yield from iter_tar(source, start)
+        source.read()  # the tar's padding: the cached copy must be the whole object
+        complete = True
+    except tarfile.ReadError as exc:
+        if not (start > 0 and str(exc) == "empty file"):  # resumed right at the end-of-archive blocks: done
+            yield UnreadableSample("truncated", f"{redact(url)}: {exc}")
+    except tarfile.TarError as exc:
+        yield UnreadableSample("truncated", f"{redact(url)}: {exc}")
+    except FetchError as exc:
+        yield ShardFailed(str(exc))
+    finally:
+        if writer is not None:
+            writer.close(complete)
+        handle.close()
+
+
+class _Tee:
+    """Reads through to the cache writer."""
+
+    def __init__(self, reader: RangeReader, writer):
+        self.reader, self.writer = reader, writer
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.reader.read(size)
+        self.writer.write(data)
+        return data
+
+
+class _PipeFailed(Exception):
+    pass
+
+
+def _iter_pipe(url: str, retry: RetryPolicy) -> Streamed:
+    """A failed command (non-zero exit) is run again and the samples already delivered are skipped; a damaged
+    tar from a command that succeeded is the data's fault and is not retried."""
+    delivered, failures = 0, 0
+    while True:
+        seen = 0
+        try:
+            with closing(_run_pipe(url)) as items:  # closed early too: the command is stopped at once
+                for item in items:
+                    seen += 1
+                    if seen <= delivered:
+                        continue
+                    delivered, failures = delivered + 1, 0
+                    yield item
+            return
+        except _PipeFailed as exc:
+            failures += 1
+            if failures > retry.retries:
+                yield ShardFailed(f"{url}: {exc} (gave up after {retry.retries} retries)")
+                return
+            retry.wait(failures)
+        except UnreadableSample as bad:
+            yield bad
+            return
+
+
+def _run_pipe(url: str) -> Iterator[tuple[str, dict[str, bytes], int]]:
+    """One run of a `pipe:` command; raises _PipeFailed (the command failed) or UnreadableSample (bad tar)."""
     # stderr goes to a file: object-store CLIs print progress there, which would fill a pipe and stall the stream
     errors = tempfile.TemporaryFile()
     process = subprocess.Popen(url[len(PIPE_PREFIX):], shell=True, stdout=subprocess.PIPE, stderr=errors)
     failure, read_to_end = None, False
     try:
-        current_key, current = None, {}
         try:
-            with tarfile.open(fileobj=process.stdout, mode="r|") as tar:
-                for info in tar:
-                    if not info.isfile():
-                        continue
-                    key, ext = split_name(info.name)
-                    if key != current_key and current:
-                        yield current_key, current
-                        current = {}
-                    current_key = key
-                    data = tar.extractfile(info).read()
-                    if len(data) != info.size:
-                        raise tarfile.ReadError(f"{info.name}: {len(data)} of {info.size} bytes")
-                    current[ext] = data
+            yield from iter_tar(process.stdout)
         except tarfile.TarError as exc:
             failure = str(exc)
-        if current and failure is None:
-            yield current_key, current
         read_to_end = failure is None
     finally:
         process.stdout.close()
@@ -122,6 +238,6 @@ def iter_pipe(url: str) -> Iterator[tuple[str, dict[str, bytes]] | UnreadableSam
         errors.close()
     said = f" (command said: {stderr[-300:]})" if stderr else ""
     if returncode > 0:  # the command failed on its own (< 0: our kill); a short tar can look clean
-        yield UnreadableSample("pipe_failed", f"{url}: exit status {returncode}{said}")
-    elif failure is not None:
-        yield UnreadableSample("truncated", f"{url}: {failure}{said}")
+        raise _PipeFailed(f"exit status {returncode}{said}")
+    if failure is not None:
+        raise UnreadableSample("truncated", f"{url}: {failure}{said}")

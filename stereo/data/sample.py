@@ -62,6 +62,9 @@ class RawSample:
     valid_masks: tuple[MaskFile, ...] = ()  # all must hold (besides finite, > 0)
     nocc_masks: tuple[MaskFile, ...] = ()  # all must hold for a pixel to count as non-occluded
     meta: dict[str, Any] = field(default_factory=dict)  # focal (px) and baseline (m) for depth sets, ...
+    # negative disparity marks invalid pixels (users' files: -1 is a common marker) instead of being refused as a
+    # sign or view mix-up, which it is in the public sets
+    negative_invalid: bool = False
 
     def __post_init__(self) -> None:
         if "." in Path(self.key).name:
@@ -93,8 +96,8 @@ def _read(path: str) -> bytes:
 
 
 def _combined_mask(masks: tuple[MaskFile, ...]) -> bytes:
-    if len(masks) == 1 and masks[0].codec == "nonzero":
-        return _read(masks[0].path)
+    """One 8-bit 0/255 PNG, whatever the files are (KITTI's `disp_noc` is a 16-bit disparity map, users' masks may
+    be RGB): readers outside this code see the documented format."""
     combined = None
     for mask in masks:
         try:
@@ -144,7 +147,12 @@ def _ground_truth(members: dict[str, bytes], key: str, view: str, meta: dict) ->
     if "focal" not in meta or "baseline" not in meta:
         raise CodecError(f"{key}: {depth_name}.{found[0]} needs focal and baseline in meta.json, got {sorted(meta)}")
     depth = decode_depth(found[1], found[0], f"{key}.{depth_name}.{found[0]}")
-    return depth_to_disparity(depth, float(meta["focal"]), float(meta["baseline"]))
+    try:
+        focal, baseline = float(meta["focal"]), float(meta["baseline"])
+    except (TypeError, ValueError):
+        raise CodecError(f"{key}.meta.json: focal and baseline must be numbers, got {meta['focal']!r}, "
+                         f"{meta['baseline']!r}") from None
+    return depth_to_disparity(depth, focal, baseline)
 
 
 def _check_shape(key: str, what: str, array: np.ndarray, shape: tuple[int, int]) -> None:
@@ -154,7 +162,12 @@ def _check_shape(key: str, what: str, array: np.ndarray, shape: tuple[int, int])
 
 def decode_sample(members: dict[str, bytes], key: str) -> dict[str, Any]:
     """Members (extension -> bytes; `__key__`-style entries ignored) -> numpy sample (docs/architecture.md)."""
-    meta = json.loads(members["meta.json"]) if "meta.json" in members else {}
+    try:
+        meta = json.loads(members["meta.json"]) if "meta.json" in members else {}
+    except ValueError as exc:
+        raise CodecError(f"{key}.meta.json: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise CodecError(f"{key}.meta.json: expected a JSON object, got {type(meta).__name__}")
     images = {}
     for view in ("left", "right"):
         found = _find(members, view)
@@ -183,13 +196,15 @@ def decode_sample(members: dict[str, bytes], key: str) -> dict[str, Any]:
     disp_right = None
     if raw_right is not None:
         _check_shape(key, "right disparity", raw_right, shape)
-        disp_right = np.where(np.isfinite(raw_right) & (raw_right > 0), raw_right, 0).astype(np.float32)
+        np.copyto(raw_right, np.float32(0), where=~(np.isfinite(raw_right) & (raw_right > 0)))
+        disp_right = raw_right
 
+    np.copyto(raw, np.float32(0), where=~valid)  # in place: the codec's array is ours (a full-size copy is 15x slower)
     return {
         "key": key,
         "left": images["left"],
         "right": images["right"],
-        "disp": np.where(valid, raw, 0).astype(np.float32),
+        "disp": raw,
         "valid": valid,
         "nocc": nocc,
         "disp_right": disp_right,
@@ -197,15 +212,15 @@ def decode_sample(members: dict[str, bytes], key: str) -> dict[str, Any]:
     }
 
 
-def check_members(members: dict[str, bytes], key: str) -> str | None:
+def check_members(members: dict[str, bytes], key: str, negative_invalid: bool = False) -> str | None:
     """Why a sample must not be trained on, or None: undecodable or mismatched sizes, negative disparity
-    (a sign or view mix-up), or no valid pixel at all."""
+    (a sign or view mix-up, unless `negative_invalid`: then it only marks invalid pixels), or no valid pixel."""
     try:
         sample = decode_sample(members, key)
         raw = _ground_truth(members, key, "disp", sample["meta"])
     except CodecError as exc:
         return str(exc)
-    negative = int(np.count_nonzero(np.isfinite(raw) & (raw < 0)))
+    negative = 0 if negative_invalid else int(np.count_nonzero(np.isfinite(raw) & (raw < 0)))
     if negative:
         return f"{negative} pixels with negative disparity (min {float(np.nanmin(raw)):.3f})"
     if not sample["valid"].any():
@@ -216,7 +231,7 @@ def check_members(members: dict[str, bytes], key: str) -> str | None:
 def encode_checked(raw: RawSample) -> tuple[str, dict[str, bytes]]:
     """encode_raw plus a full decode and check: the `encode` the shard writer uses for raw data sets."""
     members = encode_raw(raw)
-    reason = check_members(members, raw.key)
+    reason = check_members(members, raw.key, raw.negative_invalid)
     if reason:
         raise BadSample(raw.left, reason)
     return raw.key, members

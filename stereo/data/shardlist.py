@@ -1,8 +1,10 @@
 """Resolve a data set's `shards:` string into the list of shards to read.
 
 Accepted forms: a directory holding `manifest.json` (written by `stereo.data.shards.write_shards`), a text file
-listing one shard per line, a brace pattern (`shards/fsd/{000000..000999}.tar`), a single tar path, and `pipe:`
-commands (`pipe:aws s3 cp s3://bucket/fsd/{000000..000099}.tar -`), which are brace-expanded too.
+listing one shard per line, a brace pattern (`shards/fsd/{000000..000999}.tar`), a single tar path, the same on
+object storage (`s3://bucket/fsd` with its manifest.json, `s3://bucket/fsd/{000000..000999}.tar`,
+`https://host/fsd/`), and `pipe:` commands (`pipe:aws s3 cp s3://bucket/fsd/{000000..000099}.tar -`), which are
+brace-expanded too. Remote sources are checked here: the manifest is read, an S3 pattern's objects are listed.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from braceexpand import braceexpand
+
+from stereo.data.remote import FetchError, is_remote, missing_objects, read_bytes
 
 PIPE_PREFIX = "pipe:"
 
@@ -29,6 +33,11 @@ class Shard:
     def is_pipe(self) -> bool:
         return self.url.startswith(PIPE_PREFIX)
 
+    @property
+    def is_streamed(self) -> bool:
+        """Read in stream order (a remote object or a pipe), not by random access like a local tar."""
+        return self.is_pipe or is_remote(self.url)
+
 
 def resolve_shards(source: str) -> list[Shard]:
     source = source.strip()
@@ -36,6 +45,11 @@ def resolve_shards(source: str) -> list[Shard]:
         raise ShardListError("empty shard source: expected a directory, a list file, a pattern or a pipe: command")
     if source.startswith(PIPE_PREFIX):
         return [Shard(url) for url in braceexpand(source)]
+    if is_remote(source):
+        try:
+            return _remote(source)
+        except FetchError as exc:
+            raise ShardListError(f"{source}: {exc}") from None
     path = Path(source)
     if path.is_dir():
         return _from_manifest(path)
@@ -51,21 +65,42 @@ def resolve_shards(source: str) -> list[Shard]:
     return shards
 
 
+def _remote(source: str) -> list[Shard]:
+    if "@" in source.split("/")[2]:
+        raise ShardListError(f"{source.split('@')[-1]}: credentials in a shard URL would be written into the run's "
+                             "config; give them in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...)")
+    if "{" not in source and not source.endswith(".tar"):  # a shard folder: its manifest lists the shards
+        base = source.rstrip("/")
+        shards = _parse_manifest(f"{base}/manifest.json", read_bytes(f"{base}/manifest.json"), base)
+        return shards
+    shards = [Shard(url) for url in braceexpand(source)]
+    if source.startswith("s3://"):
+        missing = missing_objects([s.url for s in shards])
+        if missing:
+            raise ShardListError(f"{source}: {len(missing)} of {len(shards)} shard objects do not exist (first: "
+                                 f"{missing[0]})")
+    return shards
+
+
+def _parse_manifest(where: str, text: bytes | str, base: str) -> list[Shard]:
+    try:
+        manifest = json.loads(text)
+        entries = manifest["shards"]
+        shards = [Shard(f"{base}/{entry['name']}", int(entry["num_samples"])) for entry in entries]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise ShardListError(f"{where}: not a valid manifest ({exc!r}); expected "
+                             '{"shards": [{"name", "num_samples", ...}, ...]}') from None
+    if not shards:
+        raise ShardListError(f"{where}: lists no shards")
+    return shards
+
+
 def _from_manifest(directory: Path) -> list[Shard]:
     manifest_path = directory / "manifest.json"
     if not manifest_path.is_file():
         raise ShardListError(f"{directory}: no manifest.json; expected a shard directory written by `python -m stereo "
                              "shards` or `demo-data` (or give a brace pattern of tar files)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        entries = manifest["shards"]
-        shards = [Shard(str(directory / entry["name"]), int(entry["num_samples"])) for entry in entries]
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise ShardListError(f"{manifest_path}: not a valid manifest ({exc!r}); expected "
-                             '{"shards": [{"name", "num_samples", ...}, ...]}') from None
-    if not shards:
-        raise ShardListError(f"{manifest_path}: lists no shards")
-    return shards
+    return _parse_manifest(str(manifest_path), manifest_path.read_text(), str(directory))
 
 
 def _from_list_file(path: Path) -> list[Shard]:
@@ -73,5 +108,5 @@ def _from_list_file(path: Path) -> list[Shard]:
     urls = [line for line in lines if line and not line.startswith("#")]
     if not urls:
         raise ShardListError(f"{path}: the list file names no shards")
-    return [Shard(url if url.startswith(PIPE_PREFIX) or Path(url).is_absolute() else str(path.parent / url))
-            for url in urls]
+    return [Shard(url if url.startswith(PIPE_PREFIX) or is_remote(url) or Path(url).is_absolute()
+                  else str(path.parent / url)) for url in urls]

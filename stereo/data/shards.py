@@ -4,6 +4,10 @@ The plan (which items go into which shard) is a pure function of the items' size
 after an interruption rebuilds the same plan, keeps every shard the manifest lists whose size and sha256 still match,
 and writes the rest. A shard is written as `NNNNNN.tar.tmp` and renamed when complete; the manifest lists only
 renamed shards, so readers never see a half-written one.
+
+An `s3://bucket/prefix` output goes through a local staging folder: each worker uploads its finished shard (S3
+shows an object whole or not at all) and deletes the local copy, then the manifest is uploaded, listing only
+uploaded shards. A re-run keeps the shards the remote manifest lists whose objects still have the listed size.
 """
 
 from __future__ import annotations
@@ -12,8 +16,10 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sys
 import tarfile
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -25,6 +31,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from stereo.data.remote import FetchError, object_size, read_bytes, upload_file
 from stereo.data.sample import BadSample, RawSample
 
 __all__ = ["BadSample", "ShardWriteError", "parse_size", "plan_shards", "write_shards", "read_manifest"]
@@ -100,6 +107,7 @@ class _ShardJob:
     name: str
     items: list[Any]
     encode: Encode
+    upload_to: str | None = None  # s3://bucket/prefix: upload the finished shard there, then drop the local copy
 
 
 def _write_shard(job: _ShardJob) -> dict[str, Any]:
@@ -121,36 +129,66 @@ def _write_shard(job: _ShardJob) -> dict[str, Any]:
         os.fsync(handle.fileno())
     os.replace(tmp, final)
     entry = {"name": job.name, "num_samples": count, "bytes": final.stat().st_size, "sha256": _sha256(final)}
+    if job.upload_to:
+        upload_file(final, f"{job.upload_to}/{job.name}")
+        final.unlink()
     return {"entry": entry, "bad_samples": bad}
 
 
 def read_manifest(out_dir: str | Path) -> dict[str, Any] | None:
-    path = Path(out_dir) / MANIFEST
-    if not path.is_file():
-        return None
+    if str(out_dir).startswith("s3://"):
+        url = f"{str(out_dir).rstrip('/')}/{MANIFEST}"
+        if object_size(url) is None:
+            return None
+        text, path = read_bytes(url).decode(), url
+    else:
+        path = Path(out_dir) / MANIFEST
+        if not path.is_file():
+            return None
+        text = path.read_text()
     try:
-        return json.loads(path.read_text())
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise ShardWriteError(f"{path}: not valid JSON ({exc}); remove it to rewrite the shards") from exc
 
 
-def _write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
-    tmp = out_dir / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, out_dir / MANIFEST)
+class _Output:
+    """Where the shards go: a local folder, or an s3:// prefix through a local staging folder."""
+
+    def __init__(self, out_dir: str | Path):
+        self.remote = str(out_dir).rstrip("/") if str(out_dir).startswith("s3://") else None
+        self.dir = Path(tempfile.mkdtemp(prefix="shards-staging-")) if self.remote else Path(out_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.name = self.remote or str(self.dir)
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        tmp = self.dir / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+        os.replace(tmp, self.dir / MANIFEST)
+        if self.remote:
+            upload_file(self.dir / MANIFEST, f"{self.remote}/{MANIFEST}")
+
+    def intact(self, entry: dict[str, Any]) -> bool:
+        if self.remote:
+            return object_size(f"{self.remote}/{entry['name']}") == entry["bytes"]
+        path = self.dir / entry["name"]
+        return path.is_file() and path.stat().st_size == entry["bytes"] and _sha256(path) == entry["sha256"]
+
+    def close(self) -> None:
+        if self.remote:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _finished_shards(out_dir: Path, old: dict[str, Any] | None, plan_id: str) -> dict[str, dict[str, Any]]:
-    """Shards of an earlier run of the same plan that are still intact on disk: name -> result."""
+def _finished_shards(out: _Output, old: dict[str, Any] | None, plan_id: str) -> dict[str, dict[str, Any]]:
+    """Shards of an earlier run of the same plan that are still intact: name -> result."""
     if old is None:
         return {}
     if old.get("plan") != plan_id:
-        raise ShardWriteError(f"{out_dir} holds shards of a different plan (other data, options or shard size); "
+        raise ShardWriteError(f"{out.name} holds shards of a different plan (other data, options or shard size); "
                               "remove it or choose another output directory")
     kept = {}
     for entry in old.get("shards", []):
-        path = out_dir / entry["name"]
-        if path.is_file() and path.stat().st_size == entry["bytes"] and _sha256(path) == entry["sha256"]:
+        if out.intact(entry):
             bad = [b for b in old.get("bad_samples", []) if b.get("shard") == entry["name"]]
             kept[entry["name"]] = {"entry": entry, "bad_samples": bad}
     return kept
@@ -169,13 +207,24 @@ def write_shards(
 
     `encode(item) -> (key, {ext: bytes})` must be picklable (a module-level function) when workers > 0; it raises
     `BadSample(path, reason)` for an item to skip. `size_of(item)` (default: the raw sample's file sizes) drives the
-    plan. workers=0 encodes in this process; None uses every core.
+    plan. workers=0 encodes in this process; None uses every core. OUT may be `s3://bucket/prefix`.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    output = _Output(out_dir)
+    try:
+        return _write_all(items, encode, output, dataset, shard_bytes, workers, size_of)
+    except FetchError as exc:
+        raise ShardWriteError(f"{output.name}: {exc}; finished shards are in the manifest: run the same command "
+                              "again to write the rest") from None
+    finally:
+        output.close()
+
+
+def _write_all(items: Sequence[Any], encode: Encode, output: _Output, dataset: str, shard_bytes: int | float | str,
+               workers: int | None, size_of: Callable[[Any], int] | None) -> dict[str, Any]:
+    out = output.dir
     items = list(items)
     if not items:
-        raise ShardWriteError(f"{dataset}: nothing to write to {out}")
+        raise ShardWriteError(f"{dataset}: nothing to write to {output.name}")
     size_of = size_of or raw_size
     shard_bytes = parse_size(shard_bytes)
     plan = plan_shards([size_of(item) for item in items], shard_bytes)
@@ -185,7 +234,7 @@ def write_shards(
     for stale in out.glob("*.tar.tmp"):  # left by an interrupted run; never listed
         stale.unlink()
 
-    results = _finished_shards(out, read_manifest(out), plan_id)
+    results = _finished_shards(output, read_manifest(output.remote or out), plan_id)
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
     def manifest() -> dict[str, Any]:
@@ -207,26 +256,26 @@ def write_shards(
         results[result["entry"]["name"]] = result
         for bad in result["bad_samples"]:
             tqdm.write(f"bad sample {bad['path']}: {bad['reason']}", file=sys.stderr)
-        _write_manifest(out, manifest())
+        output.write_manifest(manifest())
         progress.update(len(plan[names.index(result["entry"]["name"])]))
 
-    todo = [_ShardJob(str(out), name, [items[i] for i in plan[index]], encode)
+    todo = [_ShardJob(str(out), name, [items[i] for i in plan[index]], encode, output.remote)
             for index, name in enumerate(names) if name not in results]
     workers = min(os.cpu_count() or 1, len(todo)) if workers is None else workers
     skipped = sum(len(plan[names.index(name)]) for name in results)
     with tqdm(total=len(items), initial=skipped, unit="sample", desc=f"shards {dataset}", file=sys.stderr) as progress:
-        _write_manifest(out, manifest())
+        output.write_manifest(manifest())
         if workers <= 0 or not todo:
             for job in todo:
                 finish(_write_shard(job))
         else:
-            _run_pool(todo, workers, finish, out)
+            _run_pool(todo, workers, finish, output.name)
     final = manifest()
-    _write_manifest(out, final)
+    output.write_manifest(final)
     return final
 
 
-def _run_pool(todo: list[_ShardJob], workers: int, finish: Callable[[dict[str, Any]], None], out: Path) -> None:
+def _run_pool(todo: list[_ShardJob], workers: int, finish: Callable[[dict[str, Any]], None], out: str) -> None:
     """At most `workers` shards in flight (bounded memory: jobs carry their items, not their bytes)."""
     pending = iter(todo)
     # A dead worker breaks the pool: it surfaces in a future's result or in the next submit, whichever comes first

@@ -8,9 +8,9 @@ from stereo.data.sample import MaskFile, RawSample
 from stereo.data.sources.common import SourceError, sample_key
 
 LAYOUT = """ROOT is a text file; each line `left right disparity [mask]` (whitespace-separated, paths relative to the
-list file's folder; blank lines and lines starting with # are skipped). Disparity: .pfm (float, inf/<=0 =
-invalid), .png (uint16, disparity * 256, 0 = invalid, as KITTI) or .npy (float32 2-D). Mask: 8-bit PNG,
-non-zero = valid."""
+list file's folder; blank lines and lines starting with # are skipped). Disparity: .pfm (float; inf, NaN and
+<= 0, e.g. -1, = invalid), .png (uint16, disparity * 256, 0 = invalid, as KITTI) or .npy (float 2-D, invalid as
+.pfm). Mask: PNG, non-zero = valid."""
 
 CODECS = {".pfm": "pfm", ".png": "kitti.png", ".npy": "f32.npy"}
 
@@ -40,5 +40,6 @@ def list_samples(root: Path) -> list[RawSample]:
             target=str(disp),
             codec=codec,
             valid_masks=masks,
+            negative_invalid=True,
         ))
     return samples

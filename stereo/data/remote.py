@@ -1,0 +1,373 @@
+"""Shards on object storage: `s3://bucket/key` through boto3 and `http(s)://` through requests, with retries.
+
+boto3 is AWS's own SDK: it reads the endpoint (`AWS_ENDPOINT_URL`, `AWS_ENDPOINT_URL_S3`), the region
+(`AWS_REGION`) and the credentials (`AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, `AWS_PROFILE`, instance or pod
+roles) from the environment and ~/.aws exactly as the `aws` CLI does, speaks to any S3-compatible store (MinIO,
+Ceph, moto), and does HTTP range requests. Nothing of that configuration passes through our config, so nothing of it
+can reach the run directory, the config dump or wandb. The test server (moto) is built on boto3 anyway.
+
+`RangeReader` is a read-only file object over one remote object. A connection that drops (or stalls past the read
+timeout) in the middle is re-opened with a range request at the byte where it stopped, after a backoff that doubles
+on each failure in a row; a retry that makes progress resets the count. Errors that a retry cannot fix (no such
+key, access denied, no credentials) fail at once. `ShardCache` keeps whole objects on node-local disk.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+from urllib.parse import urlsplit
+
+REMOTE_SCHEMES = ("s3://", "http://", "https://")
+MAX_BACKOFF_S = 60.0
+
+
+def is_remote(url: str) -> bool:
+    return url.startswith(REMOTE_SCHEMES)
+
+
+class FetchError(OSError):
+    """A remote object that could not be read: `permanent` when retrying cannot help (missing, forbidden)."""
+
+    def __init__(self, message: str, permanent: bool = False):
+        super().__init__(message)
+        self.permanent = permanent
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    retries: int = 5  # failures in a row (without progress) before giving up
+    backoff_s: float = 1.0  # the first wait; doubled after each further failure, at most MAX_BACKOFF_S
+
+    def wait(self, failures: int) -> None:
+        time.sleep(min(self.backoff_s * 2 ** (failures - 1), MAX_BACKOFF_S))
+
+
+# --- clients --------------------------------------------------------------------------------------------------
+
+_S3_CLIENTS: dict[int, Any] = {}  # per process: clients must not cross a fork (the DataLoader's workers)
+
+
+def s3_client() -> Any:
+    pid = os.getpid()
+    if pid not in _S3_CLIENTS:
+        import boto3
+        from botocore.config import Config
+
+        # botocore retries failed requests itself; the streamed body is retried by RangeReader
+        config = Config(connect_timeout=10, read_timeout=60, retries={"mode": "standard", "max_attempts": 3},
+                        s3={"addressing_style": os.environ.get("STEREO_S3_ADDRESSING", "auto")})
+        _S3_CLIENTS.clear()
+        _S3_CLIENTS[pid] = boto3.session.Session().client("s3", config=config)
+    return _S3_CLIENTS[pid]
+
+
+def split_s3(url: str) -> tuple[str, str]:
+    """`s3://bucket/a/b.tar` -> (`bucket`, `a/b.tar`)."""
+    bucket, _, key = url[len("s3://"):].partition("/")
+    if not bucket:
+        raise FetchError(f"{url}: expected s3://bucket/key", permanent=True)
+    return bucket, key
+
+
+def _transient_status(status: int) -> bool:
+    return status >= 500 or status in (408, 429)
+
+
+def _classify(url: str, exc: Exception) -> FetchError:
+    """Any client exception -> FetchError, permanent unless a retry could succeed."""
+    import botocore.exceptions as boto
+    import requests
+
+    if isinstance(exc, FetchError):
+        return exc
+    if isinstance(exc, boto.ClientError):
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        code = exc.response.get("Error", {}).get("Code", "?")
+        return FetchError(f"{url}: {code} (HTTP {status})", permanent=not _transient_status(status))
+    if isinstance(exc, (boto.NoCredentialsError, boto.PartialCredentialsError, boto.ParamValidationError)):
+        return FetchError(f"{url}: {exc} (the S3 client reads AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+                          "AWS_ENDPOINT_URL, AWS_REGION or AWS_PROFILE from the environment)", permanent=True)
+    if isinstance(exc, requests.HTTPError) and exc.response is not None:
+        status = exc.response.status_code
+        return FetchError(f"{url}: HTTP {status}", permanent=not _transient_status(status))
+    return FetchError(f"{url}: {type(exc).__name__}: {exc}")
+
+
+def _open_body(url: str, start: int) -> tuple[Any, int]:
+    """A streaming body from byte `start` and the object's total size."""
+    if url.startswith("s3://"):
+        import botocore.exceptions as boto
+
+        bucket, key = split_s3(url)
+        try:
+            response = s3_client().get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-")
+        except boto.ClientError as exc:
+            if start and exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 416:
+                return _EmptyBody(), start  # asked from the very end: nothing left
+            raise
+        return response["Body"], start + int(response["ContentLength"])
+    import requests
+
+    response = requests.get(url, headers={"Range": f"bytes={start}-"}, stream=True, timeout=(10, 60))
+    if response.status_code == 416:  # asked from the very end: nothing left
+        response.close()
+        return _EmptyBody(), start
+    response.raise_for_status()
+    total = int(response.headers.get("Content-Length", -1))
+    if start and response.status_code != 206:  # the server ignored the range: skip what was read already
+        response.raw.read(start)
+        return response.raw, total
+    return response.raw, start + total if total >= 0 else -1
+
+
+class _EmptyBody:
+    def read(self, size: int = -1) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        pass
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    import botocore.exceptions as boto
+    import requests
+    import urllib3.exceptions
+
+    return (boto.BotoCoreError, boto.ClientError, requests.RequestException, urllib3.exceptions.HTTPError, OSError)
+
+
+class RangeReader:
+    """Sequential reads of one remote object from byte `start`, resuming after dropped connections."""
+
+    def __init__(self, url: str, start: int = 0, policy: RetryPolicy = RetryPolicy()):
+        self.url, self.position, self.policy = url, start, policy
+        self.size: int | None = None
+        self.retried = 0  # reconnections so far (for the log and the tests)
+        self._body: Any = None
+        self._failures = 0
+        self._given_up: FetchError | None = None
+        self._errors = _network_errors()
+        self._connect()
+
+    def _connect(self) -> None:
+        while True:
+            try:
+                self._body, size = _open_body(self.url, self.position)
+                self.size = size if size >= 0 else None
+                return
+            except self._errors as exc:
+                self._failed(_classify(self.url, exc))
+
+    def _failed(self, error: FetchError) -> None:
+        self._close_body()
+        self._failures += 1
+        if error.permanent or self._failures > self.policy.retries:
+            tries = "" if error.permanent else f" (gave up after {self.policy.retries} retries)"
+            raise FetchError(f"{error} at byte {self.position}{tries}", error.permanent) from None
+        self.retried += 1
+        self.policy.wait(self._failures)
+
+    def read(self, size: int = -1) -> bytes:
+        if self._given_up is not None:
+            raise self._given_up
+        chunks, wanted = [], size
+        try:
+            while wanted != 0:
+                if self._body is None:
+                    self._connect()
+                try:
+                    chunk = self._body.read(wanted if wanted > 0 else 1 << 20)
+                except self._errors as exc:
+                    self._failed(_classify(self.url, exc))
+                    continue
+                if not chunk:
+                    if self.size is not None and self.position < self.size:  # closed early without an error
+                        self._failed(FetchError(f"{self.url}: connection closed at byte {self.position} of "
+                                                f"{self.size}"))
+                        continue
+                    break
+                chunks.append(chunk)
+                self.position += len(chunk)
+                self._failures = 0
+                if wanted > 0:
+                    wanted -= len(chunk)
+        except FetchError as exc:
+            if not chunks:
+                raise
+            self._given_up = exc  # hand out what arrived (whole samples in it are kept), fail on the next read
+        return b"".join(chunks)
+
+    def _close_body(self) -> None:
+        if self._body is not None:
+            try:
+                self._body.close()
+            except Exception:  # a broken connection may fail to close; it is dropped either way
+                pass
+            self._body = None
+
+    def close(self) -> None:
+        self._close_body()
+
+    def __enter__(self) -> "RangeReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_bytes(url: str, policy: RetryPolicy = RetryPolicy()) -> bytes:
+    with RangeReader(url, 0, policy) as reader:
+        return reader.read()
+
+
+def missing_objects(urls: list[str]) -> list[str]:
+    """The S3 URLs among `urls` that do not exist, found by listing their common prefix (1 request per 1000)."""
+    by_bucket: dict[str, set[str]] = {}
+    for url in urls:
+        bucket, key = split_s3(url)
+        by_bucket.setdefault(bucket, set()).add(key)
+    missing = []
+    for bucket, keys in by_bucket.items():
+        prefix = os.path.commonprefix(sorted(keys))
+        found: set[str] = set()
+        try:
+            for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+                found.update(item["Key"] for item in page.get("Contents", []))
+        except _network_errors() as exc:
+            raise _classify(f"s3://{bucket}/{prefix}", exc) from None
+        missing += [f"s3://{bucket}/{key}" for key in sorted(keys - found)]
+    return missing
+
+
+def upload_file(path: str | Path, url: str) -> None:
+    """A local file to s3://bucket/key (multipart for large files; S3 shows the object whole or not at all)."""
+    bucket, key = split_s3(url)
+    try:
+        s3_client().upload_file(str(path), bucket, key)
+    except _network_errors() as exc:
+        raise _classify(url, exc) from None
+
+
+def object_size(url: str) -> int | None:
+    """Bytes of s3://bucket/key, or None when it does not exist."""
+    bucket, key = split_s3(url)
+    import botocore.exceptions as boto
+
+    try:
+        return int(s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
+    except boto.ClientError as exc:
+        if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+            return None
+        raise _classify(url, exc) from None
+
+
+def redact(url: str) -> str:
+    """The URL without a `user:password@` part (for messages)."""
+    parts = urlsplit(url)
+    if parts.username or parts.password:
+        return url.replace(parts.netloc, parts.hostname + (f":{parts.port}" if parts.port else ""), 1)
+    return url
+
+
+# --- node-local cache -----------------------------------------------------------------------------------------
+
+
+class ShardCache:
+    """Whole remote objects kept in `directory`, at most `max_bytes` in all, least recently used evicted first.
+
+    Safe with many writers (workers, ranks) at once without coordination on the read path: each writer streams
+    into its own `.part` file and publishes it with an atomic rename (two writers of one shard publish the same
+    bytes); eviction runs under a file lock; a reader keeps a file it opened even when it is evicted meanwhile.
+    """
+
+    def __init__(self, directory: str | Path, max_bytes: int):
+        self.directory, self.max_bytes = Path(directory), int(max_bytes)
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def path(self, url: str) -> Path:
+        return self.directory / (hashlib.sha256(url.encode()).hexdigest()[:32] + ".tar")
+
+    def open(self, url: str) -> BinaryIO | None:
+        """The cached copy, opened, or None."""
+        path = self.path(url)
+        try:
+            handle = open(path, "rb")
+        except FileNotFoundError:
+            return None
+        os.utime(path)  # recently used
+        return handle
+
+    def writer(self, url: str, size: int | None) -> "_CacheWriter | None":
+        if size is None or size > self.max_bytes:
+            return None
+        part = self.path(url).with_name(f"{self.path(url).stem}.{socket.gethostname()}.{os.getpid()}.part")
+        return _CacheWriter(self, url, part, size)
+
+    def publish(self, part: Path, url: str) -> None:
+        os.replace(part, self.path(url))
+        self.evict(keep=self.path(url))
+
+    def evict(self, keep: Path | None = None) -> None:
+        with open(self.directory / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._remove_dead_parts()
+            files = []
+            for path in self.directory.glob("*.tar"):
+                try:
+                    stat = path.stat()
+                except FileNotFoundError:
+                    continue
+                files.append((stat.st_mtime, stat.st_size, path))
+            total = sum(size for _, size, _ in files)
+            for _, size, path in sorted(files):
+                if total <= self.max_bytes:
+                    break
+                if path == keep:
+                    continue
+                path.unlink(missing_ok=True)
+                total -= size
+
+    def _remove_dead_parts(self) -> None:
+        """`.part` files of processes of this host that died (kill -9) before publishing."""
+        host = socket.gethostname()
+        for part in self.directory.glob(f"*.{host}.*.part"):
+            pid = part.name.rsplit(".", 2)[1]
+            if pid.isdigit() and not _alive(int(pid)):
+                part.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class _CacheWriter:
+    """Receives the bytes of one object as they are read; publishes them once all `size` bytes arrived."""
+
+    def __init__(self, cache: ShardCache, url: str, part: Path, size: int):
+        self.cache, self.url, self.part, self.size = cache, url, part, size
+        self.handle = open(part, "wb")
+        self.written = 0
+
+    def write(self, data: bytes) -> None:
+        self.handle.write(data)
+        self.written += len(data)
+
+    def close(self, complete: bool) -> None:
+        self.handle.close()
+        if complete and self.written == self.size:
+            self.cache.publish(self.part, self.url)
+        else:
+            self.part.unlink(missing_ok=True)

@@ -1,0 +1,317 @@
+"""Shards on object storage, against a real S3-compatible server (moto, its own process on 127.0.0.1) behind a
+proxy that drops connections on purpose: `make shards OUT=s3://...`, streaming over s3:// and http://, resumed
+range reads after dropped connections, failed shards and the failure rate, the node-local cache, and exact resume
+of the loader after kill -9 at world size 2 with 2 workers per rank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from s3server import FaultProxy, start_moto
+from stereo.data.codecs import encode_png, write_pfm
+from stereo.data.reader import FetchOptions, iter_streamed
+from stereo.data.remote import RangeReader, RetryPolicy, ShardCache, s3_client
+from stereo.data.shardlist import ShardListError, resolve_shards
+from stereo.data.stream import BadDataError, DatasetSource, RoleState, RoleStream
+
+REPO = Path(__file__).resolve().parents[1]
+BUCKET = "stereo-test"
+SECRET = "never-written-anywhere-7f3a9c"  # the secret key the client gets from the environment
+SAMPLES, SIZE = 24, (48, 64)  # about 30 KB a sample: 3 shards of 8 at SHARD_SIZE
+SHARD_SIZE = "240KB"
+FAST_RETRY = RetryPolicy(retries=2, backoff_s=0.01)
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """moto behind the fault proxy; the client finds both through the environment only."""
+    server, port = start_moto()
+    proxy = FaultProxy(port)
+    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                            "AWS_REGION", "AWS_PROFILE")}
+    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{proxy.port}", AWS_ACCESS_KEY_ID="testing",
+                      AWS_SECRET_ACCESS_KEY=SECRET, AWS_REGION="us-east-1")
+    os.environ.pop("AWS_PROFILE", None)
+    s3_client().create_bucket(Bucket=BUCKET)
+    root = tmp_path_factory.mktemp("remote")
+    listing = write_generic_set(root / "raw")
+    run = subprocess.run(["make", "-s", "shards", f"PY={sys.executable}", "DATASET=generic", f"SRC={listing}",
+                          f"OUT=s3://{BUCKET}/set", f"SHARD_SIZE={SHARD_SIZE}"], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    local = root / "local"
+    subprocess.run([sys.executable, "-m", "stereo", "shards", "--dataset", "generic", "--src", str(listing),
+                    "--out", str(local), "--shard-size", SHARD_SIZE], cwd=REPO, check=True, capture_output=True)
+    yield {"proxy": proxy, "moto_port": port, "local": local, "make_output": run.stdout + run.stderr, "root": root}
+    proxy.stop()
+    server.kill()
+    server.wait()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def write_generic_set(root: Path) -> Path:
+    """A generic list of SAMPLES pairs whose constant disparity (ident + 1) names the sample."""
+    root.mkdir(parents=True)
+    lines = []
+    for ident in range(SAMPLES):
+        image = np.random.default_rng(ident).integers(0, 256, SIZE + (3,), dtype=np.uint8)
+        (root / f"{ident:03d}_L.png").write_bytes(encode_png(image))
+        (root / f"{ident:03d}_R.png").write_bytes(encode_png(image))
+        write_pfm(root / f"{ident:03d}.pfm", np.full(SIZE, ident + 1.0, np.float32))
+        lines.append(f"{ident:03d}_L.png {ident:03d}_R.png {ident:03d}.pfm")
+    (root / "pairs.txt").write_text("\n".join(lines) + "\n")
+    return root / "pairs.txt"
+
+
+def make_public() -> None:
+    for key in ["set/manifest.json"] + [f"set/{i:06d}.tar" for i in range(3)]:
+        s3_client().put_object_acl(Bucket=BUCKET, Key=key, ACL="public-read")
+
+
+def ident_of(sample: dict) -> int:
+    return int(round(float(sample["disp"][0, 0]))) - 1
+
+
+def one_epoch(source: DatasetSource) -> tuple[list[int], RoleStream]:
+    stream = RoleStream([source], 0, 1, 0, 0.5, RoleState(), None)
+    idents = []
+    while True:
+        sample = stream.next()
+        if stream.state.cursors[source.name][0] > 0:
+            return idents, stream
+        idents.append(ident_of(sample))
+
+
+def test_make_shards_uploads_to_s3_and_the_loader_streams_them(s3):
+    local_manifest = json.loads((s3["local"] / "manifest.json").read_text())
+    remote_manifest = json.loads(s3_client().get_object(Bucket=BUCKET, Key="set/manifest.json")["Body"].read())
+    assert remote_manifest["complete"] and len(remote_manifest["shards"]) == 3
+    assert [(e["name"], e["num_samples"], e["sha256"]) for e in remote_manifest["shards"]] == \
+        [(e["name"], e["num_samples"], e["sha256"]) for e in local_manifest["shards"]]
+    for entry in remote_manifest["shards"]:
+        body = s3_client().get_object(Bucket=BUCKET, Key=f"set/{entry['name']}")["Body"].read()
+        assert hashlib.sha256(body).hexdigest() == entry["sha256"]
+    assert SECRET not in s3["make_output"]
+
+    shards = resolve_shards(f"s3://{BUCKET}/set")
+    assert [(s.url, s.num_samples) for s in shards] == [(f"s3://{BUCKET}/set/{i:06d}.tar", 8) for i in range(3)]
+    assert [s.url for s in resolve_shards(f"s3://{BUCKET}/set/{{000000..000002}}.tar")] == [s.url for s in shards]
+    with pytest.raises(ShardListError, match=r"7 of 10 shard objects do not exist \(first: .*000003.tar\)"):
+        resolve_shards(f"s3://{BUCKET}/set/{{000000..000009}}.tar")
+    with pytest.raises(ShardListError, match="credentials in a shard URL"):
+        resolve_shards(f"https://user:{SECRET}@example.org/set/")
+
+    idents, _ = one_epoch(DatasetSource("s3", shards, 1.0, FetchOptions(FAST_RETRY)))
+    assert sorted(idents) == list(range(SAMPLES))
+    local_idents, _ = one_epoch(DatasetSource("s3", resolve_shards(str(s3["local"])), 1.0))
+    assert sorted(local_idents) == list(range(SAMPLES))
+
+    # the same shards over plain http(s), made readable without credentials
+    make_public()
+    over_http = resolve_shards(f"http://127.0.0.1:{s3['proxy'].port}/{BUCKET}/set/")
+    assert [s.num_samples for s in over_http] == [8, 8, 8]
+    idents, _ = one_epoch(DatasetSource("http", over_http, 1.0, FetchOptions(FAST_RETRY)))
+    assert sorted(idents) == list(range(SAMPLES))
+
+    # a second run keeps what the remote manifest lists: nothing is uploaded again
+    proxy, before = s3["proxy"], len(s3["proxy"].gets)
+    listing = s3["root"] / "raw" / "pairs.txt"
+    subprocess.run([sys.executable, "-m", "stereo", "shards", "--dataset", "generic", "--src", str(listing),
+                    "--out", f"s3://{BUCKET}/set", "--shard-size", SHARD_SIZE], cwd=REPO, check=True,
+                   capture_output=True)
+    assert not [path for path, _ in proxy.gets[before:] if path.endswith(".tar")]
+
+
+def test_dropped_connections_resume_with_range_requests(s3):
+    """Three drops in one object: the reader re-opens at the byte where each stopped; nothing lost or doubled."""
+    proxy, url = s3["proxy"], f"s3://{BUCKET}/set/000001.tar"
+    expected = (s3["local"] / "000001.tar").read_bytes()
+    proxy.cuts = {"set/000001.tar": [20000, 45000, 5000]}
+    before = len(proxy.gets)
+    with RangeReader(url, 0, FAST_RETRY) as reader:
+        assert reader.read() == expected
+        assert reader.retried == 3
+    ranges = [r for path, r in proxy.gets[before:] if path.endswith("000001.tar")]
+    assert ranges == ["bytes=0-", "bytes=20000-", "bytes=65000-", "bytes=70000-"]
+    with RangeReader(url, len(expected) - 100, FAST_RETRY) as reader:
+        assert reader.read() == expected[-100:]
+    with RangeReader(url, len(expected), FAST_RETRY) as reader:  # a resume right at the end reads nothing
+        assert reader.read() == b""
+
+    make_public()
+    for source in (f"s3://{BUCKET}/set", f"http://127.0.0.1:{proxy.port}/{BUCKET}/set/"):
+        for index in range(3):
+            proxy.cuts[f"set/{index:06d}.tar"] = [30000, 60000]
+        idents, _ = one_epoch(DatasetSource("cut", resolve_shards(source), 1.0, FetchOptions(FAST_RETRY)))
+        assert sorted(idents) == list(range(SAMPLES)), source
+        assert not any(proxy.cuts.values())  # every planned drop happened
+
+
+def test_a_shard_that_keeps_failing_is_skipped_and_too_many_stop(s3, caplog):
+    proxy, shards = s3["proxy"], resolve_shards(f"s3://{BUCKET}/set")
+    fetch = FetchOptions(FAST_RETRY, max_failed_rate=0.4)
+    # shard 0: the first connection drops after 100 KB, every retry then gets no byte: the budget runs out
+    proxy.cuts = {"set/000000.tar": [100_000] + [0] * (FAST_RETRY.retries + 1)}
+    idents, stream = one_epoch(DatasetSource("flaky", shards, 1.0, fetch))
+    assert stream.state.bad == {"failed_shards": 1}
+    assert stream.state.opened_shards == 4  # the epoch's 3 and the first of the next
+    assert len(idents) == len(set(idents))  # the samples read before the failure count once, and only once
+    lost = set(range(8)) - set(idents)
+    assert set(range(8, SAMPLES)) <= set(idents) and 0 < len(lost) < 8
+    assert "shard failed" in caplog.text and "000000.tar" in caplog.text and "gave up after 2 retries" in caplog.text
+
+    proxy.cuts = {f"set/{i:06d}.tar": [0] * 10 for i in (0, 2)}
+    with pytest.raises(BadDataError, match=r"2 of [23] shards opened by role 0 could not be read .*"
+                                           r"max_failed_shard_rate=0.4"):
+        one_epoch(DatasetSource("broken", shards, 1.0, fetch))
+    proxy.cuts = {}
+
+
+def _read_through_cache(urls: list[str], cache_dir: str, max_bytes: int) -> None:
+    options = FetchOptions(FAST_RETRY, ShardCache(cache_dir, max_bytes))
+    for url in urls:
+        assert not [item for item in iter_streamed(url, 0, options) if not isinstance(item, tuple)]
+
+
+def test_cache_is_bounded_and_safe_with_concurrent_writers(s3, tmp_path):
+    """Four processes stream the same shards through one cache at once; it ends with whole, correct copies
+    within its bound, and a cached shard is read without a request."""
+    urls = [f"s3://{BUCKET}/set/{i:06d}.tar" for i in range(3)]
+    sizes = [(s3["local"] / f"{i:06d}.tar").stat().st_size for i in range(3)]
+    bound = sizes[0] + sizes[1] + sizes[2] // 2  # room for two shards
+    context = multiprocessing.get_context("fork")
+    procs = [context.Process(target=_read_through_cache, args=(urls[i % 3:] + urls[:i % 3], str(tmp_path), bound))
+             for i in range(4)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(120)
+        assert proc.exitcode == 0
+    cache = ShardCache(tmp_path, bound)
+    cached = sorted(tmp_path.glob("*.tar"))
+    assert len(cached) == 2 and sum(p.stat().st_size for p in cached) <= bound
+    assert not list(tmp_path.glob("*.part"))
+    local = {hashlib.sha256((s3["local"] / f"{i:06d}.tar").read_bytes()).hexdigest() for i in range(3)}
+    assert {hashlib.sha256(p.read_bytes()).hexdigest() for p in cached} <= local
+    hit = next(url for url in urls if cache.path(url).exists())
+    before = len(s3["proxy"].gets)
+    _read_through_cache([hit], str(tmp_path), bound)
+    assert len(s3["proxy"].gets) == before  # served from the node-local copy
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f"{cache.path(hit).stem}.{socket.gethostname()}.{dead.pid}.part"
+    stale.write_bytes(b"left by a killed worker")
+    cache.evict()
+    assert not stale.exists()
+
+
+LOADER_RUN = r"""
+import hashlib, json, os, sys
+from stereo.config.schema import AugmentConfig, DataConfig, DatasetSpec
+from stereo.data.loader import build_train_loader
+import time
+rank, out, total, resume, cache = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1", sys.argv[5]
+pace = float(sys.argv[7])  # seconds per batch: a slow consumer, so the kill finds batches prefetched
+cfg = DataConfig(train=[DatasetSpec("s3", sys.argv[6])], batch_size=2, num_workers=2, seed=5,
+                 shard_retries=2, retry_backoff_s=0.01, cache_dir=cache or None)
+loader = build_train_loader(cfg, AugmentConfig(crop=[32, 32]), 512, rank, 2)
+done = 0
+if resume:
+    last = json.loads(open(out).read().splitlines()[-1])
+    loader.load_state_dict(last["state"])
+    done = last["batch"] + 1
+with open(out, "a") as log:
+    for batch in loader:
+        digest = hashlib.sha256(b"".join(batch[k].numpy().tobytes() for k in ("left", "right", "disp", "valid")))
+        log.write(json.dumps({"batch": done, "digest": digest.hexdigest(), "state": loader.state_dict()}) + "\n")
+        log.flush()
+        os.fsync(log.fileno())
+        done += 1
+        if done == total:
+            break
+        time.sleep(pace)
+"""
+
+
+def _loader_run(rank: int, out: Path, total: int, resume: bool, cache: str, source: str, pace: float = 0.0,
+                ) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", LOADER_RUN, str(rank), str(out), str(total), "1" if resume else "0",
+                             cache, source, str(pace)], cwd=REPO, start_new_session=True, env=os.environ.copy())
+
+
+def _digests(path: Path) -> list[str]:
+    return [json.loads(line)["digest"] for line in path.read_text().splitlines()]
+
+
+def _wait_all(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        assert proc.wait(300) == 0
+
+
+def test_remote_exact_resume_after_kill9_at_world_size_2_with_2_workers(s3, tmp_path):
+    """4 roles on 3 shards (each split into 2 parts): both ranks killed with -9 mid-shard and resumed from their
+    last saved state (remote reads restart at the saved byte offset; rank 1 also through the cache) give the
+    batches of the uninterrupted run."""
+    total, source, cache = 10, f"s3://{BUCKET}/set", str(tmp_path / "cache")
+    straight = [tmp_path / f"straight{rank}" for rank in range(2)]
+    killed = [tmp_path / f"killed{rank}" for rank in range(2)]
+    _wait_all([_loader_run(rank, straight[rank], total, False, "", source) for rank in range(2)])
+    procs = [_loader_run(rank, killed[rank], total, False, cache if rank else "", source, pace=2.0)
+             for rank in range(2)]
+    deadline = time.time() + 300
+    for rank, proc in enumerate(procs):
+        while not killed[rank].exists() or len(killed[rank].read_text().splitlines()) < 3 + rank:
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)  # the rank and its two loader workers
+        proc.wait()
+    heads = [len(_digests(path)) for path in killed]
+    assert max(heads) < total
+    _wait_all([_loader_run(rank, killed[rank], total, True, cache if rank else "", source) for rank in range(2)])
+    for rank in range(2):
+        assert _digests(killed[rank]) == _digests(straight[rank]), f"rank {rank}, killed after {heads[rank]}"
+    offsets = [c[4] for path in killed for line in path.read_text().splitlines()
+               for role in json.loads(line)["state"]["roles"].values() for c in role["cursors"].values()]
+    assert any(offsets), "remote cursors carry byte offsets"
+    assert list(Path(cache).glob("*.tar"))
+
+
+def test_training_on_s3_shards_writes_no_endpoint_or_credentials(s3, tmp_path):
+    """A real (tiny) training run streams its data from the S3 server; the secret key and the endpoint, given in
+    the environment only, appear in no file of the run directory (config.yaml, metrics, wandb) nor in its log."""
+    run_dir = tmp_path / "run"
+    overrides = ["augment.crop=[32,64]", "data.batch_size=1", "data.num_workers=1", "model.train_iters=1",
+                 "model.valid_iters=1", "train.steps=2", "checkpoint.every=2", "logging.every=1",
+                 "train.val_every=1000", "data.val=[]", "logging.wandb=offline", "schedule.warmup_steps=1",
+                 f"data.train=[{{name: s3, shards: 's3://{BUCKET}/set'}}]", f"train.run_dir={run_dir}"]
+    run = subprocess.run([sys.executable, "-m", "stereo", "train", "tiny", *overrides], cwd=REPO, capture_output=True,
+                         text=True, timeout=600, env={**os.environ, "WANDB_MODE": "offline"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    steps = [json.loads(line).get("step") for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert 2 in steps
+    assert f"s3://{BUCKET}/set" in (run_dir / "config.yaml").read_text()
+    endpoint = os.environ["AWS_ENDPOINT_URL"].split("//")[1]
+    assert (run_dir / "wandb").is_dir()
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert SECRET.encode() not in data and endpoint.encode() not in data, path
+    assert SECRET not in run.stdout + run.stderr and endpoint not in run.stdout + run.stderr
