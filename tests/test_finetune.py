@@ -164,8 +164,9 @@ def finetuned(tmp_path_factory, data, starts) -> dict:
     first["weights"] = module_weights(first["step_dir"])
     first["ema"] = torch.load(first["step_dir"] / "trainer_state_rank0.pt", weights_only=False)["ema"]["shadow"]
     # the restart: a real learning rate, and an init file that must lose against the run's own checkpoint
+    # (a new learning rate and schedule on resume must be allowed explicitly)
     resume = ["optim.lr=1.0e-3", "schedule.warmup_steps=1", "train.steps=4", "checkpoint.every=2",
-              f"model.init_from={starts['other']}"]
+              f"model.init_from={starts['other']}", "train.allow_config_change=true"]
     code, second_log = torchrun_train(base + resume, root / "second.log")
     assert code == 0, second_log[-4000:]
     return {"run_dir": run_dir, "root": root, "first": first, "second_log": second_log,
