@@ -8,7 +8,7 @@ NPROC ?= 1
 # `make train CONFIG=x optim.lr=1e-5`: every command-line assignment whose name has a dot is a config override.
 OVERRIDES := $(strip $(foreach w,$(MAKEOVERRIDES),$(if $(findstring .,$(firstword $(subst =, ,$(w)))),$(w))) $(ARGS))
 
-.PHONY: help setup test test-gpu gpu-check train demo-data shards bench bench-data eval compare infer export \
+.PHONY: help setup test test-gpu gpu-check train demo-data shards plan bench bench-data eval compare infer export \
         submit status logs cancel slurm-up slurm-down docker docker-build docker-run config clean
 
 help: ## list the targets
@@ -28,12 +28,9 @@ test: ## run the test suite (CPU; real DeepSpeed, webdataset, Slurm, wandb offli
 test-gpu: ## run the GPU-marked tests (on a GPU node)
 	$(PY) -m pytest -m gpu tests
 
-gpu-check: ## on a GPU node: the gpu tests, `bench` eager and compiled, a ViT-L ZeRO-2 bf16 run (runs/gpu-check)
-	rm -rf runs/gpu-check
-	$(MAKE) --no-print-directory test-gpu
-	$(PY) -m stereo bench --out runs/gpu-check/bench.json
-	$(PY) -m stereo bench --compile --channels-last --out runs/gpu-check/bench-compiled.json
-	$(MAKE) --no-print-directory train CONFIG=vitl_smoke NPROC=1 train.run_dir=runs/gpu-check/vitl_smoke
+gpu-check: ## a new GPU node in ~8 min: bf16 ViT-L steps vs the plan, gpu tests, ZeRO-2 resume, bench [RELEASED=dir DINOV2=dir]
+	$(PY) -m stereo.plan.gpu_check --out $(or $(OUT),runs/gpu-check) $(if $(RELEASED),--released $(RELEASED)) \
+		$(if $(DINOV2),--dinov2 $(DINOV2)) $(ARGS)
 
 demo-data: ## write the procedurally generated demo shards to shards/demo
 	$(PY) -m stereo demo-data --out shards/demo
@@ -49,8 +46,11 @@ config: ## print CONFIG fully resolved (validates it)
 shards: ## convert a data set: DATASET=kitti15 SRC=/data/KITTI OUT=shards/kitti15
 	$(PY) -m stereo shards --dataset $(DATASET) --src $(SRC) --out $(OUT)
 
-bench: ## time a training step and inference (GPU): median step, samples/s, peak memory, MFU
-	$(PY) -m stereo bench --out runs/bench.json
+plan: ## per-GPU memory by part, largest batch, time floor of CONFIG [GPU=h100-80gb] [GPUS=n] (CPU; ~20 s a ViT-L plan)
+	$(PY) -m stereo plan $(CONFIG) $(OVERRIDES) $(if $(GPU),--gpu $(GPU)) $(if $(GPUS),--gpus $(GPUS))
+
+bench: ## time a training step and inference of the model that fits the device found (CPU: tiny) [SIZE=vitl|vitb|vits|tiny]
+	$(PY) -m stereo bench $(if $(SIZE),--size $(SIZE)) --out runs/bench.json
 
 bench-data: ## data-loading throughput per core on FSD-like samples
 	$(PY) -m stereo bench-data

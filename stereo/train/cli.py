@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
+import torch
+
 from stereo.config import load_config
 
 
@@ -12,6 +16,10 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     cfg = load_config(args.config, args.overrides)  # a bad config fails here, before any process group starts
+    if torch.cuda.is_available():  # a config whose planned peak memory exceeds the GPU's stops here (exit 2)
+        from stereo.plan import check_fits, local_gpu
+
+        check_fits(cfg, int(os.environ.get("WORLD_SIZE", "1")), local_gpu(int(os.environ.get("LOCAL_RANK", "0"))))
     from stereo.train.loop import train
 
     return train(cfg, list(args.overrides))
