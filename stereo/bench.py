@@ -184,7 +184,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help="timed steps per configuration, the median is kept (GPU 10, CPU 3)")
     parser.add_argument("--warmup", type=int, help="untimed steps first: allocator, cuDNN, compile (GPU 3, CPU 1)")
     parser.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
-                        help="torch.compile the model (backend: inductor; aot_eager checks the capture without codegen)")
+                        help="torch.compile the model (default backend inductor; aot_eager: the capture, no codegen)")
     parser.add_argument("--channels-last", action="store_true", help="NHWC weights and inputs for the 2-D convs")
     parser.add_argument("--out", type=Path, help="JSON file (default runs/bench/bench-<size>-<device>.json)")
 

@@ -62,7 +62,7 @@ def steps_config(device: str):
 
 # --- stages that run in this module (in their own process) ---------------------------------------------------------
 
-def stage_steps(device: str, out: Path) -> dict:
+def stage_steps(device: str) -> dict:
     """DeepSpeed ZeRO-2 steps on random data: finite outputs, loss and gradients; measured peak against the plan."""
     import torch
 
@@ -116,7 +116,7 @@ def stage_steps(device: str, out: Path) -> dict:
     return result
 
 
-def stage_released(official: Path, dinov2: Path, out: Path) -> dict:
+def stage_released(official: Path, dinov2: Path) -> dict:
     """The released implementation in our bench: training at batch 2 and 4 and inference, bf16, one GPU."""
     import torch
 
@@ -192,16 +192,18 @@ def _commands(args: argparse.Namespace, work: Path) -> dict[str, list[list[str]]
     shapes = SHAPES[device]
     this = [py, "-m", "stereo.gpu_check", "--device", device, "--out", str(args.out)]
     tiny = TINY_MODEL if device == "cpu" else []
+    demo = work / "demo"  # a few demo scenes of its own: the full demo set takes a minute to write
     train = [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m", "stereo", "train",
-             "vitl_smoke", *tiny, *CHECKPOINTING, "logging.wandb=disabled", f"train.run_dir={work / 'vitl_smoke'}"]
-    demo = [] if (REPO / "shards/demo/train/manifest.json").is_file() else [
-        [py, "-m", "stereo", "demo-data", "--out", "shards/demo"]]
+             "vitl_smoke", *tiny, *CHECKPOINTING, "logging.wandb=disabled", f"train.run_dir={work / 'vitl_smoke'}",
+             f"data.train=[{{name: demo, shards: {demo / 'train'}}}]",
+             f"data.val=[{{name: demo_val, shards: {demo / 'val'}}}]"]
     bench = [py, "-m", "stereo", "bench", *shapes["bench"]]
     commands: dict[str, list[list[str]] | str] = {
         "steps": [this + ["--stage", "steps"]],
         "tests": [[py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests",
                    *(["--collect-only"] if device == "cpu" else [])]],
-        "loop": [*demo, train, train + ["train.steps=6"]],
+        "loop": [[py, "-m", "stereo", "demo-data", "--out", str(demo), "--train", "16", "--val", "2",
+                  "--workers", str(min(8, os.cpu_count() or 1))], train, train + ["train.steps=6"]],
         "bench": [bench + ["--out", str(work / "bench.json")]],
         # a CPU checks the capture only (inductor's C++ codegen takes minutes on two cores)
         "compiled": [bench + ["--steps", "5", "--warmup", "2", "--out", str(work / "bench-compiled.json"),
@@ -302,8 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.released and not args.dinov2:
         parser.error("--released needs --dinov2 (the released DepthAnything loads DINOv2 through torch.hub)")
     if args.stage:
-        result = (stage_steps(args.device, args.out) if args.stage == "steps"
-                  else stage_released(args.released, args.dinov2, args.out))
+        result = stage_steps(args.device) if args.stage == "steps" else stage_released(args.released, args.dinov2)
         (args.out / f"{args.stage}.json").write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps({k: v for k, v in result.items() if k != "steps"}, indent=2))
         return 0

@@ -83,22 +83,26 @@ def test_planned_activations_match_a_real_cpu_step(model, checkpointing, batch, 
         assert planned.kept_bytes < 0.5 * plain.kept_bytes and planned.flops > plain.flops
 
 
-def test_activations_grow_linearly_with_the_batch():
+@pytest.fixture(scope="module")
+def tiny_bf16_gpu_rules():
+    return simulate_step(ModelConfig(**TINY), 1, 64, 128, 2, "bf16", gpu=True)
+
+
+def test_activations_grow_linearly_with_the_batch(tiny_bf16_gpu_rules):
     """What the largest-batch figure extrapolates from."""
-    cfg = ModelConfig(**TINY)
-    one, three = (simulate_step(cfg, b, 64, 128, 2, "bf16", gpu=True) for b in (1, 3))
+    one = tiny_bf16_gpu_rules
+    three = simulate_step(ModelConfig(**TINY), 3, 64, 128, 2, "bf16", gpu=True)
     assert three.kept_bytes == pytest.approx(3 * one.kept_bytes, rel=0.03)
     assert three.peak_bytes == pytest.approx(3 * one.peak_bytes, rel=0.03)
     assert three.flops == pytest.approx(3 * one.flops, rel=0.01)
 
 
-def test_gpu_autocast_rules_keep_norms_and_softmax_in_fp32():
+def test_gpu_autocast_rules_keep_norms_and_softmax_in_fp32(tiny_bf16_gpu_rules):
     """CUDA autocast runs layer norm and softmax in fp32 where CPU autocast keeps bf16: the GPU plan holds more."""
-    cfg = ModelConfig(**TINY)
-    cpu_rules, gpu_rules = (simulate_step(cfg, 1, 64, 128, 2, "bf16", gpu=gpu) for gpu in (False, True))
-    assert gpu_rules.kept_bytes > cpu_rules.kept_bytes
-    fp32 = simulate_step(cfg, 1, 64, 128, 2, "fp32")
-    assert gpu_rules.kept_bytes < 0.75 * fp32.kept_bytes
+    cpu_rules = simulate_step(ModelConfig(**TINY), 1, 64, 128, 2, "bf16")
+    assert tiny_bf16_gpu_rules.kept_bytes > cpu_rules.kept_bytes
+    fp32 = simulate_step(ModelConfig(**TINY), 1, 64, 128, 2, "fp32")
+    assert tiny_bf16_gpu_rules.kept_bytes < 0.75 * fp32.kept_bytes
 
 
 def test_model_states_follow_the_zero_stage():
@@ -174,3 +178,20 @@ def test_train_on_a_gpu_refuses_a_config_over_its_memory(tmp_path):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "planned peak" in done.stderr, done.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_make_plan_bench_and_gpu_check_pass_their_arguments():
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+
+    def dry_run(*args: str) -> str:
+        done = subprocess.run(["make", "-n", "--no-print-directory", *args], cwd=REPO, env=env, capture_output=True,
+                              text=True)
+        assert done.returncode == 0, done.stderr
+        return " ".join(done.stdout.split())
+
+    assert "-m stereo plan stereo_v1 data.batch_size=2 --gpu h200-141gb --gpus 8" in dry_run(
+        "plan", "CONFIG=stereo_v1", "data.batch_size=2", "GPU=h200-141gb", "GPUS=8")
+    assert "-m stereo bench --out" in dry_run("bench")  # the size that fits the device found
+    assert "-m stereo bench --size vits --out" in dry_run("bench", "SIZE=vits")
+    assert "-m stereo.gpu_check --out runs/gpu-check --released /r --dinov2 /d" in dry_run(
+        "gpu-check", "RELEASED=/r", "DINOV2=/d")

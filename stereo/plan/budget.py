@@ -193,5 +193,6 @@ def check_fits(cfg: Config, world_size: int, gpu: Gpu) -> Plan | None:
             f"{plan.static_bytes / GIB:.1f} GiB ({parts}) + the step's activations "
             f"{plan.step_peak_bytes / GIB:.1f} GiB ({plan.activations_per_sample / GIB:.2f} GiB per sample kept for "
             f"backward). The largest batch that fits is {plan.max_batch}; or turn on "
-            f"model.activation_checkpointing.*; `make plan` shows the figures; train.check_memory=false starts anyway"))
+            f"model.activation_checkpointing.*; `make plan` shows the figures; train.check_memory=false starts anyway"),
+            source=cfg.name)
     return plan

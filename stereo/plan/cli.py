@@ -45,7 +45,7 @@ def render(plan: Plan) -> str:
     else:
         lines.append(f"time floor per step: {1000 * floor:.0f} ms ({work} at {gpu.peak_tflops:.0f} TFLOP/s; "
                      f"at most {plan.batch / floor:.1f} samples/s per GPU)")
-    lines.append(f"(simulated in {plan.simulate_s:.1f} s on fake tensors; cached)")
+    lines.append(f"(the step simulated on fake tensors in {plan.simulate_s:.1f} s; cached in ~/.cache/stereo/plans)")
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""One training step (or inference) of the model run on fake tensors: FLOPs, operators and memory, measured, at no cost.
+"""A training step (or an inference) of the model run on fake tensors: its FLOPs, operators and memory, measured.
 
 Fake tensors (torch's FakeTensorMode) carry shapes, dtypes and storages but no data, so the full ViT-L step at the
 training crop runs on a CPU in seconds without allocating its tens of GiB. While it runs, `LiveBytes` plays the
@@ -16,6 +16,7 @@ of the step, so the simulated dtypes (and bytes) are those of a GPU run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -60,7 +61,6 @@ class StepProfile:
     operators: int  # non-view operators dispatched (about one GPU kernel launch each in eager mode)
     kept_bytes: int  # live after forward and loss: what backward needs (saved tensors, checkpoint inputs)
     peak_bytes: int  # highest live bytes during the step, gradients of the weights excluded
-    grad_bytes: int  # the weights' gradients the step produced (accounted with the model states)
 
 
 class LiveBytes(TorchDispatchMode):
@@ -72,7 +72,7 @@ class LiveBytes(TorchDispatchMode):
         self.timeline: list[tuple[int, int]] = []  # (storage key, +1 created / -1 freed)
         self._keys: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._refs: list[weakref.ref] = []
-        self.marks: dict[str, int] = {}
+        self.forward_end = 0  # timeline position when the loss is computed
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -99,8 +99,8 @@ class LiveBytes(TorchDispatchMode):
     def key_of(self, t: torch.Tensor) -> int | None:
         return self._keys.get(t.untyped_storage())
 
-    def mark(self, name: str) -> None:
-        self.marks[name] = len(self.timeline)
+    def mark_forward_end(self) -> None:
+        self.forward_end = len(self.timeline)
 
     def live_and_peak(self, exclude: set[int], until: int | None = None) -> tuple[int, int]:
         """(live bytes at event `until` (default: the end), the highest live bytes up to it), leaving out `exclude`."""
@@ -181,8 +181,8 @@ def _fake_model(cfg: ModelConfig, mode: FakeTensorMode, dtype: torch.dtype) -> t
     """The model built on the meta device (no memory, no init compute), then given fake CPU storages."""
     from stereo.model import build_model
 
-    with torch.device("meta"):
-        model = build_model(cfg)
+    with torch.device("meta"):  # the layout changes no byte, and the model refuses channels-last off a GPU
+        model = build_model(dataclasses.replace(cfg, channels_last=False))
     model.to(dtype)  # as DeepSpeed's bf16/fp16 modes cast the whole module
     cpu = torch.device("cpu")
 
@@ -230,15 +230,14 @@ def simulate_step(cfg: ModelConfig, batch: int, height: int, width: int, iters: 
                 init_disp, preds = model(left, right, iters=iters)
             loss = stereo_loss(init_disp, preds, gt, valid, cfg.max_disp, LossConfig())["total"]
             del init_disp, preds
-            memory.mark("forward")
+            memory.mark_forward_end()
             loss.backward()
             del loss
         else:
             with torch.no_grad(), forward_precision:
                 model(left, right, iters=iters, test_mode=True)
-            memory.mark("forward")
+            memory.mark_forward_end()
     grads = {memory.key_of(p.grad) for p in model.parameters() if p.grad is not None} - {None}
-    kept, _ = memory.live_and_peak(grads, until=memory.marks["forward"])
+    kept, _ = memory.live_and_peak(grads, until=memory.forward_end)
     _, peak = memory.live_and_peak(grads)
-    return StepProfile(flops=work.flops, operators=work.operators, kept_bytes=kept, peak_bytes=peak,
-                       grad_bytes=sum(memory.sizes[k] for k in grads))
+    return StepProfile(flops=work.flops, operators=work.operators, kept_bytes=kept, peak_bytes=peak)
