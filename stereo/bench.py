@@ -69,17 +69,16 @@ def _images(batch: int, height: int, width: int, device: torch.device, seed: int
     return left.to(device), right.to(device)
 
 
-def _timed(fn, steps: int, warmup: int, device: torch.device, label: str) -> list[float]:
-    for _ in tqdm(range(warmup), desc=f"{label} warm-up", leave=False, file=sys.stderr):
-        fn()
+def _timed(fn, steps: int, warmup: int, device: torch.device, label: str) -> tuple[list[float], float]:
+    """(the timed steps' seconds, the first step's: cuDNN autotuning and compilation land there)."""
     times = []
-    for _ in tqdm(range(steps), desc=label, leave=False, file=sys.stderr):
+    for i in tqdm(range(warmup + steps), desc=label, leave=False, file=sys.stderr):
         _sync(device)
         start = time.perf_counter()
         fn()
         _sync(device)
         times.append(time.perf_counter() - start)
-    return times
+    return times[warmup:], times[0]
 
 
 def simulated_work(cfg: ModelConfig, batch: int, height: int, width: int, iters: int, train: bool, bf16: bool,
@@ -101,13 +100,16 @@ def planned_peak_gib(cfg: ModelConfig, work: dict, train: bool) -> float:
     return (static + work["peak_bytes"]) / GIB
 
 
-def _result(times: list[float], work: dict, samples: int, device: torch.device, planned_gib: float | None) -> dict:
+def _result(timed: tuple[list[float], float], work: dict, samples: int, device: torch.device,
+            planned_gib: float | None) -> dict:
+    times, first = timed
     median = statistics.median(times)
     peak = peak_bf16_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     measured = _peak_gib(device)
     return {
         "median_ms": 1000 * median,
         "min_ms": 1000 * min(times),
+        "first_step_ms": 1000 * first,
         "samples_per_s": samples / median,
         "peak_mem_gib": measured,
         "planned_peak_gib": planned_gib,
@@ -142,11 +144,11 @@ def bench_train(model, max_disp: int, batch: int, height: int, width: int, iters
 
     _reset_peak(device)
     try:
-        times = _timed(step, steps, warmup, device, f"train batch {batch}")
+        timed = _timed(step, steps, warmup, device, f"train batch {batch}")
     finally:
         model.zero_grad(set_to_none=True)  # what follows measures without this step's gradients
     return {"batch": batch, "height": height, "width": width, "iters": iters,
-            **_result(times, work, batch, device, planned_gib)}
+            **_result(timed, work, batch, device, planned_gib)}
 
 
 def bench_infer(model, height: int, width: int, iters: int, bf16: bool, device: torch.device, steps: int,
@@ -160,9 +162,9 @@ def bench_infer(model, height: int, width: int, iters: int, bf16: bool, device: 
             predict(model, left, right, iters)
 
     _reset_peak(device)
-    times = _timed(step, steps, warmup, device, "inference")
+    timed = _timed(step, steps, warmup, device, "inference")
     return {"batch": 1, "height": height, "width": width, "iters": iters,
-            **_result(times, work, 1, device, planned_gib)}
+            **_result(timed, work, 1, device, planned_gib)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -45,8 +45,8 @@ SHAPES = {
 }
 TINY_MODEL = ["model.size=tiny", "model.hidden_dims=[16,16,16]", "model.max_disp=64"]
 CHECKPOINTING = [f"model.activation_checkpointing.{s}=true" for s in ("features", "cost_filtering", "update")]
-# seconds per stage on a GPU (a CPU gets three times as long): the sum stays inside a 10-minute call
-LIMITS = {"steps": 100, "tests": 120, "loop": 120, "bench": 90, "compiled": 120, "released": 90}
+# seconds per stage on a GPU (the CPU verification gets six times as long): the sum stays inside a 10-minute call
+LIMITS = {"steps": 100, "tests": 110, "loop": 150, "bench": 80, "compiled": 120, "released": 90}
 PLAN_TOLERANCE = 0.10
 
 
@@ -200,7 +200,9 @@ def _commands(args: argparse.Namespace, work: Path) -> dict[str, list[list[str]]
     bench = [py, "-m", "stereo", "bench", *shapes["bench"]]
     commands: dict[str, list[list[str]] | str] = {
         "steps": [this + ["--stage", "steps"]],
-        "tests": [[py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests",
+        # only the files with `gpu` tests: the others import what a bare GPU machine lacks (submitit, webdataset)
+        "tests": [[py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
+                   *sorted(str(p) for p in (REPO / "tests").glob("test_*.py") if "pytest.mark.gpu" in p.read_text()),
                    *(["--collect-only"] if device == "cpu" else [])]],
         "loop": [[py, "-m", "stereo", "demo-data", "--out", str(demo), "--train", "16", "--val", "2",
                   "--workers", str(min(8, os.cpu_count() or 1))], train, train + ["train.steps=6"]],
@@ -222,14 +224,14 @@ def _tail(path: Path, chars: int = 3000) -> str:
 
 
 def _verdict(name: str, args: argparse.Namespace, work: Path, log: Path) -> tuple[bool, dict]:
-    """What a stage that exited 0 established, from its files."""
+    """What a stage established, from its files (a stage stopped by its limit may have left some)."""
     if name in ("steps", "released"):
         result = json.loads((args.out / f"{name}.json").read_text())
         return bool(result["ok"]), result
     if name == "loop":
         ckpts = work / "vitl_smoke" / "checkpoints"
         steps = sorted(int(p.name.split("_")[1]) for p in ckpts.glob("step_*") if (p / "COMPLETE").is_file())
-        resumed = "resumed from" in log.read_text(errors="replace")
+        resumed = "resumed" in log.read_text(errors="replace").rpartition("train.steps=6")[2]  # the second run's
         return resumed and steps[-1:] == [6], {"checkpoints": steps, "resumed": resumed}
     if name in ("bench", "compiled"):
         report = json.loads((work / f"{'bench' if name == 'bench' else 'bench-compiled'}.json").read_text())
@@ -243,7 +245,7 @@ def drive(args: argparse.Namespace) -> int:
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
            "PYTHONUNBUFFERED": "1"}
-    scale = 1 if args.device == "cuda" else 3
+    scale = 1 if args.device == "cuda" else 6
     warm = ProcessPoolExecutor(max_workers=max(1, min(4, (os.cpu_count() or 2) - 2)),
                                mp_context=multiprocessing.get_context("spawn"))
     for job in plan_jobs(args.device):
@@ -272,12 +274,12 @@ def drive(args: argparse.Namespace) -> int:
                     status = f"exit {done.returncode}"
                     break
         record: dict = {"status": status, "seconds": round(time.perf_counter() - start, 1)}
-        if status == "passed":
-            try:
-                ok, figures = _verdict(name, args, work, log)
-            except (OSError, ValueError, KeyError) as exc:
-                ok, figures = False, {"error": repr(exc)}
-            record.update(status="passed" if ok else "failed", result=figures)
+        try:
+            ok, record["result"] = _verdict(name, args, work, log)
+        except (OSError, ValueError, KeyError, IndexError) as exc:
+            ok, record["result"] = False, {"error": repr(exc)}
+        if status == "passed" and not ok:
+            record["status"] = "failed"
         record["log_tail"] = _tail(log)
         summary["stages"][name] = record
         print(f"[gpu-check] {name}: {record['status']} in {record['seconds']} s", flush=True)

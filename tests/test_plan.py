@@ -187,7 +187,7 @@ def test_make_plan_bench_and_gpu_check_pass_their_arguments():
         done = subprocess.run(["make", "-n", "--no-print-directory", *args], cwd=REPO, env=env, capture_output=True,
                               text=True)
         assert done.returncode == 0, done.stderr
-        return " ".join(done.stdout.split())
+        return " ".join(word for word in done.stdout.split() if word != "\\")  # joined continuation lines
 
     assert "-m stereo plan stereo_v1 data.batch_size=2 --gpu h200-141gb --gpus 8" in dry_run(
         "plan", "CONFIG=stereo_v1", "data.batch_size=2", "GPU=h200-141gb", "GPUS=8")
