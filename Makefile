@@ -29,8 +29,7 @@ test-gpu: ## run the GPU-marked tests (on a GPU node)
 	$(PY) -m pytest -m gpu tests
 
 gpu-check: ## a new GPU node in ~8 min: bf16 ViT-L steps vs the plan, gpu tests, ZeRO-2 resume, bench [RELEASED=dir DINOV2=dir]
-	$(PY) -m stereo.gpu_check --out $(or $(OUT),runs/gpu-check) $(if $(RELEASED),--released $(RELEASED)) \
-		$(if $(DINOV2),--dinov2 $(DINOV2)) $(ARGS)
+	$(PY) -m stereo.gpu_check $(if $(RELEASED),--released $(RELEASED)) $(if $(DINOV2),--dinov2 $(DINOV2)) $(ARGS)
 
 demo-data: ## write the procedurally generated demo shards to shards/demo
 	$(PY) -m stereo demo-data --out shards/demo

@@ -193,5 +193,5 @@ def test_make_plan_bench_and_gpu_check_pass_their_arguments():
         "plan", "CONFIG=stereo_v1", "data.batch_size=2", "GPU=h200-141gb", "GPUS=8")
     assert "-m stereo bench --out" in dry_run("bench")  # the size that fits the device found
     assert "-m stereo bench --size vits --out" in dry_run("bench", "SIZE=vits")
-    assert "-m stereo.gpu_check --out runs/gpu-check --released /r --dinov2 /d" in dry_run(
+    assert "-m stereo.gpu_check --released /r --dinov2 /d" in dry_run(
         "gpu-check", "RELEASED=/r", "DINOV2=/d")
