@@ -25,7 +25,8 @@ endif
 missing = $(strip $(foreach v,$(1),$(if $($(v)),,$(v))))
 require = $(if $(call missing,$(1)),$(error make $@ needs $(call missing,$(1)), for example: $(2)))
 
-.PHONY: help setup test test-gpu gpu-check train demo-data demo-pair shards bench bench-data eval compare infer export \
+.PHONY: help setup test test-gpu gpu-check train demo-data demo-pair shards plan bench bench-data eval compare infer \
+        export \
         submit status logs cancel slurm-up slurm-down docker docker-build docker-run config clean
 
 help: ## list the targets
@@ -45,12 +46,8 @@ test: ## run the test suite (CPU; real DeepSpeed, webdataset, Slurm, wandb offli
 test-gpu: ## run the GPU-marked tests (on a GPU node)
 	$(PY) -m pytest -m gpu tests
 
-gpu-check: ## on a GPU node: the gpu tests, `bench` eager and compiled, a ViT-L ZeRO-2 bf16 run (runs/gpu-check)
-	rm -rf runs/gpu-check
-	$(MAKE) --no-print-directory test-gpu
-	$(PY) -m stereo bench --out runs/gpu-check/bench.json
-	$(PY) -m stereo bench --compile --channels-last --out runs/gpu-check/bench-compiled.json
-	$(MAKE) --no-print-directory train CONFIG=vitl_smoke NPROC=1 train.run_dir=runs/gpu-check/vitl_smoke
+gpu-check: ## a new GPU node in ~8 min: bf16 ViT-L steps vs the plan, gpu tests, ZeRO-2 resume, bench [RELEASED=dir DINOV2=dir]
+	$(PY) -m stereo.gpu_check $(if $(RELEASED),--released $(RELEASED)) $(if $(DINOV2),--dinov2 $(DINOV2)) $(ARGS)
 
 demo-data: ## write the procedurally generated demo shards to shards/demo
 	$(PY) -m stereo demo-data --out shards/demo
@@ -70,8 +67,11 @@ config: ## print CONFIG fully resolved (validates it)
 shards: ## convert a data set: DATASET=kitti15 SRC=/data/KITTI OUT=shards/kitti15 (or s3://bucket/kitti15) [SHARD_SIZE=1GB]
 	$(PY) -m stereo shards --dataset $(DATASET) --src $(SRC) --out $(OUT) $(if $(SHARD_SIZE),--shard-size $(SHARD_SIZE))
 
-bench: ## time a training step and inference (GPU): median step, samples/s, peak memory, MFU
-	$(PY) -m stereo bench --out runs/bench.json
+plan: ## per-GPU memory by part, largest batch, time floor of CONFIG [GPU=h100-80gb] [GPUS=n] (CPU; ~20 s a ViT-L plan)
+	$(PY) -m stereo plan $(CONFIG) $(OVERRIDES) $(if $(GPU),--gpu $(GPU)) $(if $(GPUS),--gpus $(GPUS))
+
+bench: ## time a training step and inference of the model that fits the device found (CPU: tiny) [SIZE=vitl|vitb|vits|tiny]
+	$(PY) -m stereo bench $(if $(SIZE),--size $(SIZE)) --out runs/bench.json
 
 bench-data: ## data-loading throughput per core at FSD's 1280x720, vs a plain cv2 loader [OUT=figures.json]
 	OMP_NUM_THREADS=1 $(PY) -m stereo bench-data $(if $(OUT),--out $(OUT))

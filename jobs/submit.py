@@ -20,6 +20,7 @@ from jobs.job import TrainingJob
 from jobs.record import Submission
 from stereo.config import Config, dump_yaml, load_config
 from stereo.config.schema import SlurmConfig
+from stereo.plan import GPUS, check_fits
 
 SUBMITTED_CONFIG = "submit_config.yaml"  # the fully resolved config every (re)start of the job trains with
 WANDB_ID_FILE = "wandb_id"  # docs/architecture.md: the trainer resumes the wandb run named in this file
@@ -34,6 +35,8 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     cfg = load_config(args.config, args.overrides)
+    if cfg.slurm.gpus_per_node:  # refuse (exit 2) a config whose planned peak memory exceeds slurm.gpu's
+        check_fits(cfg, cfg.slurm.nodes * (args.tasks_per_node or cfg.slurm.gpus_per_node), GPUS[cfg.slurm.gpu])
     try:
         submission = submit(cfg, config=args.config, overrides=args.overrides, tasks_per_node=args.tasks_per_node)
     except submitit.core.utils.FailedJobError as exc:  # sbatch refused the job (bad partition, account, ...)

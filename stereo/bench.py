@@ -1,12 +1,15 @@
-"""`python -m stereo bench`: time a training step and inference; peak memory and MFU, written as JSON.
+"""`python -m stereo bench`: time a training step and inference; peak memory against the plan, and MFU, as JSON.
 
-Training step = train-mode forward + the paper loss + backward + AdamW (the defaults: 320x736, 22 iterations,
-bf16 autocast, batch 2 and 4); inference = test-mode forward at 480x640 with 32 iterations. FLOPs are counted
-once per configuration with torch's FlopCounterMode on the meta device (convolutions, matmuls, attention;
-elementwise ops are not counted), so MFU = counted FLOP/s over the GPU's dense bf16 peak. The same pass counts the
-operators an eager step dispatches (views excluded): about one GPU kernel launch each, the cost that dominates a
-launch-bound step. Weights are random: speed does not depend on
-them. `--size tiny --height 128 --width 256 --iters 4 --batch 2 --device cpu` runs in seconds on a CPU.
+Training step = train-mode forward + the paper loss + backward + AdamW (on a GPU: 320x736, 22 iterations, bf16
+autocast over fp32 weights, batch 2 and 4); inference = test-mode forward at 480x640 with 32 iterations. Which model
+runs depends on the device found, and the command says so: on a GPU the ViT-L (a smaller size when the plan says the
+ViT-L does not fit, and only the batches that fit), on a CPU the tiny model of `configs/tiny.yaml` at 128x256 (a
+ViT-L step at the training crop takes minutes there); `--size` and the shape options choose otherwise.
+
+FLOPs, operators and the planned peak memory come from the planner's simulation of the same step
+(`stereo.plan.simulate`, cached): FLOPs count convolutions, matmuls and attention (elementwise work is not counted,
+as usual for MFU), so MFU = counted FLOP/s over the GPU's dense bf16 peak; operators are the non-view operators
+dispatched, about one GPU kernel launch each in eager mode. Weights are random: speed does not depend on them.
 """
 
 from __future__ import annotations
@@ -21,19 +24,12 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from stereo.config.schema import LossConfig, ModelConfig
 from stereo.model.precision import resolve_precision
-
-# Dense bf16 tensor-core peak per GPU, TFLOP/s (vendor data sheets). Matched against the device name in order.
-PEAK_BF16_TFLOPS = (
-    ("H200", 989.0), ("GH200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H800", 989.0),
-    ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("A40", 150.0), ("RTX 4090", 165.0),
-    ("RTX 3090", 71.0),
-)
+from stereo.plan.budget import model_states, parameter_counts, simulated_step
+from stereo.plan.gpus import GIB, local_gpu, peak_bf16_tflops
 
 # The released implementation on one H100 (our measurement of NVlabs' code; see docs/performance.md).
 RELEASED_H100 = {
@@ -42,13 +38,11 @@ RELEASED_H100 = {
     "infer": {"median_ms": 271.0, "peak_mem_gib": 2.9},
     "tflop_per_sample_fwd_bwd": 24.8,
 }
-
-
-def peak_bf16_tflops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
+SIZES = ("vitl", "vitb", "vits", "tiny")  # largest first: on a GPU the first whose plan fits runs
+GPU_SHAPES = dict(height=320, width=736, iters=22, batch=[2, 4], infer_height=480, infer_width=640, infer_iters=32,
+                  steps=10, warmup=3)
+CPU_SHAPES = dict(height=128, width=256, iters=4, batch=[2], infer_height=128, infer_width=256, infer_iters=8,
+                  steps=3, warmup=1)
 
 
 def _sync(device: torch.device) -> None:
@@ -64,7 +58,7 @@ def _reset_peak(device: torch.device) -> None:
 def _peak_gib(device: torch.device) -> float:
     """CUDA: peak allocated by torch since the last reset; CPU: the process's peak resident set (never resets)."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
+        return torch.cuda.max_memory_allocated(device) / GIB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
@@ -75,95 +69,90 @@ def _images(batch: int, height: int, width: int, device: torch.device, seed: int
     return left.to(device), right.to(device)
 
 
-def _timed(fn, steps: int, warmup: int, device: torch.device, label: str) -> list[float]:
-    for _ in tqdm(range(warmup), desc=f"{label} warm-up", leave=False, file=sys.stderr):
-        fn()
+def _timed(fn, steps: int, warmup: int, device: torch.device, label: str) -> tuple[list[float], float]:
+    """(the timed steps' seconds, the first step's: cuDNN autotuning and compilation land there)."""
     times = []
-    for _ in tqdm(range(steps), desc=label, leave=False, file=sys.stderr):
+    for i in tqdm(range(warmup + steps), desc=label, leave=False, file=sys.stderr):
         _sync(device)
         start = time.perf_counter()
         fn()
         _sync(device)
         times.append(time.perf_counter() - start)
-    return times
+    return times[warmup:], times[0]
 
 
-class OperatorCounter(TorchDispatchMode):
-    """Counts the non-view operators dispatched (a view changes metadata only and launches nothing)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += not func.is_view
-        return func(*args, **(kwargs or {}))
+def simulated_work(cfg: ModelConfig, batch: int, height: int, width: int, iters: int, train: bool, bf16: bool,
+                   device: torch.device) -> dict:
+    """The planner's simulation of what the benchmark runs (fp32 weights, autocast): FLOPs, operators and memory.
+    On a GPU with its autocast rules."""
+    return simulated_step(cfg, batch, (height, width), iters, "bf16" if bf16 else "fp32", train=train,
+                          gpu=device.type == "cuda", amp=True)
 
 
-def count_work(cfg: ModelConfig, batch: int, height: int, width: int, iters: int, train: bool) -> tuple[int, int]:
-    """(FLOPs, operators) of one forward (+ loss and backward when `train`), counted on the meta device: no compute,
-    no memory. Neither depends on dtype, so autocast is left out here."""
-    from stereo.model import build_model
-    from stereo.train.loss import stereo_loss
-
-    with torch.device("meta"):
-        model = build_model(cfg)
-        left = torch.zeros(batch, 3, height, width)
-        gt = torch.ones(batch, 1, height, width)
-    model.train(train)
-    with FlopCounterMode(display=False) as counter, OperatorCounter() as operators:
-        if train:
-            init_disp, preds = model(left, left, iters=iters)
-            stereo_loss(init_disp, preds, gt, gt > 0, cfg.max_disp, LossConfig())["total"].backward()
-        else:
-            with torch.no_grad():
-                model(left, left, iters=iters, test_mode=True)
-    return counter.get_total_flops(), operators.count
+def planned_peak_gib(cfg: ModelConfig, work: dict, train: bool) -> float:
+    """The simulated step's peak above the model states, plus the fp32 weights (and for training their gradients and
+    AdamW's moments): the plan of what `torch.cuda.max_memory_allocated` measures."""
+    trainable, frozen = parameter_counts(cfg)
+    states = model_states(trainable, frozen, "fp32", zero_stage=0, world_size=1, ema=False)
+    static = states["frozen weights"] + states["trainable weights"]
+    if train:
+        static += states["gradients"] + states["optimizer states"]
+    return (static + work["peak_bytes"]) / GIB
 
 
-def _result(times: list[float], work: tuple[int, int], samples: int, device: torch.device) -> dict:
-    flops, operators = work
+def _result(timed: tuple[list[float], float], work: dict, samples: int, device: torch.device,
+            planned_gib: float | None) -> dict:
+    times, first = timed
     median = statistics.median(times)
-    peak = peak_bf16_tflops(device)
+    peak = peak_bf16_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    measured = _peak_gib(device)
     return {
         "median_ms": 1000 * median,
         "min_ms": 1000 * min(times),
+        "first_step_ms": 1000 * first,
         "samples_per_s": samples / median,
-        "peak_mem_gib": _peak_gib(device),
-        "tflop_per_sample": flops / samples / 1e12,
-        "tflop_per_s": flops / median / 1e12,
-        "operators": operators,
-        "mfu": flops / median / (peak * 1e12) if peak else None,
+        "peak_mem_gib": measured,
+        "planned_peak_gib": planned_gib,
+        # the planner's error against torch's allocator (a CPU's resident set is no allocator figure)
+        "plan_error": measured / planned_gib - 1 if device.type == "cuda" and planned_gib else None,
+        "tflop_per_sample": work["flops"] / samples / 1e12,
+        "tflop_per_s": work["flops"] / median / 1e12,
+        "operators": work["operators"],
+        "mfu": work["flops"] / median / (peak * 1e12) if peak else None,
     }
 
 
-def bench_train(model, batch: int, height: int, width: int, iters: int, bf16: bool, device: torch.device,
-                steps: int, warmup: int) -> dict:
+def bench_train(model, max_disp: int, batch: int, height: int, width: int, iters: int, bf16: bool,
+                device: torch.device, steps: int, warmup: int, work: dict, planned_gib: float | None) -> dict:
+    """Time forward + loss + backward + AdamW over the trainable parameters of `model` (ours or the released one)."""
     from stereo.train.loss import stereo_loss
 
     left, right = _images(batch, height, width, device, seed=batch)
-    gt = torch.rand(batch, 1, height, width, device=device) * (model.cfg.max_disp - 2) + 1
+    gt = torch.rand(batch, 1, height, width, device=device) * (max_disp - 2) + 1
     valid = torch.ones_like(gt, dtype=torch.bool)
-    optimizer = torch.optim.AdamW(model.param_groups(1e-4, 1e-5), lr=1e-4)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     loss_cfg = LossConfig()
     model.train()
 
     def step() -> None:
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
             init_disp, preds = model(left, right, iters=iters)
-        loss = stereo_loss(init_disp, preds, gt, valid, model.cfg.max_disp, loss_cfg)["total"]
+        loss = stereo_loss(init_disp, preds, gt, valid, max_disp, loss_cfg)["total"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
-    work = count_work(model.cfg, batch, height, width, iters, train=True)
     _reset_peak(device)
-    times = _timed(step, steps, warmup, device, f"train batch {batch}")
-    return {"batch": batch, "height": height, "width": width, "iters": iters, **_result(times, work, batch, device)}
+    try:
+        timed = _timed(step, steps, warmup, device, f"train batch {batch}")
+    finally:
+        model.zero_grad(set_to_none=True)  # what follows measures without this step's gradients
+    return {"batch": batch, "height": height, "width": width, "iters": iters,
+            **_result(timed, work, batch, device, planned_gib)}
 
 
 def bench_infer(model, height: int, width: int, iters: int, bf16: bool, device: torch.device, steps: int,
-                warmup: int) -> dict:
+                warmup: int, work: dict, planned_gib: float | None) -> dict:
     from stereo.model.infer import predict
 
     left, right = _images(1, height, width, device, seed=0)
@@ -172,77 +161,124 @@ def bench_infer(model, height: int, width: int, iters: int, bf16: bool, device: 
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
             predict(model, left, right, iters)
 
-    padded = (-(-height // 32) * 32, -(-width // 32) * 32)  # predict pads to multiples of 32
-    work = count_work(model.cfg, 1, *padded, iters, train=False)
     _reset_peak(device)
-    times = _timed(step, steps, warmup, device, "inference")
-    return {"batch": 1, "height": height, "width": width, "iters": iters, **_result(times, work, 1, device)}
+    timed = _timed(step, steps, warmup, device, "inference")
+    return {"batch": 1, "height": height, "width": width, "iters": iters,
+            **_result(timed, work, 1, device, planned_gib)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--size", choices=["tiny", "vits", "vitb", "vitl"], default="vitl")
+    parser.add_argument("--size", choices=("auto", *SIZES), default="auto",
+                        help="auto: the largest that fits the GPU found; tiny on a CPU")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
-    parser.add_argument("--height", type=int, default=320, help="training crop height")
-    parser.add_argument("--width", type=int, default=736, help="training crop width")
-    parser.add_argument("--iters", type=int, default=22, help="GRU iterations in training")
-    parser.add_argument("--batch", type=int, nargs="+", default=[2, 4], help="training batch sizes to time")
-    parser.add_argument("--max-disp", type=int, help="model.max_disp (default: the config default, 416)")
-    parser.add_argument("--infer-height", type=int, default=480)
-    parser.add_argument("--infer-width", type=int, default=640)
-    parser.add_argument("--infer-iters", type=int, default=32)
+    shapes = "(default: 320x736, 22 on a GPU; 128x256, 4 on a CPU)"
+    parser.add_argument("--height", type=int, help=f"training crop height {shapes}")
+    parser.add_argument("--width", type=int, help="training crop width")
+    parser.add_argument("--iters", type=int, help="GRU iterations in training")
+    parser.add_argument("--batch", type=int, nargs="+", help="training batch sizes to time (GPU: 2 4; CPU: 2)")
+    parser.add_argument("--max-disp", type=int, help="model.max_disp (default: the size's, 416; tiny 64)")
+    parser.add_argument("--infer-height", type=int, help="(GPU: 480; CPU: 128)")
+    parser.add_argument("--infer-width", type=int, help="(GPU: 640; CPU: 256)")
+    parser.add_argument("--infer-iters", type=int, help="(GPU: 32; CPU: 8)")
+    parser.add_argument("--no-train", action="store_true", help="time inference only")
     parser.add_argument("--no-infer", action="store_true", help="time training only")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration (the median is kept)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (allocator, cuDNN, compile)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--steps", type=int, help="timed steps per configuration, the median is kept (GPU 10, CPU 3)")
+    parser.add_argument("--warmup", type=int, help="untimed steps first: allocator, cuDNN, compile (GPU 3, CPU 1)")
+    parser.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                        help="torch.compile the model (default backend inductor; aot_eager: the capture, no codegen)")
     parser.add_argument("--channels-last", action="store_true", help="NHWC weights and inputs for the 2-D convs")
     parser.add_argument("--out", type=Path, help="JSON file (default runs/bench/bench-<size>-<device>.json)")
 
 
-def _build(args: argparse.Namespace, device: torch.device):
-    from stereo.model import build_model
+def model_config(size: str, max_disp: int | None = None, channels_last: bool = False) -> ModelConfig:
+    """The benchmarked model: a released size, or the tiny model of configs/tiny.yaml."""
+    if size == "tiny":
+        from stereo.config import load_config
 
-    cfg = ModelConfig(size=args.size, channels_last=args.channels_last)
-    if args.size == "tiny":
-        cfg.hidden_dims = [32, 32, 32]  # the tiny preset's width (configs/tiny.yaml)
-        cfg.max_disp = 64
-    if args.max_disp:
-        cfg.max_disp = args.max_disp
-    model = build_model(cfg).to(device)
-    return model
+        cfg = load_config("tiny").model
+    else:
+        cfg = ModelConfig(size=size)
+    cfg.channels_last = channels_last
+    if max_disp:
+        cfg.max_disp = max_disp
+    return cfg
+
+
+def _fill_shapes(args: argparse.Namespace, device: torch.device) -> None:
+    for key, value in (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
+def _choose(args: argparse.Namespace, device: torch.device, bf16: bool) -> tuple[ModelConfig, list[int], list[str]]:
+    """The model and the batches to time, with what was decided and why (printed)."""
+    if device.type != "cuda":
+        size = "tiny" if args.size == "auto" else args.size
+        why = ["no GPU: the tiny model (a ViT-L step at 320x736 takes minutes on a CPU; --size vitl or "
+               "`make bench SIZE=vitl` runs it anyway)" if args.size == "auto" else f"--size {size} on the CPU"]
+        return model_config(size, args.max_disp, args.channels_last), args.batch, why
+    gpu = local_gpu(device.index or 0)
+    why = []
+    for size in (SIZES if args.size == "auto" else (args.size,)):
+        cfg = model_config(size, args.max_disp, args.channels_last)
+        fits = [b for b in args.batch if args.no_train or planned_peak_gib(cfg, simulated_work(
+            cfg, b, args.height, args.width, args.iters, True, bf16, device), True) <= gpu.usable_bytes / GIB]
+        dropped = sorted(set(args.batch) - set(fits))
+        if dropped:
+            why.append(f"{size}: batch {' '.join(map(str, dropped))} does not fit {gpu.usable_bytes / GIB:.0f} GiB "
+                       f"usable on {gpu.name} (planned)")
+        if fits or args.size != "auto":
+            why.append(f"{size} on {gpu.name}" + (f", batch {' '.join(map(str, fits))}" if fits else ""))
+            return cfg, fits, why
+    return cfg, [], why
 
 
 def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     bf16 = resolve_precision(args.precision or "auto", device, "--precision") == "bf16"
+    _fill_shapes(args, device)
+    cfg, batches, why = _choose(args, device, bf16)
+    print("bench: " + "; ".join(why), file=sys.stderr)
+    from stereo.model import build_model
+
     torch.manual_seed(0)
-    model = _build(args, device)
-    runner = torch.compile(model) if args.compile else model
-    if args.compile:  # the compiled wrapper must still expose what the benchmark uses
-        runner.cfg, runner.param_groups = model.cfg, model.param_groups
+    model = build_model(cfg).to(device)
+    runner = torch.compile(model, backend=args.compile) if args.compile else model
     report: dict = {
-        "size": args.size, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-        or platform.machine(), "precision": "bf16" if bf16 else "fp32", "compile": args.compile,
-        "channels_last": args.channels_last, "max_disp": model.cfg.max_disp, "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "peak_bf16_tflops": peak_bf16_tflops(device), "train": [],
+        "size": cfg.size, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+        else platform.processor() or platform.machine(), "precision": "bf16" if bf16 else "fp32",
+        "compile": args.compile, "channels_last": args.channels_last, "max_disp": cfg.max_disp,
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "chosen": why,
+        "peak_bf16_tflops": peak_bf16_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None,
         "memory": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "process peak RSS",
-        "released_h100": RELEASED_H100,
+        "released_h100": RELEASED_H100, "train": [],
     }
-    for batch in args.batch:
+    out = args.out or Path("runs/bench") / f"bench-{cfg.size}-{device.type}.json"
+    for batch in [] if args.no_train else batches:
+        work = simulated_work(cfg, batch, args.height, args.width, args.iters, True, bf16, device)
         try:
-            result = bench_train(runner, batch, args.height, args.width, args.iters, bf16, device, args.steps,
-                                 args.warmup)
+            result = bench_train(runner, cfg.max_disp, batch, args.height, args.width, args.iters, bf16, device,
+                                 args.steps, args.warmup, work, planned_peak_gib(cfg, work, True))
         except torch.cuda.OutOfMemoryError:
-            result = {"batch": batch, "oom": True}
+            result = {"batch": batch, "oom": True, "planned_peak_gib": planned_peak_gib(cfg, work, True)}
             torch.cuda.empty_cache()
         report["train"].append(result)
         print(json.dumps(result), file=sys.stderr)
+        write_report(report, out)  # after each configuration: a run stopped by a time limit keeps what it measured
     if not args.no_infer:
+        padded = (-(-args.infer_height // 32) * 32, -(-args.infer_width // 32) * 32)  # predict pads to 32
+        work = simulated_work(cfg, 1, *padded, args.infer_iters, False, bf16, device)
         report["infer"] = bench_infer(runner, args.infer_height, args.infer_width, args.infer_iters, bf16, device,
-                                      args.steps, args.warmup)
+                                      args.steps, args.warmup, work, planned_peak_gib(cfg, work, False))
         print(json.dumps(report["infer"]), file=sys.stderr)
-    out = args.out or Path("runs/bench") / f"bench-{args.size}-{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, out)
     print(f"wrote {out}", file=sys.stderr)
     return 0
+
+
+def write_report(report: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(out)

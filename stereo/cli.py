@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "infer": ("stereo.infer", "disparity (and depth) for one stereo pair"),
     "export": ("stereo.train.export", "write a run's weights in the released checkpoint format"),
     "bench": ("stereo.bench", "time a training step and inference; peak memory and MFU"),
+    "plan": ("stereo.plan.cli", "per-GPU memory, largest batch and time floor of a training config (CPU only)"),
     "model": ("stereo.model.cli", "model tools: summary (state-dict manifest)"),
     "config": ("stereo.config.cli", "validate a config and print it fully resolved"),
     "submit": ("jobs.submit", "submit a training run to Slurm through submitit"),

@@ -130,9 +130,10 @@ def run_cases(model: nn.Module, dtype: torch.dtype, hierarchical: Pair) -> dict[
     return {k: v if isinstance(v, np.ndarray) else v.detach().double().numpy() for k, v in out.items()}
 
 
-def build_released(official: Path, dinov2: Path) -> nn.Module:
-    """The released model, vits, built offline: timm's EdgeNeXt without pretrained weights and DINOv2 from a local
-    checkout instead of torch.hub's download."""
+def build_released(official: Path, dinov2: Path, size: str = SIZE, mixed_precision: bool = False) -> nn.Module:
+    """The released model (vits unless told; `make gpu-check RELEASED=...` builds the vitl with its autocast regions
+    on) built offline: timm's EdgeNeXt without pretrained weights and DINOv2 from a local checkout instead of
+    torch.hub's download."""
     import timm
     from omegaconf import OmegaConf
 
@@ -149,10 +150,11 @@ def build_released(official: Path, dinov2: Path) -> nn.Module:
     sys.path[:0] = [str(official), str(dinov2)]
     from core.foundation_stereo import FoundationStereo
 
-    # The released cfg.yaml's model keys, with the small ViT and no CUDA autocast.
-    args = OmegaConf.create({"vit_size": SIZE, "hidden_dims": [128, 128, 128], "n_gru_layers": 3, "n_downsample": 2,
+    # The released cfg.yaml's model keys (by default with the small ViT and no CUDA autocast).
+    args = OmegaConf.create({"vit_size": size, "hidden_dims": [128, 128, 128], "n_gru_layers": 3, "n_downsample": 2,
                              "max_disp": 416, "corr_radius": 4, "corr_levels": 2, "corr_implementation": "reg",
-                             "mixed_precision": False, "low_memory": 0, "train_iters": 22, "valid_iters": 32})
+                             "mixed_precision": mixed_precision, "low_memory": 0, "train_iters": 22,
+                             "valid_iters": 32})
     return FoundationStereo(args)
 
 

@@ -1,27 +1,29 @@
-"""The benchmark command runs the tiny model on the CPU and writes its JSON report."""
+"""The benchmark command: on a CPU it picks the tiny model by itself and says so, and writes its JSON report."""
 
 from __future__ import annotations
 
 import json
 
-import torch
-
-from stereo.bench import peak_bf16_tflops
 from stereo.cli import main
+from stereo.plan.gpus import GPUS, peak_bf16_tflops
 
 
-def test_bench_tiny_cpu_writes_json(tmp_path):
+def test_bench_picks_the_tiny_model_on_a_cpu_and_writes_json(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     out = tmp_path / "bench.json"
-    args = ["bench", "--size", "tiny", "--device", "cpu", "--height", "32", "--width", "64", "--iters", "2",
-            "--batch", "1", "--steps", "1", "--warmup", "0", "--infer-height", "40", "--infer-width", "50",
-            "--infer-iters", "2", "--out", str(out)]
-    assert main(args) == 0
+    args = ["bench", "--device", "cpu", "--height", "32", "--width", "64", "--iters", "2", "--batch", "1",
+            "--steps", "1", "--warmup", "0", "--infer-height", "40", "--infer-width", "50", "--infer-iters", "2",
+            "--out", str(out)]
+    assert main(args) == 0  # no --size: `make bench` on a CPU
+    assert "bench: no GPU: the tiny model" in capsys.readouterr().err
     report = json.loads(out.read_text())
     assert report["size"] == "tiny" and report["precision"] == "fp32" and report["max_disp"] == 64
     assert [r["batch"] for r in report["train"]] == [1]
     for result in report["train"] + [report["infer"]]:
         assert result["median_ms"] > 0 and result["samples_per_s"] > 0 and result["peak_mem_gib"] > 0
         assert result["tflop_per_sample"] > 0 and result["mfu"] is None  # no GPU peak on a CPU
+        assert 0 < result["planned_peak_gib"] < result["peak_mem_gib"]  # the plan counts tensors, RSS everything
+        assert result["plan_error"] is None  # a resident set is no allocator figure
     # a training step counts forward and backward: more FLOPs per sample than one 2-iteration inference
     assert report["train"][0]["tflop_per_sample"] > report["infer"]["tflop_per_sample"] * 0.5
     # forward + loss + backward dispatch more operators than the test-mode forward alone
@@ -29,5 +31,7 @@ def test_bench_tiny_cpu_writes_json(tmp_path):
     assert report["released_h100"]["train_batch2"]["median_ms"] == 974.0
 
 
-def test_peak_table_knows_the_h100_and_not_the_cpu():
-    assert peak_bf16_tflops(torch.device("cpu")) is None
+def test_peak_table_knows_the_planners_gpus():
+    assert peak_bf16_tflops("Intel Xeon") is None
+    assert {name: gpu.peak_tflops for name, gpu in GPUS.items()} == {
+        "h100-80gb": 989.0, "h200-141gb": 989.0, "a100-80gb": 312.0, "a100-40gb": 312.0}

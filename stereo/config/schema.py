@@ -196,6 +196,9 @@ class TrainConfig:
     # resume even though keys other than the cadences changed since the checkpoint (docs/training.md#resume)
     allow_config_change: bool = False
     cudnn_benchmark: bool = False  # cuDNN autotuning: faster steps, a slower first step at every (re)start
+    # On a GPU (train start) and at submit: refuse a config whose planned peak memory exceeds the GPU's (`make plan`);
+    # false starts it anyway
+    check_memory: bool = True
 
     def validate(self) -> None:
         for key in ("steps", "grad_accum", "val_every", "max_bad_steps"):
@@ -262,12 +265,19 @@ class SlurmConfig:
     mem_gb: int | None = None
     time_min: int = 240
     constraint: str | None = None
+    gpu: str = "h100-80gb"  # the partition's GPU model: what submit checks the planned memory against (`make plan`)
     extra_sbatch: dict[str, str] = field(default_factory=dict)
     signal_delay_s: int = 120
     max_requeues: int = 20
     container_image: str | None = None
     container_runtime: Literal["pyxis", "apptainer"] = "pyxis"
     folder: str = "runs/slurm"
+
+    def validate(self) -> None:
+        from stereo.plan.gpus import GPUS
+
+        if self.gpu not in GPUS:
+            raise ConfigError("slurm.gpu", f"one of {', '.join(GPUS)}, got {self.gpu!r}")
 
 
 @dataclass

@@ -6,6 +6,10 @@ the run goes through stereo.train.failures.run_to_exit, the one exit path (codes
 
 from __future__ import annotations
 
+import os
+
+import torch
+
 from stereo.config import load_config
 from stereo.config.paths import check_paths
 
@@ -18,6 +22,10 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     cfg = load_config(args.config, args.overrides)
     check_paths(cfg)
+    if torch.cuda.is_available():  # a config whose planned peak memory exceeds the GPU's stops here (exit 2)
+        from stereo.plan import check_fits, local_gpu
+
+        check_fits(cfg, int(os.environ.get("WORLD_SIZE", "1")), local_gpu(int(os.environ.get("LOCAL_RANK", "0"))))
     from stereo.train.failures import ExitContext, run_to_exit
     from stereo.train.loop import train
 
