@@ -9,7 +9,7 @@ NPROC ?= 1
 OVERRIDES := $(strip $(foreach w,$(MAKEOVERRIDES),$(if $(findstring .,$(firstword $(subst =, ,$(w)))),$(w))) $(ARGS))
 
 .PHONY: help setup test test-gpu gpu-check train demo-data shards bench bench-data eval compare infer export \
-        submit status logs cancel slurm-up slurm-down docker docker-build docker-run config clean
+        submit status logs cancel sweep sweep-status slurm-up slurm-down docker docker-build docker-run config clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -59,8 +59,8 @@ eval: ## evaluate: CKPT=... BENCH=kitti15 DATA=/data/KITTI [SIZE=vitl for a lone
 	$(PY) -m stereo eval --ckpt $(CKPT) --bench $(BENCH) --data $(DATA) $(if $(SIZE),--size $(SIZE)) \
 		$(if $(ITERS),--iters $(ITERS)) $(if $(OUT),--out $(OUT)) $(if $(HIERA),--hierarchical)
 
-compare: ## compare runs: RUNS="runs/a runs/b"
-	$(PY) -m stereo compare $(RUNS)
+compare: ## compare runs: RUNS="runs/a runs/b", or rank a sweep's trials: SWEEP=configs/sweeps/x.yaml
+	$(PY) -m stereo compare $(if $(SWEEP),--sweep $(SWEEP)) $(RUNS)
 
 infer: ## one pair: CKPT=... LEFT=... RIGHT=... OUT=... [HIERA=1 for large images]
 	$(PY) -m stereo infer --ckpt $(CKPT) --left $(LEFT) --right $(RIGHT) --out $(OUT) $(if $(HIERA),--hierarchical)
@@ -79,6 +79,16 @@ logs: ## log of the last submitted run (or RUN=...)
 
 cancel: ## cancel the last submitted run (or RUN=...)
 	$(PY) -m stereo cancel $(RUN)
+
+sweep: ## hyper-parameter sweep as one Slurm job array: SWEEP=configs/sweeps/x.yaml [LOCAL=1: run here] [a.b=value]
+	@test -n "$(SWEEP)" || { echo "usage: make sweep SWEEP=configs/sweeps/<name>.yaml [LOCAL=1] [a.b=value ...]" >&2; exit 2; }
+	@if grep -qsE '^config: *tiny *$$' $(SWEEP) configs/sweeps/$(SWEEP).yaml && [ ! -f shards/demo/train/manifest.json ]; then \
+		$(MAKE) --no-print-directory demo-data; fi
+	$(PY) -m stereo sweep $(SWEEP) $(if $(LOCAL),--local) $(OVERRIDES)
+
+sweep-status: ## a sweep's trials: state, step, best metric so far (SWEEP=...)
+	@test -n "$(SWEEP)" || { echo "usage: make sweep-status SWEEP=configs/sweeps/<name>.yaml" >&2; exit 2; }
+	$(PY) -m stereo sweep-status $(SWEEP)
 
 slurm-up: ## start the single-node local Slurm cluster (tests use it)
 	bash slurm/local_cluster.sh up
