@@ -21,7 +21,7 @@ import submitit
 import yaml
 
 from jobs.job import TrainingJob
-from jobs.manage import FINAL_STATES, job_outcome, job_state
+from jobs.manage import FINAL_STATES, job_state
 from jobs.record import Submission
 from jobs.submit import _wandb_id, make_executor, submit_array
 from stereo.config import ConfigError, dump_yaml
@@ -164,10 +164,14 @@ def refresh(record: TrialRecord) -> None:
     word = state.split()[0]
     if word in FINAL_STATES:
         record.state = "lost" if word == "UNKNOWN" else word.lower()
-        record.note = job_outcome(submission) or ("no longer known to Slurm" if word == "UNKNOWN" else "")
+        record.note = f"log: {_relative(submission.log_path())}"
     else:
         record.state = SLURM_WAITING.get(word, word.lower())
         record.note = f"restarted {restarts} time(s)" if restarts else ""
+
+
+def _relative(path: Path) -> Path:
+    return path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
 
 
 def _submit(spec: SweepSpec, book: SweepDir, todo: list[TrialRecord], first: Trial) -> int:

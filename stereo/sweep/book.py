@@ -23,9 +23,8 @@ from typing import Any
 
 import yaml
 
-from stereo.sweep.spec import SweepSpec
+from stereo.sweep.spec import SWEEPS_ROOT, SweepSpec
 
-SWEEPS_ROOT = Path("runs/sweeps")
 SWEEP_FILE = "sweep.yaml"
 TRIALS_FILE = "trials.jsonl"
 TRIAL_CONFIG = "trial_config.yaml"  # the fully resolved config every (re)start of a trial trains with

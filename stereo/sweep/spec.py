@@ -34,6 +34,7 @@ from stereo.config import Config, ConfigError, load_config
 from stereo.config.load import CONFIG_DIR
 
 SWEEP_DIR = CONFIG_DIR / "sweeps"
+SWEEPS_ROOT = Path("runs/sweeps")  # where sweeps run: runs/sweeps/<name>/ (stereo/sweep/book.py)
 TOP_KEYS = ("name", "config", "overrides", "grid", "random", "metric", "direction", "max_concurrent")
 RANDOM_KEYS = ("seed", "trials", "keys")
 DISTRIBUTIONS = ("uniform", "log_uniform", "choice")
@@ -130,8 +131,10 @@ def _round(value: float) -> float:
 
 
 def find_sweep(name: str | Path) -> Path:
-    """As given, else under configs/sweeps/ (with or without .yaml); a sweep directory means its sweep.yaml."""
-    for path in (Path(name), SWEEP_DIR / str(name), SWEEP_DIR / f"{name}.yaml", Path(name) / "sweep.yaml"):
+    """As given, else under configs/sweeps/ (with or without .yaml); a sweep directory (or the name of one under
+    runs/sweeps/) means the sweep.yaml it was started with."""
+    for path in (Path(name), SWEEP_DIR / str(name), SWEEP_DIR / f"{name}.yaml", Path(name) / "sweep.yaml",
+                 SWEEPS_ROOT / str(name) / "sweep.yaml"):
         if path.is_file():
             return path
     known = ", ".join(sorted(p.stem for p in SWEEP_DIR.glob("*.yaml")))
