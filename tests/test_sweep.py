@@ -228,12 +228,15 @@ def slurm_sweep(cluster, tmp_path_factory, demo_shards) -> dict:  # noqa: F811 -
         seen["running"] = max(seen["running"], running_tasks(array))
         return trained_steps(first[trial]["run_dir"]) >= 1
 
+    def all_ended() -> bool:
+        seen["running"] = max(seen["running"], running_tasks(array))
+        return all(job_state(r["job_id"])[0].split()[0] in FINAL_STATES for r in first.values())
+
     wait_for(lambda: trained("t01"), 900, "trial t01 to train a step")
     submitit.SlurmJob(folder=cwd / "runs/sweeps/tiny/slurm", job_id=first["t01"]["job_id"])._interrupt(timeout=True)
     wait_for(lambda: trained("t02"), 900, "trial t02 to train a step")
     subprocess.run(["scancel", first["t02"]["job_id"]], check=True)
-    wait_for(lambda: trained("t00") and all(job_state(r["job_id"])[0].split()[0] in FINAL_STATES
-                                            for r in first.values()), 900, "every trial of the array to end")
+    wait_for(all_ended, 900, "every trial of the array to end")
     status = make(cwd, "sweep-status", "SWEEP=configs/sweeps/tiny.yaml")
     before = {t: metrics(r["run_dir"]) for t, r in first.items()}
     resumed = make(cwd, "sweep", "SWEEP=configs/sweeps/tiny.yaml", *FAST)
