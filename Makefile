@@ -84,7 +84,7 @@ sweep: ## hyper-parameter sweep as one Slurm job array: SWEEP=configs/sweeps/x.y
 	@test -n "$(SWEEP)" || { echo "usage: make sweep SWEEP=configs/sweeps/<name>.yaml [LOCAL=1] [a.b=value ...]" >&2; exit 2; }
 	@if grep -qsE '^config: *tiny *$$' $(SWEEP) configs/sweeps/$(SWEEP).yaml && [ ! -f shards/demo/train/manifest.json ]; then \
 		$(MAKE) --no-print-directory demo-data; fi
-	$(PY) -m stereo sweep $(SWEEP) $(if $(LOCAL),--local) $(OVERRIDES)
+	$(PY) -m stereo sweep $(if $(LOCAL),--local) $(SWEEP) $(OVERRIDES)
 
 sweep-status: ## a sweep's trials: state, step, best metric so far (SWEEP=...)
 	@test -n "$(SWEEP)" || { echo "usage: make sweep-status SWEEP=configs/sweeps/<name>.yaml" >&2; exit 2; }

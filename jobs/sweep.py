@@ -1,4 +1,4 @@
-"""`python -m stereo sweep SWEEP [a.b=value ...] [--local]` and `python -m stereo sweep-status SWEEP`.
+"""`python -m stereo sweep [--local] SWEEP [a.b=value ...]` and `python -m stereo sweep-status SWEEP`.
 
 `sweep` loads the sweep file and validates every trial's config (exit 2 naming the trial and the key) before it
 writes or queues anything; then it writes `runs/sweeps/<name>/` (stereo/sweep/book.py) and queues the trials that
@@ -65,12 +65,12 @@ def start(args) -> int:
         records = _records(book, trials)
         for record in records:
             refresh(record)
-            if args.local and record.job_id is not None and _needs_run(record):
+            if args.local and record.job_id is not None and record.state != COMPLETED:
+                if not _needs_run(record):
+                    raise ConfigError("--local", f"no trial of the sweep on Slurm, but {record.trial} is "
+                                                 f"{record.state} (job {record.job_id}); wait for it or cancel it",
+                                      source=str(book.path))
                 record.job_id = None  # its Slurm job is over: the trial continues here
-            elif args.local and record.job_id is not None and record.state != COMPLETED:
-                raise ConfigError("--local", f"no trial of the sweep on Slurm, but {record.trial} is {record.state} "
-                                             f"(job {record.job_id}); wait for it or cancel it first",
-                                  source=str(book.path))
         book.write(records)
         todo = [r for r in records if _needs_run(r)]
         kept = sum(r.state == COMPLETED for r in records)
@@ -82,7 +82,7 @@ def start(args) -> int:
         elif todo:
             code = _submit(spec, book, todo, trials[0])
             book.write(records)
-    print(table(load_sweep(book.spec_file), records, book))
+    print(table(spec, records, book))
     return code
 
 
