@@ -65,6 +65,8 @@ def test_grid_crossed_with_seeded_draws():
     reseeded = parse_sweep({**raw, "random": {**raw["random"], "seed": 4}}, "mine", "mine.yaml")
     assert reseeded.trial_overrides() != trials
     assert parse_sweep(spec.to_raw(), "other", "x") == spec.__class__(**{**vars(spec), "source": "x"})
+    nested = parse_sweep({**raw, "overrides": {"train": {"steps": 5}, "slurm.extra_sbatch": {"qos": "low"}}}, "m", "m")
+    assert nested.fixed_overrides() == ["train.steps=5", "slurm.extra_sbatch.qos=low"]
 
 
 @pytest.mark.parametrize("change, key, expected", [

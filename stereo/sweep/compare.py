@@ -66,7 +66,7 @@ def varied_values(record: TrialRecord) -> dict[str, Any]:
 def plot_against_keys(spec: SweepSpec, records: list[TrialRecord], runs: dict[str, Run], metric: str,
                       direction: str, path: Path) -> None:
     """One panel per varied key: each trial's best metric against its value (log axis for log-uniform draws
-    and for positive values spanning a decade or more; categories for anything not a number)."""
+    and for positive values spanning a factor 3 or more; categories for anything not a number)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,7 +81,7 @@ def plot_against_keys(spec: SweepSpec, records: list[TrialRecord], runs: dict[st
         if points and all(x is not None for x in xs):
             positive = all(x > 0 for x in xs)
             log = spec.random_keys.get(key) is not None and spec.random_keys[key].kind == "log_uniform" \
-                or positive and max(xs) >= 10 * min(xs)
+                or positive and max(xs) >= 3 * min(xs)
             if log:
                 axis.set_xscale("log")
         else:
@@ -91,8 +91,12 @@ def plot_against_keys(spec: SweepSpec, records: list[TrialRecord], runs: dict[st
             axis.set_xlim(-0.5, len(names) - 0.5)
         ys = [y for *_, y in points]
         axis.scatter(xs, ys, s=30, zorder=3)
-        for (trial, _, _), x, y in zip(points, xs, ys):
-            axis.annotate(trial, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        span = (max(ys) - min(ys)) or 1.0 if ys else 1.0
+        for i, ((trial, _, _), x, y) in enumerate(zip(points, xs, ys)):
+            # labels of trials at (about) the same point are stacked, not drawn over each other
+            below = sum(xs[j] == x and abs(ys[j] - y) < 0.08 * span for j in range(i))
+            axis.annotate(trial, (x, y), textcoords="offset points", xytext=(5, 3 + 9 * below), fontsize=8)
+        axis.margins(x=0.12, y=0.2)  # room for the labels
         axis.set(xlabel=key, ylabel=f"best {metric}", title=f"best {metric}\nvs {key}")
         axis.grid(alpha=0.3)
     fig.suptitle(f"sweep {spec.name}: {len(points)} of {len(records)} trials validated after step 0", fontsize=10)

@@ -32,6 +32,7 @@ import yaml
 
 from stereo.config import Config, ConfigError, load_config
 from stereo.config.load import CONFIG_DIR
+from stereo.eval.compare import flatten
 
 SWEEP_DIR = CONFIG_DIR / "sweeps"
 SWEEPS_ROOT = Path("runs/sweeps")  # where sweeps run: runs/sweeps/<name>/ (stereo/sweep/book.py)
@@ -162,7 +163,8 @@ def parse_sweep(raw: Any, default_name: str, source: str) -> SweepSpec:
     spec = SweepSpec(name=str(raw.get("name", default_name)), config=_text(raw["config"], "config"), source=source)
     if not spec.name or "/" in spec.name or spec.name.startswith("."):
         raise ConfigError("name", f"a plain directory name, got {spec.name!r}")
-    spec.overrides = dict(_mapping(raw.get("overrides") or {}, "overrides"))
+    # nested mappings become dotted keys: `{train: {steps: 2000}}` sets train.steps, not the whole train section
+    spec.overrides = flatten(_mapping(raw.get("overrides") or {}, "overrides"))
     for key, values in _mapping(raw.get("grid") or {}, "grid").items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"grid.{key}", f"a non-empty list of values, got {values!r}")
