@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -163,18 +164,31 @@ def demo_shards():
 
 
 @pytest.fixture(scope="module")
-def local_sweep(tmp_path_factory, demo_shards) -> Path:
-    """The tiny sweep with LOCAL=1: the four trials one after another on this machine."""
+def local_sweep(tmp_path_factory, demo_shards) -> dict:
+    """The tiny sweep with LOCAL=1: the four trials one after another on this machine; Ctrl-C while t03 trains,
+    then `make sweep` again to finish it. t00-t02 ran uninterrupted: the references of the Slurm trials."""
     cwd = project(tmp_path_factory.mktemp("local"))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    with open(cwd / "first.log", "w") as log:
+        first = subprocess.Popen(["make", "--no-print-directory", "sweep", "SWEEP=configs/sweeps/tiny.yaml", "LOCAL=1",
+                                  *FAST], cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                 start_new_session=True)
+        t03 = cwd / "runs/sweeps/tiny/t03"
+        wait_for(lambda: trained_steps(t03) >= 1 or first.poll() is not None, 1200, "t03 to train a step")
+        os.killpg(first.pid, signal.SIGINT)  # what Ctrl-C in the terminal does: make and the sweep both get it
+        first.wait(timeout=300)
+        # the sweep prints its table once it let go of the sweep's lock
+        wait_for(lambda: "| t03 |" in (cwd / "first.log").read_text(), 300, "the sweep to stop")
+    interrupted = {"records": records(cwd), "trained": trained_steps(t03), "log": (cwd / "first.log").read_text()}
     done = make(cwd, "sweep", "SWEEP=configs/sweeps/tiny.yaml", "LOCAL=1", *FAST)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    return cwd
+    return {"cwd": cwd, "interrupted": interrupted, "resumed": done}
 
 
 @pytest.mark.slow
 def test_local_sweep_runs_every_trial_with_the_same_bookkeeping(local_sweep):
-    book = local_sweep / "runs" / "sweeps" / "tiny"
-    trials = records(local_sweep)
+    book = local_sweep["cwd"] / "runs" / "sweeps" / "tiny"
+    trials = records(local_sweep["cwd"])
     assert list(trials) == TRIALS
     stored = yaml.safe_load((book / "sweep.yaml").read_text())
     assert stored["config"] == "tiny" and stored["overrides"]["train.steps"] == 8  # the command line, merged
@@ -194,13 +208,26 @@ def test_local_sweep_runs_every_trial_with_the_same_bookkeeping(local_sweep):
 
 
 @pytest.mark.slow
+def test_local_ctrl_c_checkpoints_the_trial_and_the_next_run_resumes_it(local_sweep):
+    interrupted = local_sweep["interrupted"]
+    assert "sweep: trial t03 interrupted (trainer exit 75" in interrupted["log"], interrupted["log"][-3000:]
+    assert [r["state"] for r in interrupted["records"].values()] == ["completed"] * 3 + ["interrupted"]
+    assert 1 <= interrupted["trained"] < 8
+    assert "3 completed, 0 queued or running, 1 to run" in local_sweep["resumed"].stdout
+    log = (Path(interrupted["records"]["t03"]["run_dir"]) / "train.log").read_text()
+    assert f"resumed from {interrupted['records']['t03']['run_dir']}/checkpoints/step_" in log
+    assert "validation at step 8" in log
+
+
+@pytest.mark.slow
 def test_local_rerun_trains_nothing_twice_and_a_changed_sweep_is_refused(local_sweep):
-    before = {t: metrics(r["run_dir"]) for t, r in records(local_sweep).items()}
-    again = make(local_sweep, "sweep", "SWEEP=configs/sweeps/tiny.yaml", "LOCAL=1", *FAST)
+    cwd = local_sweep["cwd"]
+    before = {t: metrics(r["run_dir"]) for t, r in records(cwd).items()}
+    again = make(cwd, "sweep", "SWEEP=configs/sweeps/tiny.yaml", "LOCAL=1", *FAST)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "4 completed, 0 queued or running, 0 to run" in again.stdout
-    assert {t: metrics(r["run_dir"]) for t, r in records(local_sweep).items()} == before
-    changed = make(local_sweep, "sweep", "SWEEP=configs/sweeps/tiny.yaml", "LOCAL=1", *FAST, "train.steps=9")
+    assert {t: metrics(r["run_dir"]) for t, r in records(cwd).items()} == before
+    changed = make(cwd, "sweep", "SWEEP=configs/sweeps/tiny.yaml", "LOCAL=1", *FAST, "train.steps=9")
     assert changed.returncode == 2
     assert "the sweep as started in runs/sweeps/tiny/sweep.yaml" in changed.stderr and "8" in changed.stderr
 
@@ -273,7 +300,7 @@ def test_preempted_trial_requeues_and_ends_bit_identical(slurm_sweep, local_swee
     assert job_state(t01["job_id"])[1] >= 1, "t01 was never requeued"
     log = (slurm_sweep["cwd"] / f"runs/sweeps/tiny/slurm/{t01['job_id']}_0_log.out").read_text()
     assert "start 2" in log and "trainer finished" in log
-    reference = records(local_sweep)["t01"]
+    reference = records(local_sweep["cwd"])["t01"]
     assert reference["overrides"] == t01["overrides"]
     expected, got = final_weights(Path(reference["run_dir"])), final_weights(Path(t01["run_dir"]))
     assert expected.keys() == got.keys() and len(expected) > 100
@@ -292,7 +319,7 @@ def test_cancelled_trial_alone_reruns_when_the_sweep_resumes(slurm_sweep, local_
         assert metrics(second[trial]["run_dir"]) == slurm_sweep["before"][trial]
     status = make(slurm_sweep["cwd"], "sweep-status", "SWEEP=configs/sweeps/tiny.yaml").stdout
     assert status.count("| completed | 8/8 |") == 4, status
-    reference = records(local_sweep)["t02"]
+    reference = records(local_sweep["cwd"])["t02"]
     expected, got = final_weights(Path(reference["run_dir"])), final_weights(Path(second["t02"]["run_dir"]))
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
