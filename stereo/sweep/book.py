@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from stereo.sweep.spec import SWEEPS_ROOT, SweepSpec
+from stereo.sweep.spec import SWEEPS_ROOT
 
 SWEEP_FILE = "sweep.yaml"
 TRIALS_FILE = "trials.jsonl"
@@ -54,7 +54,6 @@ class Progress:
     step: int | None  # the last logged step
     best: float | None  # best value of the metric after step 0 (every trial shares the starting weights' value)
     best_step: int | None
-    final: float | None  # the metric's last value
 
 
 class SweepDir:
@@ -123,14 +122,8 @@ def trial_progress(run_dir: str | Path, metric: str, direction: str) -> Progress
                     values.append((record["step"], float(value)))
     later = [(s, v) for s, v in values if s > 0]
     if not later:
-        return Progress(step, None, None, values[-1][1] if values else None)
+        return Progress(step, None, None)
     pick = min if direction == "min" else max
     best_step, best = pick(later, key=lambda sv: sv[1])
-    return Progress(step, best, best_step, values[-1][1])
+    return Progress(step, best, best_step)
 
-
-def ranked(spec: SweepSpec, records: list[TrialRecord]) -> list[tuple[TrialRecord, Progress]]:
-    """Trials by their best metric (spec.direction); trials without a value yet last, in trial order."""
-    rows = [(r, trial_progress(r.run_dir, spec.metric, spec.direction)) for r in records]
-    sign = 1.0 if spec.direction == "min" else -1.0
-    return sorted(rows, key=lambda rp: (rp[1].best is None, sign * (rp[1].best or 0.0)))
