@@ -26,8 +26,8 @@ missing = $(strip $(foreach v,$(1),$(if $($(v)),,$(v))))
 require = $(if $(call missing,$(1)),$(error make $@ needs $(call missing,$(1)), for example: $(2)))
 
 .PHONY: help setup test test-gpu gpu-check train demo-data demo-pair shards plan bench bench-data eval compare infer \
-        export \
-        submit status logs cancel slurm-up slurm-down docker docker-build docker-run config clean
+        export submit status logs cancel sweep sweep-status slurm-up slurm-down docker docker-build docker-run config \
+        clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -81,8 +81,8 @@ eval: ## evaluate: CKPT=... BENCH=kitti15 DATA=/data/KITTI (BENCH=demo: the demo
 	$(PY) -m stereo eval --ckpt $(CKPT) --bench $(BENCH) $(if $(DATA),--data $(DATA)) $(if $(SIZE),--size $(SIZE)) \
 		$(if $(ITERS),--iters $(ITERS)) $(if $(OUT),--out $(OUT)) $(if $(HIERA),--hierarchical)
 
-compare: ## compare runs: RUNS="runs/a runs/b"
-	$(PY) -m stereo compare $(RUNS)
+compare: ## compare runs: RUNS="runs/a runs/b", or rank a sweep's trials: SWEEP=configs/sweeps/x.yaml
+	$(PY) -m stereo compare $(if $(SWEEP),--sweep $(SWEEP)) $(RUNS)
 
 infer: ## one pair: CKPT=... LEFT=... RIGHT=... OUT=... [HIERA=1 for large images]
 	$(call require,CKPT LEFT RIGHT OUT,make infer CKPT=runs/demo LEFT=$(PAIR)/left.png RIGHT=$(PAIR)/right.png OUT=runs/demo/motorcycle)
@@ -103,6 +103,16 @@ logs: ## log of the last submitted run (or RUN=...)
 
 cancel: ## cancel the last submitted run (or RUN=...)
 	$(PY) -m stereo cancel $(RUN)
+
+sweep: ## hyper-parameter sweep as one Slurm job array: SWEEP=configs/sweeps/x.yaml [LOCAL=1: run here] [a.b=value]
+	@test -n "$(SWEEP)" || { echo "usage: make sweep SWEEP=configs/sweeps/<name>.yaml [LOCAL=1] [a.b=value ...]" >&2; exit 2; }
+	@if grep -qsE '^config: *tiny *$$' $(SWEEP) configs/sweeps/$(SWEEP).yaml && [ ! -f shards/demo/train/manifest.json ]; then \
+		$(MAKE) --no-print-directory demo-data; fi
+	$(PY) -m stereo sweep $(if $(LOCAL),--local) $(SWEEP) $(OVERRIDES)
+
+sweep-status: ## a sweep's trials: state, step, best metric so far (SWEEP=...)
+	@test -n "$(SWEEP)" || { echo "usage: make sweep-status SWEEP=configs/sweeps/<name>.yaml" >&2; exit 2; }
+	$(PY) -m stereo sweep-status $(SWEEP)
 
 slurm-up: ## start the single-node local Slurm cluster (tests use it)
 	bash slurm/local_cluster.sh up

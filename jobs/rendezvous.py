@@ -43,7 +43,9 @@ def master_port(job_id: str) -> int:
 def trainer_env(slurm_env: Mapping[str, str]) -> dict[str, str]:
     """The torch.distributed `env://` variables (what torchrun would set) for this Slurm task."""
     try:
-        job_id = slurm_env.get("SLURM_ARRAY_JOB_ID") or slurm_env["SLURM_JOB_ID"]
+        # An array task has its own SLURM_JOB_ID (kept across its requeues): tasks of one array running side by
+        # side on a node need their own ports, so not the SLURM_ARRAY_JOB_ID they share.
+        job_id = slurm_env["SLURM_JOB_ID"]
         rank, world = int(slurm_env["SLURM_PROCID"]), int(slurm_env["SLURM_NTASKS"])
     except KeyError as exc:
         raise RuntimeError(f"not inside a Slurm task: {exc.args[0]} is not set") from None

@@ -135,3 +135,12 @@ def _wandb_id(run_dir: Path) -> str:
     wandb_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
     path.write_text(wandb_id + "\n")
     return wandb_id
+
+
+def submit_array(executor: submitit.SlurmExecutor, jobs: list[TrainingJob], parallelism: int) -> list[str]:
+    """Queue `jobs` as one Slurm job array (`--array=0-<n-1>%<parallelism>`: at most `parallelism` run at once);
+    their job ids, `<array id>_<index>` in the order given (a single job is queued as a plain job)."""
+    executor.update_parameters(array_parallelism=parallelism)
+    with executor.batch():
+        queued = [executor.submit(job) for job in jobs]
+    return [str(job.job_id) for job in queued]

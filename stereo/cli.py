@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench-data": ("stereo.data.bench", "measure data-loading throughput (decode + augmentation)"),
     "eval": ("stereo.eval.cli", "evaluate a checkpoint on a benchmark (KITTI, Middlebury, ETH3D, Scene Flow)"),
     "metrics": ("stereo.eval.metrics_cli", "EPE / BP-x / D1 for one prediction and ground truth, as JSON"),
-    "compare": ("stereo.eval.compare", "compare runs: table of metrics and config differences, loss plots"),
+    "compare": ("stereo.eval.compare", "compare runs (or a sweep's trials, ranked): metrics, differences, plots"),
     "infer": ("stereo.infer", "disparity (and depth) for one stereo pair"),
     "export": ("stereo.train.export", "write a run's weights in the released checkpoint format"),
     "bench": ("stereo.bench", "time a training step and inference; peak memory and MFU"),
@@ -31,6 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("jobs.manage", "state of a submitted run's Slurm job"),
     "logs": ("jobs.manage", "print a submitted run's job log"),
     "cancel": ("jobs.manage", "cancel a submitted run's Slurm job"),
+    "sweep": ("jobs.sweep", "run a hyper-parameter sweep: one Slurm job array (or --local, one trial after another)"),
+    "sweep-status": ("jobs.sweep", "a sweep's trials: state, step, best metric so far"),
 }
 
 
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     module_name, text = COMMANDS[name]
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"python -m stereo {name}", description=text)
-    if module_name == "jobs.manage":
+    if module_name in ("jobs.manage", "jobs.sweep"):
         parser.set_defaults(action=name)
     module.add_arguments(parser)
     args = parser.parse_args(rest)
