@@ -5,11 +5,14 @@ VENV  ?= .venv
 TORCH ?= torch==2.13.0
 CONFIG ?= tiny
 NPROC ?= 1
-# `make train CONFIG=x optim.lr=1e-5`: every command-line assignment whose name has a dot is a config override.
-OVERRIDES := $(strip $(foreach w,$(MAKEOVERRIDES),$(if $(findstring .,$(firstword $(subst =, ,$(w)))),$(w))) $(ARGS))
+# `make train CONFIG=x optim.lr=1e-5`: every command-line assignment whose name has a dot is a config override,
+# passed on quoted as one word, so values may hold spaces (`make submit 'data.train=[{name: a, shards: b}]'`).
+OVERRIDES := $(strip $(foreach v,$(sort $(.VARIABLES)),$(if $(and $(findstring .,$(v)),$(filter command line,$(origin $(v)))),'$(subst ','\'',$(v)=$(value $(v)))')) $(ARGS))
+# Configs that read the demo shards get them written first (train, submit).
+DEMO_SHARDS = if grep -qs 'shards/demo/' $(CONFIG) configs/$(CONFIG).yaml && [ ! -f shards/demo/train/manifest.json ]; then $(MAKE) --no-print-directory demo-data; fi
 
-.PHONY: help setup test test-gpu gpu-check train demo-data shards bench bench-data eval compare infer export \
-        submit status logs cancel slurm-up slurm-down docker docker-build docker-run config clean
+.PHONY: help setup test test-gpu gpu-check train demo-data shards bench bench-data bench-restart eval compare infer \
+        export submit status logs cancel slurm-up slurm-down docker docker-build docker-run config clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -39,8 +42,7 @@ demo-data: ## write the procedurally generated demo shards to shards/demo
 	$(PY) -m stereo demo-data --out shards/demo
 
 train: ## train CONFIG (default tiny: demo shards, CPU, a few minutes); overrides as a.b=value
-	@if grep -qs 'shards/demo/' $(CONFIG) configs/$(CONFIG).yaml && [ ! -f shards/demo/train/manifest.json ]; then \
-		$(MAKE) --no-print-directory demo-data; fi
+	@$(DEMO_SHARDS)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) -m stereo train $(CONFIG) $(OVERRIDES)
 
 config: ## print CONFIG fully resolved (validates it)
@@ -55,6 +57,10 @@ bench: ## time a training step and inference (GPU): median step, samples/s, peak
 bench-data: ## data-loading throughput per core on FSD-like samples
 	$(PY) -m stereo bench-data
 
+bench-restart: ## requeue to first resumed step of a tiny Slurm job, and where the time goes (make slurm-up first)
+	@$(DEMO_SHARDS)
+	$(PY) -m jobs.bench_restart $(OVERRIDES)
+
 eval: ## evaluate: CKPT=... BENCH=kitti15 DATA=/data/KITTI [SIZE=vitl for a lone released file] [ITERS=32] [OUT=dir] [HIERA=1]
 	$(PY) -m stereo eval --ckpt $(CKPT) --bench $(BENCH) --data $(DATA) $(if $(SIZE),--size $(SIZE)) \
 		$(if $(ITERS),--iters $(ITERS)) $(if $(OUT),--out $(OUT)) $(if $(HIERA),--hierarchical)
@@ -68,10 +74,11 @@ infer: ## one pair: CKPT=... LEFT=... RIGHT=... OUT=... [HIERA=1 for large image
 export: ## released-format checkpoint from a run: RUN=runs/x OUT=model.pth
 	$(PY) -m stereo export $(RUN) --out $(OUT) --ema
 
-submit: ## submit CONFIG to Slurm through submitit (validated first)
+submit: ## submit CONFIG to Slurm (config, paths and Slurm checked first; ARGS=--no-check-paths for node-only data)
+	@$(DEMO_SHARDS)
 	$(PY) -m stereo submit $(CONFIG) $(OVERRIDES)
 
-status: ## Slurm state of the last submitted run (or RUN=...)
+status: ## Slurm state (pending reason), newest checkpoint and step of the last submitted run (or RUN=...)
 	$(PY) -m stereo status $(RUN)
 
 logs: ## log of the last submitted run (or RUN=...)
@@ -80,7 +87,7 @@ logs: ## log of the last submitted run (or RUN=...)
 cancel: ## cancel the last submitted run (or RUN=...)
 	$(PY) -m stereo cancel $(RUN)
 
-slurm-up: ## start the single-node local Slurm cluster (tests use it)
+slurm-up: ## start the local two-node Slurm cluster (tests use it; STEREO_SLURM_NODES=1 for one node)
 	bash slurm/local_cluster.sh up
 
 slurm-down: ## stop the local Slurm cluster

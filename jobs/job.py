@@ -5,14 +5,12 @@ the step in progress on every rank, saves a checkpoint at that step and exits PR
 code is a failure that a restart cannot fix (a bad config, bad data, a broken checkpoint), so it is not requeued.
 
 Slurm delivers a job's signal to every process of its steps: this wrapper, the trainer and the trainer's children
-(the batch shell forwards what only it receives, jobs/submit.py). The wrapper's handler (USR1, USR2, TERM, INT;
-it replaces submitit's) notes the first stop signal; the main thread then forwards SIGUSR1 to the trainer once the
-trainer handles it (a trainer still starting up has no unsaved step: it is ended instead), waits up to
-`save_timeout_s` for the save and the exit, and task 0 decides from the job's state in Slurm (`after_stop`):
-RUNNING means nobody else ends the job (a user's signal, the time-limit signal, preemption in its grace time),
-so task 0 requeues it itself, within `slurm.max_requeues`; any other state means Slurm is already ending it
-(`scancel`: cancelled; an outside `scontrol requeue`: requeued), so the wrapper just exits. docs/cluster.md has
-the table of every signal and target.
+(the batch shell passes on what only it receives, jobs/submit.py). The wrapper's handler (USR1, USR2, TERM, INT;
+it replaces submitit's) notes the first stop signal; the main thread then sends the trainer SIGUSR1 once the
+trainer handles it (one still starting up a few seconds later has no step to save: it is ended instead), waits up
+to `save_timeout_s` for the save and the exit, and task 0 exits 75. The batch shell then requeues the job if Slurm
+still runs it (a user's signal, the time-limit signal, preemption in its grace time); after `scancel` or an outside
+`scontrol requeue` Slurm is already ending it. docs/cluster.md has the table of every signal and target.
 """
 
 from __future__ import annotations
@@ -28,12 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from jobs.rendezvous import trainer_env
-from jobs.state import JobState, query
 from stereo import exitcodes
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 TRAINER_STOP = signal.SIGUSR1  # what the wrapper sends the trainer, whichever stop signal arrived
-STATE_RETRY_S = 30.0  # task 0 asks an unreachable controller again for this long before giving up the requeue
+STARTING_GRACE_S = 3.0  # a trainer without its stop handler this long after a stop signal is still starting
 
 
 class JobStopped(RuntimeError):
@@ -74,6 +71,7 @@ class TrainingJob:
     def __call__(self) -> dict:
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
+        signal.signal(signal.SIGCONT, signal.SIG_DFL)  # Slurm sends it before SIGTERM; submitit logged each one
         one_line_logs()
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         env = trainer_env(os.environ)
@@ -112,80 +110,45 @@ class TrainingJob:
     def _supervise(self) -> int:
         """Wait for the trainer's exit; after a stop signal, ask it to save (or end it) and bound the wait."""
         assert self._proc is not None
-        deadline = None
+        stopped_at, asked, killed = None, False, False
         while self._exit_code is None:
-            if self._stop is not None and deadline is None:
-                deadline = time.monotonic() + self.save_timeout_s
-                if handles_signal(self._proc.pid, TRAINER_STOP):
+            now = time.monotonic()
+            if self._stop is not None:
+                stopped_at = stopped_at or now
+                if not asked and handles_signal(self._proc.pid, TRAINER_STOP):
                     log(f"{self._stop.name}: asking the trainer to save at the step in progress and exit "
                         f"(up to {self.save_timeout_s:.0f} s)")
                     self._proc.send_signal(TRAINER_STOP)
-                else:
+                    asked = True
+                elif not asked and now - stopped_at > STARTING_GRACE_S:
                     log(f"{self._stop.name}: the trainer is still starting (no step to save): ending it")
                     self._proc.kill()
-            elif deadline is not None and time.monotonic() > deadline:
-                log(f"the trainer did not exit within {self.save_timeout_s:.0f} s of the stop signal: killing it; "
-                    "the restart resumes from its newest complete checkpoint")
-                self._proc.kill()
-                deadline = float("inf")
+                    asked = killed = True
+                elif not killed and now - stopped_at > self.save_timeout_s:
+                    log(f"the trainer did not exit within {self.save_timeout_s:.0f} s of the stop signal: killing "
+                        "it; the restart resumes from its newest complete checkpoint")
+                    self._proc.kill()
+                    killed = True
             time.sleep(0.1)
         return self._exit_code
 
     def _after_stop(self, code: int, rank: int, restarts: int) -> None:
-        """The trainer stopped for a signal: requeue the job, or leave it to Slurm, or stop. Never returns."""
+        """The trainer stopped for a signal: exit so that the batch shell requeues the job. Never returns."""
         how = "saved and exited" if code == exitcodes.PREEMPTED else describe_exit(code) + " while stopping"
-        log(f"the trainer {how}; newest complete checkpoint {self._latest()}")
         if rank != 0:
-            # Task 0 decides. Exit 0: a non-zero code would make srun (--kill-on-bad-exit) end task 0 mid-requeue.
-            log("task 0 requeues the job, or Slurm ends it")
+            # Exit 0: a non-zero code would make srun (--kill-on-bad-exit) kill task 0, maybe mid-save.
+            log(f"the trainer {how}")
             raise SystemExit(exitcodes.OK)
-        job_id = os.environ["SLURM_JOB_ID"]
-        state = self._job_state(job_id)
-        action = after_stop(state, restarts, self.max_requeues)
-        if action == "requeue":
-            done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
-            if done.returncode:
-                raise JobStopped(f"`scontrol requeue {job_id}` failed ({done.stderr.strip()}): not requeued; "
-                                 f"submit again with train.run_dir={self.run_dir} to continue")
-            log(f"requeued (restart {restarts + 1} of at most {self.max_requeues})")
-            raise SystemExit(exitcodes.PREEMPTED)
-        if action == "slurm":
-            log(f"job {state.describe()}: Slurm requeues it")
-            raise SystemExit(exitcodes.PREEMPTED)
-        if action == "cancelled":
-            raise JobStopped(f"cancelled ({state.describe()}): not requeued; submit again with "
-                             f"train.run_dir={self.run_dir} to continue")
-        if action == "limit":
-            raise JobStopped(f"not requeued: reached slurm.max_requeues={self.max_requeues} "
-                             f"(SLURM_RESTART_COUNT={restarts}); submit again with train.run_dir={self.run_dir} to "
-                             "continue")
-        raise JobStopped(f"not requeued: the job's state is {state.describe()}; submit again with "
-                         f"train.run_dir={self.run_dir} to continue")
-
-    def _job_state(self, job_id: str) -> JobState:
-        deadline = time.monotonic() + STATE_RETRY_S
-        state = query(job_id)
-        while not state.reachable and time.monotonic() < deadline:
-            time.sleep(2.0)
-            state = query(job_id)
-        return state
+        if restarts >= self.max_requeues:
+            raise JobStopped(f"the trainer {how}, newest complete checkpoint {self._latest()}; not requeued: reached "
+                             f"slurm.max_requeues={self.max_requeues} (SLURM_RESTART_COUNT={restarts}); submit again "
+                             f"with train.run_dir={self.run_dir} to continue")
+        log(f"the trainer {how}; newest complete checkpoint {self._latest()}")
+        raise SystemExit(exitcodes.PREEMPTED)  # the batch shell requeues the job unless Slurm is ending it
 
     def _latest(self) -> str:
         latest = Path(self.run_dir) / "checkpoints" / "latest"
         return latest.read_text().strip() if latest.is_file() else "none"
-
-
-def after_stop(state: JobState, restarts: int, max_requeues: int) -> str:
-    """What task 0 does once its trainer stopped for a signal, from the job's state in Slurm:
-    "requeue" (still RUNNING: nobody else ends it), "limit" (it would, but max_requeues is used up), "cancelled",
-    "slurm" (Slurm is requeueing it), "unknown" (the controller could not tell)."""
-    if state.state == "RUNNING":
-        return "requeue" if restarts < max_requeues else "limit"
-    if state.state == "CANCELLED":
-        return "cancelled"
-    if state.state is None:
-        return "unknown"
-    return "slurm"
 
 
 def one_line_logs() -> None:

@@ -14,8 +14,6 @@ from pathlib import Path
 
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
                 "PREEMPTED"}
-# The job is on its way back to the queue: Slurm ends the running step itself.
-REQUEUE_STATES = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "COMPLETING"}
 QUERY_TIMEOUT_S = 30.0
 
 

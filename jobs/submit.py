@@ -23,6 +23,7 @@ import submitit
 from jobs.job import TrainingJob
 from jobs.record import Submission
 from jobs.state import slurm_hint, slurm_problem
+from stereo import exitcodes
 from stereo.config import Config, dump_yaml, load_config
 from stereo.config.paths import ConfigPathError, path_problems, unwritable
 from stereo.config.schema import SlurmConfig
@@ -108,37 +109,60 @@ def submit(cfg: Config, *, config: str, overrides: list[str], tasks_per_node: in
 
 
 class TrainingExecutor(submitit.SlurmExecutor):
-    """submitit's executor, with a batch script that survives every signal (`signal_safe`)."""
+    """submitit's executor, with a batch script that survives every signal and requeues (`signal_safe`)."""
+
+    def __init__(self, folder: Path, max_requeues: int, python: str | None):
+        super().__init__(folder=folder, max_num_timeout=max_requeues, python=python)
+        self.max_requeues = max_requeues
 
     def _make_submission_file_text(self, command: str, uid: str) -> str:
-        return signal_safe(super()._make_submission_file_text(command, uid))
+        return signal_safe(super()._make_submission_file_text(command, uid), self.max_requeues)
 
 
-# The batch shell (bash) dies of USR1/USR2 and, waiting on a foreground srun, cannot act on any signal until srun
-# exits. So srun runs in the background and the shell waits on it, surviving every signal; a stop signal that only
-# the shell received (`scancel --batch`) goes on to the job's tasks as SIGUSR1. With `--full` the tasks received it
-# too (the second delivery is harmless); after a plain `scancel` the forward fails quietly (the job is ending).
+# bash dies of USR1/USR2 and, waiting on a foreground srun, cannot act on any signal before srun exits. So srun runs
+# in the background and the shell waits on it, surviving every signal; one that only the shell received
+# (`scancel --batch`) goes on to the tasks as SIGUSR1 (after `--full` they have it already: a second delivery is
+# harmless; after a plain `scancel` the job is ending and the forward fails quietly). Once srun is done the shell
+# requeues the job if the tasks stopped for a signal and Slurm still runs it (a cancel or an outside requeue is
+# Slurm's to finish): task 0 exits 75 once the trainer saved; a task killed by a signal (srun exits 128+N) is one
+# that srun killed after receiving SIGTERM itself (`scancel --full`), or a wrapper signalled before it was up.
 BATCH_SHELL = """\
-# jobs/submit.py: survive every signal, forward stop signals to the tasks (docs/cluster.md, Signals)
+# jobs/submit.py: survive every signal, pass stop signals on, requeue a stopped job (docs/cluster.md, Signals)
 export SUBMITIT_LOG_LEVEL=WARNING
-forward_stop() {{
+say() {{ echo "[jobs] $(date +%H:%M:%S) $*" >&2; }}
+on_stop() {{
     if scancel --signal=USR1 "$SLURM_JOB_ID" 2>/dev/null; then
-        echo "[jobs] $(date +%H:%M:%S) batch shell: SIG$1, passed on to the job's tasks as SIGUSR1" >&2
+        say "batch shell: SIG$1, passed on to the job's tasks as SIGUSR1"
     fi
 }}
-for sig in USR1 USR2 TERM INT; do trap "forward_stop $sig" "$sig"; done
+for sig in USR1 USR2 TERM INT; do trap "on_stop $sig" "$sig"; done
 {srun} &
 srun_pid=$!
 while kill -0 "$srun_pid" 2>/dev/null; do wait "$srun_pid"; done
 wait "$srun_pid"
+status=$?
+if [ "$status" = {preempted} ] || [ "$status" -gt 128 ]; then
+    state=$(scontrol -o show job "$SLURM_JOB_ID" | grep -o 'JobState=[A-Z_]*')
+    restarts=${{SLURM_RESTART_COUNT:-0}}
+    if [ "$state" != JobState=RUNNING ]; then
+        state=${{state:-JobState=unknown (scontrol did not answer)}}
+        say "job ${{state#JobState=}}: Slurm is ending or requeueing it; not requeued from here"
+    elif [ "$restarts" -ge {max_requeues} ]; then
+        say "not requeued: reached slurm.max_requeues={max_requeues}; submit again with the same train.run_dir"
+    elif (trap '' TERM; exec scontrol requeue "$SLURM_JOB_ID"); then  # the requeue's own SIGTERM reaches scontrol
+        say "requeued (restart $((restarts + 1)) of at most {max_requeues})"
+    fi
+fi
+exit "$status"
 """
 
 
-def signal_safe(script: str) -> str:
+def signal_safe(script: str, max_requeues: int) -> str:
     """submitit's sbatch script with its `srun ...` line run by BATCH_SHELL."""
     lines = script.split("\n")
     (index,) = [i for i, line in enumerate(lines) if line.startswith("srun ")]
-    lines[index] = BATCH_SHELL.format(srun=lines[index]).rstrip("\n")
+    lines[index] = BATCH_SHELL.format(srun=lines[index], preempted=exitcodes.PREEMPTED,
+                                      max_requeues=max_requeues).rstrip("\n")
     return "\n".join(lines)
 
 
@@ -146,7 +170,7 @@ def make_executor(slurm: SlurmConfig, *, folder: Path, job_name: str, tasks_per_
                   mounts: list[Path]) -> submitit.SlurmExecutor:
     """The config's slurm section -> a submitit executor (sbatch flags, signal, requeue budget, container)."""
     python, srun_args = container_launch(slurm, mounts=mounts, workdir=mounts[0])
-    executor = TrainingExecutor(folder=folder, max_num_timeout=slurm.max_requeues, python=python)
+    executor = TrainingExecutor(folder=folder, max_requeues=slurm.max_requeues, python=python)
     params: dict = dict(job_name=job_name, nodes=slurm.nodes, ntasks_per_node=tasks_per_node,
                         cpus_per_task=slurm.cpus_per_task, time=slurm.time_min,
                         signal_delay_s=slurm.signal_delay_s, stderr_to_stdout=True,

@@ -116,8 +116,8 @@ SlurmUser=$user
 SlurmdUser=$user
 AuthType=auth/munge
 CredType=cred/munge
-# cred_expire=10: a requeued job waits cred_expire+1 s before it may start again (default 120).
-AuthInfo=socket=$MUNGE_SOCKET,cred_expire=10
+# cred_expire=5: a requeued job waits cred_expire+1 s before it may start again (default 120: 121 s).
+AuthInfo=socket=$MUNGE_SOCKET,cred_expire=5
 SlurmctldPort=$CTLD_PORT
 StateSaveLocation=$STATE/ctld
 SlurmdSpoolDir=$STATE/spool/%n
@@ -136,7 +136,8 @@ MpiDefault=none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 SchedulerType=sched/backfill
-SchedulerParameters=bf_interval=1
+# The main scheduler runs every second (default 60 s): a requeued job starts as soon as its hold ends.
+SchedulerParameters=bf_interval=1,sched_interval=1
 JobRequeue=1
 FirstJobId=$first_job_id
 MinJobAge=300
