@@ -24,6 +24,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 from jobs.rendezvous import trainer_env
 from stereo import exitcodes
@@ -90,7 +91,7 @@ class TrainingJob:
         if self._stop is None and code != exitcodes.PREEMPTED:
             raise JobStopped(f"trainer {describe_exit(code)}: a failure, not requeued (only a stop signal requeues); "
                              "its output is above in this log")
-        self._after_stop(code, rank, restarts)
+        return self._after_stop(code, rank, restarts)
 
     def _on_signal(self, signum: int, _frame) -> None:
         # Runs in the main thread between two bytecodes: only note the signal, the main loop acts on it.
@@ -132,8 +133,8 @@ class TrainingJob:
             time.sleep(0.1)
         return self._exit_code
 
-    def _after_stop(self, code: int, rank: int, restarts: int) -> None:
-        """The trainer stopped for a signal: exit so that the batch shell requeues the job. Never returns."""
+    def _after_stop(self, code: int, rank: int, restarts: int) -> NoReturn:
+        """The trainer stopped for a signal: exit so that the batch shell requeues the job."""
         how = "saved and exited" if code == exitcodes.PREEMPTED else describe_exit(code) + " while stopping"
         if rank != 0:
             # Exit 0: a non-zero code would make srun (--kill-on-bad-exit) kill task 0, maybe mid-save.

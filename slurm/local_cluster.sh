@@ -140,7 +140,7 @@ SchedulerType=sched/backfill
 SchedulerParameters=bf_interval=1,sched_interval=1
 JobRequeue=1
 FirstJobId=$first_job_id
-MinJobAge=300
+MinJobAge=3600
 KillWait=5
 ReturnToService=2
 SlurmdTimeout=30

@@ -204,6 +204,15 @@ def test_container_runtimes_wrap_the_job(tmp_path):
     assert "apptainer exec --nv --bind" in srun_line and "/images/stereo.sif python -u -m submitit" in srun_line
 
 
+def test_make_passes_overrides_with_spaces_and_quotes_as_one_word_each():
+    done = subprocess.run(["make", "--no-print-directory", "config", "CONFIG=tiny",
+                           "data.train=[{name: two words, shards: shards/x y}]", "logging.group=it's $HOME"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "  - name: two words\n    shards: shards/x y\n" in done.stdout
+    assert "  group: it's $HOME\n" in done.stdout
+
+
 # --- submit's checks before the queue ----------------------------------------------------------------------------
 
 def submit_cli(tmp_path: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
