@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
 
-from jobs.state import slurm_hint, slurm_problem
+from jobs.state import query, slurm_hint, slurm_problem
 from jobs.submit import submit
 from stereo.config import load_config
 
@@ -52,8 +53,11 @@ def main(argv: list[str] | None = None) -> int:
             cycles.append(time_one_restart(submission.job_id, Path(submission.run_dir), cycle))
             print(f"cycle {cycle}: {cycles[-1]['total_s']:.1f} s from the signal to the first resumed step",
                   file=sys.stderr)
-    finally:
+    finally:  # the run is only a means: cancel it and remove its files once Slurm has ended it
         subprocess.run(["scancel", submission.job_id], capture_output=True)
+        wait(lambda: query(submission.job_id).state != "RUNNING" or None, "the cancelled job to end")
+        for path in (Path(submission.run_dir), Path(submission.folder)):
+            shutil.rmtree(path, ignore_errors=True)
     report = {"job_id": submission.job_id, "run_dir": submission.run_dir, "overrides": overrides, "cycles": cycles}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
@@ -75,7 +79,7 @@ def time_one_restart(job_id: str, run_dir: Path, cycle: int) -> dict:
                if key.startswith("startup/") and key != "startup/total_s"}
     parts = {
         "finish the step and save": saved - signalled,
-        "exit and requeue (wrapper, srun, batch shell)": times["SubmitTime"] - saved,
+        "trainer exit, requeue (wrapper, srun, batch shell)": times["SubmitTime"] - saved,
         "requeue hold (cred_expire + 1 s)": times["EligibleTime"] - times["SubmitTime"],
         "scheduling": times["StartTime"] - times["EligibleTime"],
     }

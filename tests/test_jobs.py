@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from jobs.bench_restart import first_record_after
 from jobs.job import STOP_SIGNALS, JobStopped, TrainingJob, handles_signal
 from jobs.record import Submission
 from jobs.rendezvous import expand_hostlist, master_port, trainer_env
@@ -361,6 +362,20 @@ def test_job_past_max_requeues_refuses_to_train(tmp_path, slurm_task_env, monkey
     with pytest.raises(JobStopped, match="requeued 3 times, more than slurm.max_requeues=2"):
         job()
     assert not (Path(job.run_dir) / "starts.jsonl").exists()
+
+
+def test_bench_restart_reads_the_first_resumed_step_with_its_startup_record(tmp_path):
+    """The trainer logs its start-up breakdown as a record of its own at the first step of a start."""
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"step": 1, "time": 10.0, "loss": 1.0}, {"step": 2, "time": 11.0, "loss": 0.9},
+        {"step": 3, "time": 50.0, "loss": 0.8}, {"step": 3, "time": 50.1, "startup/imports_s": 4.0,
+                                                  "startup/first_step_s": 1.5, "startup/total_s": 30.0},
+        {"step": 4, "time": 51.0, "loss": 0.7}]) + '{"step": 5, "ti')  # a line being written
+    assert first_record_after(metrics, 2) == {"step": 3, "time": 50.1, "loss": 0.8, "startup/imports_s": 4.0,
+                                              "startup/first_step_s": 1.5, "startup/total_s": 30.0}
+    assert first_record_after(metrics, 5) is None
+    assert first_record_after(tmp_path / "none.jsonl", 0) is None
 
 
 def test_handles_signal_reads_the_installed_handlers():
