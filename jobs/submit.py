@@ -25,7 +25,7 @@ from jobs.record import Submission
 from jobs.state import slurm_hint, slurm_problem
 from stereo import exitcodes
 from stereo.config import Config, dump_yaml, load_config
-from stereo.config.paths import ConfigPathError, path_problems, unwritable
+from stereo.config.paths import path_problems, problems_error, unwritable
 from stereo.config.schema import SlurmConfig
 
 SUBMITTED_CONFIG = "submit_config.yaml"  # the fully resolved config every (re)start of the job trains with
@@ -50,7 +50,7 @@ def run(args) -> int:
     else:
         problems = path_problems(cfg) + container_problems(cfg.slurm)
     if problems:
-        raise ConfigPathError(problems)  # exit 2 (stereo/cli.py)
+        raise problems_error(problems)  # exit 2 (stereo/cli.py)
     unreachable = slurm_problem()
     if unreachable:
         hint = slurm_hint()

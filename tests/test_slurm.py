@@ -331,11 +331,12 @@ def wait_for_first_step(submission: Submission) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_runs(cluster, tmp_path_factory):
-    """`make submit CONFIG=tiny` uninterrupted; one stopped by `scancel --signal=USR1`; one requeued from outside
-    (`scontrol requeue`: SIGTERM to every process of the step, a DataLoader worker and the wandb service included);
-    and two tasks on one node (`--tasks-per-node 2`) stopped by the time-limit signal (USR2); side by side."""
+    """`make submit CONFIG=tiny` uninterrupted; one stopped by `scancel --signal=USR1` and one requeued from outside
+    (`scontrol requeue`), both signals reaching every process of the step, a DataLoader worker and the wandb service
+    included; and two tasks on one node (`--tasks-per-node 2`) stopped by the time-limit signal (USR2); side by
+    side."""
     reference = make_submit(tmp_path_factory.mktemp("tiny_reference"))
-    stopped = make_submit(tmp_path_factory.mktemp("tiny_usr1"))
+    stopped = make_submit(tmp_path_factory.mktemp("tiny_usr1"), "data.num_workers=1")
     requeued = make_submit(tmp_path_factory.mktemp("tiny_requeued"), "data.num_workers=1")
     pair = make_submit(tmp_path_factory.mktemp("tiny_two_tasks"), "ARGS=--tasks-per-node 2")
     wait_for_first_step(stopped)
