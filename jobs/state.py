@@ -1,4 +1,4 @@
-"""A Slurm job's state as the controller reports it, for `status`/`cancel` and for the job itself.
+"""A Slurm job's state as the controller reports it (`status`, `logs`, `cancel`), and whether Slurm answers at all.
 
 `scontrol show job` knows pending, running and (for MinJobAge) finished jobs; sacct, where accounting exists, knows
 older ones. When neither answers, the state is unknown, never final: an unreachable controller (SLURM_CONF unset,

@@ -56,7 +56,6 @@ def run(args) -> int:
         hint = slurm_hint()
         print(f"submit: cannot reach Slurm ({unreachable}); nothing was queued or written.\n"
               f"{hint[0].upper()}{hint[1:]}", file=sys.stderr)
-
         return 1
     try:
         submission = submit(cfg, config=args.config, overrides=args.overrides, tasks_per_node=args.tasks_per_node)
