@@ -206,9 +206,10 @@ def test_container_runtimes_wrap_the_job(tmp_path):
 
 
 def test_make_passes_overrides_with_spaces_and_quotes_as_one_word_each():
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
     done = subprocess.run(["make", "--no-print-directory", "config", "CONFIG=tiny",
                            "data.train=[{name: two words, shards: shards/x y}]", "logging.group=it's $HOME"],
-                          cwd=ROOT, capture_output=True, text=True)
+                          cwd=ROOT, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     assert "  - name: two words\n    shards: shards/x y\n" in done.stdout
     assert "  group: it's $HOME\n" in done.stdout

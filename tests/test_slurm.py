@@ -249,6 +249,9 @@ def test_bad_config_is_refused_before_the_queue(cluster, tmp_path):
 
 
 def make(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """A make of its own: none of the flags or variables of a `make test` that runs these tests."""
+    env = {k: v for k, v in (os.environ if env is None else env).items()
+           if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
     return subprocess.run(["make", "--no-print-directory", *args], cwd=ROOT, capture_output=True, text=True, env=env)
 
 
