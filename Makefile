@@ -7,10 +7,13 @@ CONFIG ?= tiny
 NPROC ?= 1
 PAIR  := shards/demo/motorcycle
 # `make train CONFIG=x optim.lr=1e-5`: every command-line assignment whose name is in lower case is a config
-# override; the config check refuses one without its section (`steps=10`: did you mean train.steps=10?).
+# override, passed on quoted as one word, so values may hold spaces (`make submit 'data.train=[{name: a, shards: b}]'`);
+# the config check refuses one without its section (`steps=10`: did you mean train.steps=10?).
 UPPER := A B C D E F G H I J K L M N O P Q R S T U V W X Y Z
 lower_case = $(if $(strip $(foreach c,$(UPPER),$(findstring $(c),$(1)))),,$(1))
-OVERRIDES := $(strip $(foreach w,$(MAKEOVERRIDES),$(if $(call lower_case,$(firstword $(subst =, ,$(w)))),$(w))) $(ARGS))
+OVERRIDES := $(strip $(foreach v,$(sort $(.VARIABLES)),$(if $(and $(call lower_case,$(v)),$(filter command line,$(origin $(v)))),'$(subst ','\'',$(v)=$(value $(v)))')) $(ARGS))
+# Configs that read the demo shards get them written first (train, submit).
+DEMO_SHARDS = if grep -qs 'shards/demo/' $(CONFIG) configs/$(CONFIG).yaml && [ ! -f shards/demo/train/manifest.json ]; then $(MAKE) --no-print-directory demo-data; fi
 
 # A fresh clone: targets that run Python say what to do instead of ".venv/bin/python: No such file or directory".
 NO_PYTHON := help setup clean slurm-up slurm-down docker docker-build docker-run
@@ -25,9 +28,9 @@ endif
 missing = $(strip $(foreach v,$(1),$(if $($(v)),,$(v))))
 require = $(if $(call missing,$(1)),$(error make $@ needs $(call missing,$(1)), for example: $(2)))
 
-.PHONY: help setup test test-gpu gpu-check train demo-data demo-pair shards plan bench bench-data eval compare infer \
-        export submit status logs cancel sweep sweep-status slurm-up slurm-down docker docker-build docker-run config \
-        clean
+.PHONY: help setup test test-gpu gpu-check train demo-data demo-pair shards plan bench bench-data bench-restart eval \
+        compare infer export submit status logs cancel sweep sweep-status slurm-up slurm-down docker docker-build \
+        docker-run config clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -57,8 +60,7 @@ demo-pair: ## write the Middlebury motorcycle pair bundled with scikit-image to 
 
 train: ## train CONFIG (default tiny: demo shards, CPU, a few minutes); overrides as a.b=value
 	@$(PY) -m stereo config --check $(CONFIG) $(OVERRIDES)
-	@if grep -qs 'shards/demo/' $(CONFIG) configs/$(CONFIG).yaml && [ ! -f shards/demo/train/manifest.json ]; then \
-		$(MAKE) --no-print-directory demo-data; fi
+	@$(DEMO_SHARDS)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) -m stereo train $(CONFIG) $(OVERRIDES)
 
 config: ## print CONFIG fully resolved (validates it)
@@ -76,6 +78,10 @@ bench: ## time a training step and inference of the model that fits the device f
 bench-data: ## data-loading throughput per core at FSD's 1280x720, vs a plain cv2 loader [OUT=figures.json]
 	OMP_NUM_THREADS=1 $(PY) -m stereo bench-data $(if $(OUT),--out $(OUT))
 
+bench-restart: ## requeue to first resumed step of a tiny Slurm job, and where the time goes (make slurm-up first)
+	@$(DEMO_SHARDS)
+	$(PY) -m jobs.bench_restart $(OVERRIDES)
+
 eval: ## evaluate: CKPT=... BENCH=kitti15 DATA=/data/KITTI (BENCH=demo: the demo val shards) [SIZE=vitl] [ITERS=32] [OUT=dir] [HIERA=1]
 	$(call require,CKPT BENCH $(if $(filter demo,$(BENCH)),,DATA),make eval CKPT=runs/demo BENCH=demo or make eval CKPT=model.pth BENCH=kitti15 DATA=/data/KITTI)
 	$(PY) -m stereo eval --ckpt $(CKPT) --bench $(BENCH) $(if $(DATA),--data $(DATA)) $(if $(SIZE),--size $(SIZE)) \
@@ -92,10 +98,11 @@ export: ## released-format checkpoint from a run: RUN=runs/x OUT=model.pth
 	$(call require,RUN OUT,make export RUN=runs/demo OUT=runs/demo/model.pth)
 	$(PY) -m stereo export $(RUN) --out $(OUT) --ema
 
-submit: ## submit CONFIG to Slurm through submitit (validated first)
+submit: ## submit CONFIG to Slurm (config, paths and Slurm checked first; ARGS=--no-check-paths for node-only data)
+	@$(DEMO_SHARDS)
 	$(PY) -m stereo submit $(CONFIG) $(OVERRIDES)
 
-status: ## Slurm state of the last submitted run (or RUN=...)
+status: ## Slurm state (pending reason), newest checkpoint and step of the last submitted run (or RUN=...)
 	$(PY) -m stereo status $(RUN)
 
 logs: ## log of the last submitted run (or RUN=...)
@@ -114,7 +121,7 @@ sweep-status: ## a sweep's trials: state, step, best metric so far (SWEEP=...)
 	@test -n "$(SWEEP)" || { echo "usage: make sweep-status SWEEP=configs/sweeps/<name>.yaml" >&2; exit 2; }
 	$(PY) -m stereo sweep-status $(SWEEP)
 
-slurm-up: ## start the single-node local Slurm cluster (tests use it)
+slurm-up: ## start the local two-node Slurm cluster (tests use it; STEREO_SLURM_NODES=1 for one node)
 	bash slurm/local_cluster.sh up
 
 slurm-down: ## stop the local Slurm cluster

@@ -1,19 +1,21 @@
-"""The checkpointable submitit job: runs the trainer as a child process and turns Slurm's signals into requeues.
+"""The submitit job: runs the trainer as a child process and turns every stop signal into a checkpoint and a requeue.
 
-Contract with the trainer (docs/architecture.md): on SIGUSR1 or SIGTERM it finishes the current step on every rank,
-writes a checkpoint at that step and exits with EXIT_PREEMPTED; a restart on the same run directory resumes.
+Contract with the trainer (stereo/exitcodes.py, docs/architecture.md): on SIGUSR1, SIGTERM or SIGINT it finishes
+the step in progress on every rank, saves a checkpoint at that step and exits PREEMPTED (75); 0 is done; any other
+code is a failure that a restart cannot fix (a bad config, bad data, a broken checkpoint), so it is not requeued.
 
-- Preemption / time limit: Slurm (or `job._interrupt()`) sends USR2; submitit calls `checkpoint()` on task 0,
-  which forwards SIGUSR1 to its trainer, waits for it to save and exit, and hands submitit a fresh copy of this job
-  to requeue. The trainer's all-reduced stop flag stops the other ranks at the same step.
-- Outside `scontrol requeue` / `scancel`: Slurm sends SIGTERM to every process of the step; submitit ignores it in
-  this process, the trainer saves and exits 75, and Slurm requeues (or cancels) the job itself.
-- Any other trainer exit code outside a stop request is a failure: the job stops with the reason in its log and is
-  not requeued. (A trainer that dies while stopping for a signal is still requeued: it was preempted.)
+Slurm delivers a job's signal to every process of its steps: this wrapper, the trainer and the trainer's children
+(the batch shell passes on what only it receives, jobs/submit.py). The wrapper's handler (USR1, USR2, TERM, INT;
+it replaces submitit's) notes the first stop signal; the main thread then sends the trainer SIGUSR1 once the
+trainer handles it (one still starting up a few seconds later has no step to save: it is ended instead), waits up
+to `save_timeout_s` for the save and the exit, and task 0 exits 75. The batch shell then requeues the job if Slurm
+still runs it (a user's signal, the time-limit signal, preemption in its grace time); after `scancel` or an outside
+`scontrol requeue` Slurm is already ending it. docs/cluster.md has the table of every signal and target.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -22,14 +24,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import submitit
+from typing import NoReturn
 
 from jobs.rendezvous import trainer_env
+from stereo import exitcodes
 
-EXIT_PREEMPTED = 75  # the trainer's "saved, please requeue" code (docs/architecture.md, Signals)
-# After an outside SIGTERM Slurm kills the step within KillWait (30 s on most clusters); wait a little longer.
-OUTSIDE_SIGNAL_GRACE_S = 120.0
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
+TRAINER_STOP = signal.SIGUSR1  # what the wrapper sends the trainer, whichever stop signal arrived
+STARTING_GRACE_S = 3.0  # a trainer without its stop handler this long after a stop signal is still starting
 
 
 class JobStopped(RuntimeError):
@@ -40,11 +42,11 @@ def log(message: str) -> None:
     print(f"[jobs] {time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
 
 
-def _ignore_usr_signals() -> None:
-    # Slurm signals every process of the step: USR2 is submitit's, and SIGUSR1 would kill the trainer before it
-    # installs its handler. Ignored dispositions survive exec; the trainer's own handler replaces SIGUSR1's.
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+def _ignore_stop_signals() -> None:
+    # Until the trainer installs its own handlers a stop signal must not kill it mid-import: the wrapper sees the
+    # signal too and ends it cleanly. Ignored dispositions survive exec; the trainer's handlers replace them.
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 @dataclass
@@ -55,86 +57,121 @@ class TrainingJob:
     cwd: str
     run_dir: str
     max_requeues: int
-    save_timeout_s: float  # how long checkpoint() waits for the trainer to save and exit
+    save_timeout_s: float  # how long the trainer may take to save and exit after a stop signal
     _proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
     _exit_code: int | None = field(default=None, init=False, repr=False)
+    _stop: signal.Signals | None = field(default=None, init=False, repr=False)
 
     def __getstate__(self) -> dict:
-        # A requeue pickles the job again: the running child belongs to this incarnation only.
-        return {k: v for k, v in self.__dict__.items() if k not in ("_proc", "_exit_code")}
+        # What submitit pickles: the running child and the signals belong to one start only.
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _proc=None, _exit_code=None)
+        self.__dict__.update(state, _proc=None, _exit_code=None, _stop=None)
 
     def __call__(self) -> dict:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._on_signal)
+        signal.signal(signal.SIGCONT, signal.SIG_DFL)  # Slurm sends it before SIGTERM; submitit logged each one
+        one_line_logs()
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         env = trainer_env(os.environ)
-        log(f"task {env['RANK']}/{env['WORLD_SIZE']} on {os.uname().nodename}, start {restarts + 1}, "
-            f"rendezvous {env['MASTER_ADDR']}:{env['MASTER_PORT']}, run {self.run_dir}")
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+        log(f"start {restarts + 1} of job {os.environ.get('SLURM_JOB_ID')} (at most {self.max_requeues} requeues): "
+            f"task {rank} of {world} on {os.environ.get('SLURMD_NODENAME', os.uname().nodename)}, rendezvous "
+            f"{env['MASTER_ADDR']}:{env['MASTER_PORT']}; run {self.run_dir}, newest checkpoint {self._latest()}")
         if restarts > self.max_requeues:
             raise JobStopped(f"requeued {restarts} times, more than slurm.max_requeues={self.max_requeues}: "
                              "not training again")
         self._start(env)
-        code = self._wait(None)
-        if code == 0:
+        code = self._supervise()
+        if code == exitcodes.OK:
             log("trainer finished")
             return {"run_dir": self.run_dir, "restarts": restarts}
-        if code == EXIT_PREEMPTED:
-            # SIGTERM from Slurm (outside requeue, preemption, scancel), or on other tasks task 0's stop request.
-            log(f"trainer saved and exited {EXIT_PREEMPTED} after a stop signal; waiting for Slurm (or task 0) to "
-                "requeue or end the job")
-            time.sleep(OUTSIDE_SIGNAL_GRACE_S)
-            raise JobStopped(f"trainer exited {EXIT_PREEMPTED} after a stop signal but Slurm did not end the job "
-                             f"within {OUTSIDE_SIGNAL_GRACE_S:.0f} s: not requeued")
-        raise JobStopped(f"trainer {describe_exit(code)} (0 = done, {EXIT_PREEMPTED} = preempted): a failure, "
-                         "not requeued; its output is above in this log")
+        if self._stop is None and code != exitcodes.PREEMPTED:
+            raise JobStopped(f"trainer {describe_exit(code)}: a failure, not requeued (only a stop signal requeues); "
+                             "its output is above in this log")
+        return self._after_stop(code, rank, restarts)
 
-    def checkpoint(self) -> submitit.helpers.DelayedSubmission | None:
-        """submitit's hook on USR2 (task 0 only): make the trainer save, then requeue a fresh copy of this job."""
-        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-        if self._proc is not None and self._exit_code is None:
-            log(f"preemption/time-limit signal: asking the trainer to checkpoint (SIGUSR1, "
-                f"waiting up to {self.save_timeout_s:.0f} s)")
-            code = self._wait(self.save_timeout_s, send=signal.SIGUSR1)
-            if code is None:
-                log("the trainer did not exit in time: killing it; the requeued job resumes from its newest "
-                    "complete checkpoint")
-                self._proc.kill()
-                self._wait(30.0)
-            elif code not in (0, EXIT_PREEMPTED):
-                # Slurm's SIGTERM reaches every process of the step (data workers, the wandb service): a trainer
-                # that dies of that is still a preempted one, and its newest complete checkpoint is intact.
-                log(f"the trainer {describe_exit(code)} while stopping; the requeued job resumes from its newest "
-                    "complete checkpoint")
-        if restarts >= self.max_requeues:
-            log(f"not requeued: reached slurm.max_requeues={self.max_requeues} (SLURM_RESTART_COUNT={restarts}); "
-                f"the run can be resumed by submitting again with train.run_dir={self.run_dir}")
-            return None
-        log(f"requeueing (restart {restarts + 1} of at most {self.max_requeues})")
-        return submitit.helpers.DelayedSubmission(TrainingJob(self.python_args, self.cwd, self.run_dir,
-                                                              self.max_requeues, self.save_timeout_s))
+    def _on_signal(self, signum: int, _frame) -> None:
+        # Runs in the main thread between two bytecodes: only note the signal, the main loop acts on it.
+        if self._stop is None:
+            self._stop = signal.Signals(signum)
 
     def _start(self, rendezvous: dict[str, str]) -> None:
         self._proc = subprocess.Popen([sys.executable, *self.python_args], cwd=self.cwd,
-                                      env={**os.environ, **rendezvous}, preexec_fn=_ignore_usr_signals)
-        # A thread owns the blocking wait: the signal handler (checkpoint) must never contend for Popen's lock.
+                                      env={**os.environ, **rendezvous}, preexec_fn=_ignore_stop_signals)
+        # A thread owns the blocking wait, so the main loop can poll the exit code and the stop flag.
         threading.Thread(target=self._reap, daemon=True).start()
 
     def _reap(self) -> None:
         assert self._proc is not None
         self._exit_code = self._proc.wait()
 
-    def _wait(self, timeout_s: float | None, send: signal.Signals | None = None) -> int | None:
-        """The trainer's exit code, or None at the timeout; optionally sends it a signal once it handles that signal
-        (while it starts up the signal is still ignored; once it exits Python restores the default, which kills)."""
+    def _supervise(self) -> int:
+        """Wait for the trainer's exit; after a stop signal, ask it to save (or end it) and bound the wait."""
         assert self._proc is not None
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while self._exit_code is None and (deadline is None or time.monotonic() < deadline):
-            if send is not None and handles_signal(self._proc.pid, send):
-                self._proc.send_signal(send)
-                send = None
-            time.sleep(0.2)
+        stopped_at, asked, killed = None, False, False
+        while self._exit_code is None:
+            now = time.monotonic()
+            if self._stop is not None:
+                stopped_at = stopped_at or now
+                if not asked and handles_signal(self._proc.pid, TRAINER_STOP):
+                    log(f"{self._stop.name}: asking the trainer to save at the step in progress and exit "
+                        f"(up to {self.save_timeout_s:.0f} s)")
+                    self._proc.send_signal(TRAINER_STOP)
+                    asked = True
+                elif not asked and now - stopped_at > STARTING_GRACE_S:
+                    log(f"{self._stop.name}: the trainer is still starting (no step to save): ending it")
+                    self._proc.kill()
+                    asked = killed = True
+                elif not killed and now - stopped_at > self.save_timeout_s:
+                    log(f"the trainer did not exit within {self.save_timeout_s:.0f} s of the stop signal: killing "
+                        "it; the restart resumes from its newest complete checkpoint")
+                    self._proc.kill()
+                    killed = True
+            time.sleep(0.1)
         return self._exit_code
+
+    def _after_stop(self, code: int, rank: int, restarts: int) -> NoReturn:
+        """The trainer stopped for a signal: exit so that the batch shell requeues the job."""
+        how = "saved and exited" if code == exitcodes.PREEMPTED else describe_exit(code) + " while stopping"
+        if rank != 0:
+            # Exit 0: a non-zero code would make srun (--kill-on-bad-exit) kill task 0, maybe mid-save.
+            log(f"the trainer {how}")
+            raise SystemExit(exitcodes.OK)
+        if restarts >= self.max_requeues:
+            raise JobStopped(f"the trainer {how}, newest complete checkpoint {self._latest()}; not requeued: reached "
+                             f"slurm.max_requeues={self.max_requeues} (SLURM_RESTART_COUNT={restarts}); submit again "
+                             f"with train.run_dir={self.run_dir} to continue")
+        log(f"the trainer {how}; newest complete checkpoint {self._latest()}")
+        raise SystemExit(exitcodes.PREEMPTED)  # the batch shell requeues the job unless Slurm is ending it
+
+    def _latest(self) -> str:
+        latest = Path(self.run_dir) / "checkpoints" / "latest"
+        return latest.read_text().strip() if latest.is_file() else "none"
+
+
+def one_line_logs() -> None:
+    """One line per event in the job log: submitit logs warnings to stdout and to stderr, which the job writes into
+    the same file (each line showed twice); a JobStopped ends the job with its message rather than a traceback."""
+    try:
+        same_file = os.path.sameopenfile(sys.stdout.fileno(), sys.stderr.fileno())
+    except (OSError, ValueError):
+        same_file = False
+    submitit_logger = logging.getLogger("submitit")
+    for handler in list(submitit_logger.handlers):
+        if same_file and isinstance(handler, logging.StreamHandler) and handler.stream is sys.stderr:
+            submitit_logger.removeHandler(handler)
+    default_hook = sys.excepthook
+
+    def hook(kind, value, tb):
+        if issubclass(kind, JobStopped):
+            log(f"stopped: {value}")
+        else:
+            default_hook(kind, value, tb)
+
+    sys.excepthook = hook
 
 
 def handles_signal(pid: int, sig: signal.Signals) -> bool:
@@ -148,4 +185,8 @@ def handles_signal(pid: int, sig: signal.Signals) -> bool:
 
 
 def describe_exit(code: int) -> str:
-    return f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+    """"exited with code 2 (config error)", "was killed by SIGKILL"."""
+    if code < 0:
+        return f"was killed by {signal.Signals(-code).name}"
+    meaning = exitcodes.MEANING.get(code)
+    return f"exited with code {code}" + (f" ({meaning})" if meaning else "")

@@ -1,20 +1,20 @@
 """`python -m stereo status|logs|cancel [RUN]`: the Slurm side of a submitted run (default: the last submitted).
 
-stereo/cli.py sets `args.action` to the command name. State comes from squeue, then `scontrol show job` (finished
-jobs stay there for MinJobAge), then sacct where accounting exists; how the job ended comes from submitit's result.
+stereo/cli.py sets `args.action` to the command name. The state comes from jobs/state.py (scontrol, then sacct);
+how the job ended comes from submitit's result file; the training progress from the run directory.
 """
 
 from __future__ import annotations
 
+import json
 import pickle
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from jobs.record import Submission
-
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
-                "PREEMPTED", "UNKNOWN"}
+from jobs.state import query, slurm_hint
 
 
 def add_arguments(parser) -> None:
@@ -33,24 +33,30 @@ def run(args) -> int:
 
 
 def status(submission: Submission, args) -> int:
-    state, restarts = job_state(submission.job_id)
-    latest = Path(submission.run_dir) / "checkpoints" / "latest"
+    state = query(submission.job_id)
     print(f"job:        {submission.job_id} ({submission.config} {' '.join(submission.overrides)})".rstrip())
-    print(f"state:      {state}" + (f", restarted {restarts} time(s)" if restarts else ""))
+    print(f"state:      {state.describe()}")
     print(f"run:        {submission.run_dir}")
-    print(f"checkpoint: {latest.read_text().strip() if latest.is_file() else 'none yet'}")
+    print(f"checkpoint: {checkpoint_summary(Path(submission.run_dir))}")
     print(f"wandb:      {submission.wandb_name} (id {submission.wandb_id})")
     print(f"log:        {submission.log_path()}")
     outcome = job_outcome(submission)
     if outcome:
         print(f"outcome:    {outcome}")
+    if not state.reachable:
+        print(f"status: the job's state is unknown; {slurm_hint()}", file=sys.stderr)
+        return 1
     return 0
 
 
 def logs(submission: Submission, args) -> int:
     path = submission.log_path(args.task)
     if not path.is_file():
-        print(f"logs: {path} does not exist yet (job {submission.job_id} has not started?)", file=sys.stderr)
+        state = query(submission.job_id)
+        if state.state in ("PENDING", "CONFIGURING", "RUNNING", "REQUEUED"):
+            print(f"job {submission.job_id} has not written its log yet: {state.describe()}; the log will be {path}")
+            return 0
+        print(f"logs: {path} does not exist; job {submission.job_id}: {state.describe()}", file=sys.stderr)
         return 1
     lines = path.read_text(errors="replace").splitlines(keepends=True)
     sys.stdout.write("".join(lines[-args.lines:] if args.lines else lines))
@@ -58,10 +64,21 @@ def logs(submission: Submission, args) -> int:
 
 
 def cancel(submission: Submission, args) -> int:
-    state, _ = job_state(submission.job_id)
-    if state.split()[0] in FINAL_STATES:
-        print(f"job {submission.job_id} already ended: {state}")
+    state = query(submission.job_id)
+    if not state.reachable:
+        print(f"cancel: nothing cancelled, the job's state is unknown ({state.problem}); "
+              f"{slurm_hint()}", file=sys.stderr)
+        return 1
+    if state.final:
+        print(f"job {submission.job_id} already ended: {state.describe()}")
         return 0
+    if state.state is None:
+        outcome = job_outcome(submission)
+        if outcome:
+            print(f"job {submission.job_id} already ended: {outcome}")
+            return 0
+        print(f"cancel: nothing cancelled: job {submission.job_id}: {state.problem}", file=sys.stderr)
+        return 1
     # scancel sends SIGTERM first: the trainer saves a checkpoint if KillWait leaves it the time.
     done = subprocess.run(["scancel", submission.job_id], capture_output=True, text=True)
     if done.returncode:
@@ -71,18 +88,32 @@ def cancel(submission: Submission, args) -> int:
     return 0
 
 
-def job_state(job_id: str) -> tuple[str, int]:
-    """(Slurm state, restart count) from the first source that still knows the job."""
-    queued = _output(["squeue", "-h", "-j", job_id, "-o", "%T"])
-    fields = dict(item.split("=", 1) for item in _output(["scontrol", "-o", "show", "job", job_id]).split()
-                  if "=" in item)
-    restarts = int(fields.get("Restarts", 0))
-    if queued:
-        return queued.splitlines()[0], restarts
-    if "JobState" in fields:
-        return fields["JobState"], restarts
-    accounted = _output(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State"])
-    return (accounted.splitlines()[0] if accounted else "UNKNOWN (no longer known to Slurm)"), restarts
+def checkpoint_summary(run_dir: Path) -> str:
+    """The newest complete checkpoint and the last step logged in metrics.jsonl (with how long ago)."""
+    latest = run_dir / "checkpoints" / "latest"
+    name = latest.read_text().strip() if latest.is_file() else ""
+    text = f"{name} (step {int(name.rsplit('_', 1)[1])})" if name.startswith("step_") else "none yet"
+    logged = last_logged_step(run_dir / "metrics.jsonl")
+    if logged is not None:
+        step, at = logged
+        text += f"; last logged step {step}, {time.time() - at:.0f} s ago"
+    return text
+
+
+def last_logged_step(metrics: Path, tail_bytes: int = 65536) -> tuple[int, float] | None:
+    """(step, unix time) of the newest record in metrics.jsonl, reading only the end of the file."""
+    if not metrics.is_file():
+        return None
+    with metrics.open("rb") as f:
+        f.seek(max(0, f.seek(0, 2) - tail_bytes))
+        lines = f.read().decode(errors="replace").splitlines()
+    for line in reversed(lines):
+        try:
+            record = json.loads(line)
+            return int(record["step"]), float(record["time"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a partial first line, or a record without a time
+    return None
 
 
 def job_outcome(submission: Submission) -> str | None:
@@ -96,11 +127,3 @@ def job_outcome(submission: Submission) -> str | None:
         return f"finished ({value})"
     reason = [line for line in str(value).strip().splitlines() if line.strip()]
     return f"stopped: {reason[-1] if reason else value}"
-
-
-def _output(command: list[str]) -> str:
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=30)
-    except (FileNotFoundError, subprocess.TimeoutExpired):
-        return ""
-    return done.stdout.strip() if done.returncode == 0 else ""

@@ -1,7 +1,10 @@
 """`python -m stereo submit CONFIG [a.b=value ...]`: validate the config, then queue the training run on Slurm.
 
-The config is loaded (and so validated) before anything touches the queue: a bad one exits 2 with the config error.
-The run directory and the wandb id are fixed here, so every requeue resumes the same run in the same wandb run.
+Before anything is written or queued: the config is loaded (and so validated), the paths it names are checked
+(shard sources, weights, run directory, container image; `--no-check-paths` skips the files that only the compute
+nodes see), and Slurm must answer. A bad config or path exits 2 naming the key and the path; no Slurm exits 1 with
+how to reach one. The run directory and the wandb id are fixed here, so every requeue resumes the same run in the
+same wandb run.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import copy
 import secrets
 import shlex
+import shutil
 import string
 import sys
 import time
@@ -18,7 +22,10 @@ import submitit
 
 from jobs.job import TrainingJob
 from jobs.record import Submission
+from jobs.state import slurm_hint, slurm_problem
+from stereo import exitcodes
 from stereo.config import Config, dump_yaml, load_config
+from stereo.config.paths import path_problems, problems_error, unwritable
 from stereo.config.schema import SlurmConfig
 from stereo.plan import GPUS, check_fits
 
@@ -31,16 +38,32 @@ def add_arguments(parser) -> None:
     parser.add_argument("overrides", nargs="*", help="a.b=value overrides, type-checked")
     parser.add_argument("--tasks-per-node", type=int, default=None,
                         help="trainer processes per node (default: slurm.gpus_per_node, or 1 without GPUs)")
+    parser.add_argument("--no-check-paths", action="store_true",
+                        help="do not check shard sources, weights and the container image here (for clusters that "
+                             "mount the data on the compute nodes only); the run directory is still checked")
 
 
 def run(args) -> int:
     cfg = load_config(args.config, args.overrides)
+    if args.no_check_paths:
+        problem = unwritable(_new_run_dir(cfg))
+        problems = [("train.run_dir", problem)] if problem else []
+    else:
+        problems = path_problems(cfg) + container_problems(cfg.slurm)
+    if problems:
+        raise problems_error(problems)  # exit 2 (stereo/cli.py)
     if cfg.slurm.gpus_per_node:  # refuse (exit 2) a config whose planned peak memory exceeds slurm.gpu's
         check_fits(cfg, cfg.slurm.nodes * (args.tasks_per_node or cfg.slurm.gpus_per_node), GPUS[cfg.slurm.gpu])
+    unreachable = slurm_problem()
+    if unreachable:
+        hint = slurm_hint()
+        print(f"submit: cannot reach Slurm ({unreachable}); nothing was queued or written.\n"
+              f"{hint[0].upper()}{hint[1:]}", file=sys.stderr)
+        return 1
     try:
         submission = submit(cfg, config=args.config, overrides=args.overrides, tasks_per_node=args.tasks_per_node)
     except submitit.core.utils.FailedJobError as exc:  # sbatch refused the job (bad partition, account, ...)
-        print(f"sbatch refused the job: {exc}", file=sys.stderr)
+        print(f"sbatch refused the job; nothing was queued: {_last_line(str(exc))}", file=sys.stderr)
         return 1
     except RuntimeError as exc:  # submitit: no srun here
         print(f"cannot submit: {exc}", file=sys.stderr)
@@ -59,20 +82,26 @@ def submit(cfg: Config, *, config: str, overrides: list[str], tasks_per_node: in
     cfg = copy.deepcopy(cfg)
     run_dir = _new_run_dir(cfg)
     cfg.train.run_dir = str(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_path = run_dir / SUBMITTED_CONFIG
-    config_path.write_text(dump_yaml(cfg))
-    wandb_id = _wandb_id(run_dir)
     folder = Path(cfg.slurm.folder).resolve() / run_dir.name
-    cwd = Path.cwd()
-    tasks = tasks_per_node or max(cfg.slurm.gpus_per_node, 1)
-    executor = make_executor(cfg.slurm, folder=folder, job_name=run_dir.name, tasks_per_node=tasks,
-                             mounts=[cwd, run_dir, folder])
-    job = executor.submit(TrainingJob(
-        python_args=python_args or ["-m", "stereo", "train", str(config_path)],
-        cwd=str(cwd), run_dir=str(run_dir), max_requeues=cfg.slurm.max_requeues,
-        save_timeout_s=0.75 * cfg.slurm.signal_delay_s,
-    ))
+    created = [path for path in (run_dir, folder) if not path.exists()]
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_path = run_dir / SUBMITTED_CONFIG
+        config_path.write_text(dump_yaml(cfg))
+        wandb_id = _wandb_id(run_dir)
+        cwd = Path.cwd()
+        tasks = tasks_per_node or max(cfg.slurm.gpus_per_node, 1)
+        executor = make_executor(cfg.slurm, folder=folder, job_name=run_dir.name, tasks_per_node=tasks,
+                                 mounts=[cwd, run_dir, folder])
+        job = executor.submit(TrainingJob(
+            python_args=python_args or ["-m", "stereo", "train", str(config_path)],
+            cwd=str(cwd), run_dir=str(run_dir), max_requeues=cfg.slurm.max_requeues,
+            save_timeout_s=0.75 * cfg.slurm.signal_delay_s,
+        ))
+    except BaseException:
+        for path in created:  # a refused submission leaves nothing behind (a resubmitted run keeps its files)
+            shutil.rmtree(path, ignore_errors=True)
+        raise
     # The trainer names its wandb run after the config it is given (submit_config.yaml carries cfg.name).
     submission = Submission(job_id=str(job.job_id), run_dir=str(run_dir), folder=str(folder), wandb_id=wandb_id,
                             wandb_name=cfg.name, config=config, overrides=list(overrides),
@@ -81,11 +110,69 @@ def submit(cfg: Config, *, config: str, overrides: list[str], tasks_per_node: in
     return submission
 
 
+class TrainingExecutor(submitit.SlurmExecutor):
+    """submitit's executor, with a batch script that survives every signal and requeues (`signal_safe`)."""
+
+    def __init__(self, folder: Path, max_requeues: int, python: str | None):
+        super().__init__(folder=folder, max_num_timeout=max_requeues, python=python)
+        self.max_requeues = max_requeues
+
+    def _make_submission_file_text(self, command: str, uid: str) -> str:
+        return signal_safe(super()._make_submission_file_text(command, uid), self.max_requeues)
+
+
+# bash dies of USR1/USR2 and, waiting on a foreground srun, cannot act on any signal before srun exits. So srun runs
+# in the background and the shell waits on it, surviving every signal; one that only the shell received
+# (`scancel --batch`) goes on to the tasks as SIGUSR1 (after `--full` they have it already: a second delivery is
+# harmless; after a plain `scancel` the job is ending and the forward fails quietly). Once srun is done the shell
+# requeues the job if the tasks stopped for a signal and Slurm still runs it (a cancel or an outside requeue is
+# Slurm's to finish): task 0 exits 75 once the trainer saved; a task killed by a signal (srun exits 128+N) is one
+# that srun killed after receiving SIGTERM itself (`scancel --full`), or a wrapper signalled before it was up.
+BATCH_SHELL = """\
+# jobs/submit.py: survive every signal, pass stop signals on, requeue a stopped job (docs/cluster.md, Signals)
+export SUBMITIT_LOG_LEVEL=WARNING
+say() {{ echo "[jobs] $(date +%H:%M:%S) $*" >&2; }}
+on_stop() {{
+    if scancel --signal=USR1 "$SLURM_JOB_ID" 2>/dev/null; then
+        say "batch shell: SIG$1, passed on to the job's tasks as SIGUSR1"
+    fi
+}}
+for sig in USR1 USR2 TERM INT; do trap "on_stop $sig" "$sig"; done
+{srun} &
+srun_pid=$!
+while kill -0 "$srun_pid" 2>/dev/null; do wait "$srun_pid"; done
+wait "$srun_pid"
+status=$?
+if [ "$status" = {preempted} ] || [ "$status" -gt 128 ]; then
+    state=$(scontrol -o show job "$SLURM_JOB_ID" | grep -o 'JobState=[A-Z_]*')
+    restarts=${{SLURM_RESTART_COUNT:-0}}
+    if [ "$state" != JobState=RUNNING ]; then
+        state=${{state:-JobState=unknown (scontrol did not answer)}}
+        say "job ${{state#JobState=}}: Slurm is ending or requeueing it; not requeued from here"
+    elif [ "$restarts" -ge {max_requeues} ]; then
+        say "not requeued: reached slurm.max_requeues={max_requeues}; submit again with the same train.run_dir"
+    elif (trap '' TERM; exec scontrol requeue "$SLURM_JOB_ID"); then  # the requeue's own SIGTERM reaches scontrol
+        say "requeued (restart $((restarts + 1)) of at most {max_requeues})"
+    fi
+fi
+exit "$status"
+"""
+
+
+def signal_safe(script: str, max_requeues: int) -> str:
+    """submitit's sbatch script with its `srun ...` line run by BATCH_SHELL."""
+    lines = script.split("\n")
+    (index,) = [i for i, line in enumerate(lines) if line.startswith("srun ")]
+    lines[index] = BATCH_SHELL.format(srun=lines[index], preempted=exitcodes.PREEMPTED,
+                                      max_requeues=max_requeues).rstrip("\n")
+    return "\n".join(lines)
+
+
 def make_executor(slurm: SlurmConfig, *, folder: Path, job_name: str, tasks_per_node: int,
                   mounts: list[Path]) -> submitit.SlurmExecutor:
     """The config's slurm section -> a submitit executor (sbatch flags, signal, requeue budget, container)."""
     python, srun_args = container_launch(slurm, mounts=mounts, workdir=mounts[0])
-    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=slurm.max_requeues, python=python)
+    executor = TrainingExecutor(folder=folder, max_requeues=slurm.max_requeues, python=python)
     params: dict = dict(job_name=job_name, nodes=slurm.nodes, ntasks_per_node=tasks_per_node,
                         cpus_per_task=slurm.cpus_per_task, time=slurm.time_min,
                         signal_delay_s=slurm.signal_delay_s, stderr_to_stdout=True,
@@ -114,6 +201,25 @@ def container_launch(slurm: SlurmConfig, *, mounts: list[Path], workdir: Path) -
                           f"--container-workdir={workdir}"]
     return f"apptainer exec --nv --bind {shlex.quote(binds)} --pwd {shlex.quote(str(workdir))} " \
            f"{shlex.quote(slurm.container_image)} python", []
+
+
+def container_problems(slurm: SlurmConfig) -> list[tuple[str, str]]:
+    """The container image, where it can be checked from here: Apptainer's is a file; pyxis takes a registry URI
+    (checked by enroot on the node) or a local squashfs file."""
+    image = slurm.container_image
+    if not image:
+        return []
+    local = slurm.container_runtime == "apptainer" or image.startswith(("/", "./", "~")) \
+        or image.endswith((".sqsh", ".squashfs", ".sif"))
+    if local and "://" not in image and not Path(image).expanduser().is_file():
+        return [("slurm.container_image", f"an existing {slurm.container_runtime} image file, got {image} "
+                                          "(no such file)")]
+    return []
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else text
 
 
 def _new_run_dir(cfg: Config) -> Path:

@@ -1,19 +1,32 @@
 #!/usr/bin/env bash
-# A single-node Slurm cluster on this machine, for the Slurm tests and for trying `make submit` locally.
+# A Slurm cluster on this machine (two nodes by default), for the Slurm tests and for trying `make submit` locally.
 #
 # usage: slurm/local_cluster.sh install|up|down|status
 #   install  install the Debian packages when missing (quick when present; never fails without apt or root)
-#   up       start a private munged, slurmctld and slurmd; wait until the node is idle
+#   up       start a private munged, slurmctld and one slurmd per node; wait until the nodes are idle
 #   down     stop the daemons that `up` started
 #   status   print whether the cluster is up, with sinfo/squeue
 #
 # Everything lives under $STEREO_SLURM_DIR (default /tmp/stereo-slurm): config, munge key and socket, state,
 # spool, logs and pid files, so it never touches a system Slurm. Clients need `SLURM_CONF=$STEREO_SLURM_DIR/slurm.conf`
-# (printed by `up`; the tests set it themselves).
+# (printed by `up`; the tests set it themselves). Ports: $STEREO_SLURMCTLD_PORT (default 6917) for the controller,
+# $STEREO_SLURMD_PORT (default 6918) and the ports after it for the nodes.
+#
+# Nodes: $STEREO_SLURM_NODES (default 2) slurmd daemons on 127.0.0.1, each with its own port, spool and log, named
+# stereo-node1, stereo-node2, ... (Slurm maps `localhost` to the machine's name and refuses two nodes with one host
+# name, so the names come from /etc/hosts: `up` adds them when root). STEREO_SLURM_NODES=1 runs one node named
+# localhost and needs no /etc/hosts entry. Each node offers the whole machine (slurmd -C).
+#
+# Partitions: `local` (the default; PreemptMode=REQUEUE, GraceTime=$GRACE_TIME_S s) and `urgent` (a higher priority
+# tier): a job submitted to `urgent` that needs a busy node preempts the `local` jobs there, as on a real cluster.
 set -euo pipefail
 
 STATE=${STEREO_SLURM_DIR:-/tmp/stereo-slurm}
 CONF=$STATE/slurm.conf
+NODES=${STEREO_SLURM_NODES:-2}
+CTLD_PORT=${STEREO_SLURMCTLD_PORT:-6917}
+SLURMD_PORT=${STEREO_SLURMD_PORT:-6918}
+GRACE_TIME_S=30
 MUNGE_SOCKET=$STATE/munge/munge.socket
 PACKAGES=(slurmctld slurmd slurm-client munge)
 BINARIES=(slurmctld slurmd sbatch squeue scontrol munged)
@@ -58,32 +71,60 @@ sbin() { command -v "$1" 2>/dev/null || echo "/usr/sbin/$1"; }
 
 pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
+node_names() {
+    if [ "$NODES" = 1 ]; then echo localhost; else seq -f "stereo-node%g" 1 "$NODES"; fi
+}
+
+# The node names must resolve (to 127.0.0.1): add the missing ones to /etc/hosts once.
+ensure_node_names() {
+    local name missing=()
+    for name in $(node_names); do
+        getent hosts "$name" >/dev/null || missing+=("$name")
+    done
+    [ ${#missing[@]} = 0 ] && return 0
+    if [ -w /etc/hosts ]; then
+        echo "127.0.0.1 ${missing[*]}  # slurm/local_cluster.sh test nodes" >>/etc/hosts
+        log "added ${missing[*]} (127.0.0.1) to /etc/hosts"
+    else
+        log "node names ${missing[*]} do not resolve and /etc/hosts is not writable here: add" \
+            "'127.0.0.1 ${missing[*]}' to /etc/hosts as root, or run one node with STEREO_SLURM_NODES=1"
+        exit 1
+    fi
+}
+
+all_alive() {
+    local name
+    pid_alive "$STATE/slurmctld.pid" || return 1
+    [ "$(grep -c '^NodeName=' "$CONF" 2>/dev/null)" = "$NODES" ] || return 1
+    for name in $(node_names); do pid_alive "$STATE/slurmd-$name.pid" || return 1; done
+}
+
 write_conf() {
-    local node_line user
+    local hardware user name port nodes
     user=$(id -un)
     # `slurmd -C` describes this machine (CPUs, sockets, cores, memory); keep only the hardware fields.
-    node_line=$("$(sbin slurmd)" -C | head -1 | sed -e 's/^NodeName=[^ ]*//' -e 's/UpTime=.*//')
+    hardware=$("$(sbin slurmd)" -C | head -1 | sed -e 's/^NodeName=[^ ]*//' -e 's/UpTime=.*//')
+    nodes=$(node_names | paste -sd, -)
     # Job ids restart at 1 on a fresh state folder; starting from the clock keeps them unique across cluster starts,
     # so a stale submitit result file from an earlier cluster can never match a new job.
     local first_job_id=$(( $(date +%s) % 50000000 + 1000 ))
     cat >"$CONF" <<EOF
-# Written by slurm/local_cluster.sh: a one-node test cluster; every path is private to $STATE.
+# Written by slurm/local_cluster.sh: a $NODES-node test cluster on 127.0.0.1; every path is private to $STATE.
 ClusterName=stereolocal
 SlurmctldHost=localhost
 SlurmUser=$user
 SlurmdUser=$user
 AuthType=auth/munge
 CredType=cred/munge
-# cred_expire=10: a requeued job waits cred_expire+1 s before it may start again (default 120).
-AuthInfo=socket=$MUNGE_SOCKET,cred_expire=10
-SlurmctldPort=${STEREO_SLURMCTLD_PORT:-6917}
-SlurmdPort=${STEREO_SLURMD_PORT:-6918}
+# cred_expire=5: a requeued job waits cred_expire+1 s before it may start again (default 120: 121 s).
+AuthInfo=socket=$MUNGE_SOCKET,cred_expire=5
+SlurmctldPort=$CTLD_PORT
 StateSaveLocation=$STATE/ctld
-SlurmdSpoolDir=$STATE/spool
+SlurmdSpoolDir=$STATE/spool/%n
 SlurmctldPidFile=$STATE/slurmctld.pid
-SlurmdPidFile=$STATE/slurmd.pid
+SlurmdPidFile=$STATE/slurmd-%n.pid
 SlurmctldLogFile=$STATE/log/slurmctld.log
-SlurmdLogFile=$STATE/log/slurmd.log
+SlurmdLogFile=$STATE/log/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 # No systemd and no cgroup delegation here.
@@ -95,16 +136,26 @@ MpiDefault=none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 SchedulerType=sched/backfill
-SchedulerParameters=bf_interval=1
+# The main scheduler runs every second (default 60 s): a requeued job starts as soon as its hold ends.
+SchedulerParameters=bf_interval=1,sched_interval=1
 JobRequeue=1
 FirstJobId=$first_job_id
-MinJobAge=300
+MinJobAge=3600
 KillWait=5
 ReturnToService=2
 SlurmdTimeout=30
 InactiveLimit=0
-NodeName=localhost NodeAddr=127.0.0.1 $node_line State=UNKNOWN
-PartitionName=local Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+EOF
+    port=$SLURMD_PORT
+    for name in $(node_names); do
+        echo "NodeName=$name NodeHostname=$name NodeAddr=127.0.0.1 Port=$port $hardware State=UNKNOWN" >>"$CONF"
+        port=$((port + 1))
+    done
+    cat >>"$CONF" <<EOF
+PartitionName=local Nodes=$nodes Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=$GRACE_TIME_S
+PartitionName=urgent Nodes=$nodes MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
 EOF
 }
 
@@ -112,14 +163,16 @@ cmd_up() {
     local missing
     missing=$(missing_binaries)
     [ -z "$missing" ] || { log "missing: $missing (run: bash slurm/local_cluster.sh install)"; exit 1; }
-    if pid_alive "$STATE/slurmctld.pid" && pid_alive "$STATE/slurmd.pid"; then
+    if all_alive; then
         log "already up ($CONF)"
         echo "export SLURM_CONF=$CONF"
         return 0
     fi
     cmd_down >/dev/null 2>&1 || true
+    ensure_node_names
     rm -rf "$STATE/ctld" "$STATE/spool"
     mkdir -p "$STATE"/{munge,ctld,spool,log}
+    for name in $(node_names); do mkdir -p "$STATE/spool/$name"; done
     chmod 0700 "$STATE/munge"
     if [ ! -s "$STATE/munge/munge.key" ]; then
         head -c 1024 /dev/urandom >"$STATE/munge/munge.key"
@@ -130,19 +183,19 @@ cmd_up() {
     write_conf
     export SLURM_CONF=$CONF
     "$(sbin slurmctld)" -f "$CONF" -i
-    "$(sbin slurmd)" -f "$CONF" -N localhost
-    local i state
+    for name in $(node_names); do "$(sbin slurmd)" -f "$CONF" -N "$name"; done
+    local i states
     for i in $(seq 1 60); do
-        state=$(sinfo -h -N -o '%T' 2>/dev/null | head -1 || true)
-        if [ "$state" = idle ]; then
-            log "up: node idle ($CONF)"
+        states=$(sinfo -h -N -p local -o '%T' 2>/dev/null | sort | uniq -c | xargs || true)
+        if [ "$states" = "$NODES idle" ]; then
+            log "up: $NODES node(s) idle: $(node_names | xargs) ($CONF)"
             echo "export SLURM_CONF=$CONF"
             return 0
         fi
         sleep 0.5
     done
-    log "the node did not become idle within 30 s (state: ${state:-none}); logs in $STATE/log"
-    tail -n 20 "$STATE/log/slurmctld.log" "$STATE/log/slurmd.log" >&2 || true
+    log "the nodes did not become idle within 30 s (states: ${states:-none}); logs in $STATE/log"
+    tail -n 20 "$STATE/log/"slurm*.log >&2 || true
     exit 1
 }
 
@@ -163,15 +216,17 @@ cmd_down() {
     if pid_alive "$STATE/slurmctld.pid"; then
         SLURM_CONF=$CONF scancel --full --quiet --user "$(id -un)" 2>/dev/null || true
     fi
-    stop_pidfile "$STATE/slurmd.pid"
+    local pidfile
+    for pidfile in "$STATE"/slurmd*.pid; do stop_pidfile "$pidfile"; done
     stop_pidfile "$STATE/slurmctld.pid"
     stop_pidfile "$STATE/munge/munged.pid"
     log "down"
 }
 
 cmd_status() {
-    if pid_alive "$STATE/slurmctld.pid" && pid_alive "$STATE/slurmd.pid"; then
+    if all_alive; then
         echo "up: SLURM_CONF=$CONF"
+
         SLURM_CONF=$CONF sinfo
         SLURM_CONF=$CONF squeue
     else

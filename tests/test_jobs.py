@@ -1,10 +1,13 @@
 """jobs/ without a running cluster: rendezvous from Slurm variables, the submission record, the sbatch script that
-the config's slurm section produces, and the checkpointable job driving a real stand-in trainer process."""
+the config's slurm section produces, the checks `submit` makes before queueing, and the job wrapper driving a real
+stand-in trainer process through stop signals (the Slurm side of each signal is in tests/test_slurm.py)."""
 
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import signal
 import subprocess
 import sys
 import threading
@@ -13,24 +16,32 @@ from pathlib import Path
 
 import pytest
 
-from jobs.job import EXIT_PREEMPTED, JobStopped, TrainingJob
+from jobs.bench_restart import first_record_after
+from jobs.job import STOP_SIGNALS, JobStopped, TrainingJob, handles_signal
 from jobs.record import Submission
 from jobs.rendezvous import expand_hostlist, master_port, trainer_env
 from jobs.submit import make_executor
+from stereo import exitcodes
 from stereo.config import load_config
 
-# A stand-in for `python -m stereo train` with the same contract (docs/architecture.md): checkpoints under
-# RUN_DIR/checkpoints/step_NNNNNNNN with a COMPLETE marker and a `latest` pointer, resume from the newest one, and
-# on SIGUSR1/SIGTERM finish the step, save at that step and exit 75. Its "weights" depend only on the step count,
-# so an interrupted and resumed run must end with exactly the weights of an uninterrupted one.
+ROOT = Path(__file__).resolve().parents[1]
+
+# A stand-in for `python -m stereo train` with the same contract (stereo/exitcodes.py, docs/architecture.md):
+# checkpoints under RUN_DIR/checkpoints/step_NNNNNNNN with a COMPLETE marker and a `latest` pointer, resume from the
+# newest one, and on SIGUSR1/SIGTERM/SIGINT finish the step, save at that step and exit 75. Its "weights" depend
+# only on the step count, so an interrupted and resumed run must end with exactly the weights of an uninterrupted
+# one. Arguments: RUN_DIR STEPS EVERY STEP_S [FAIL_AT [FAIL_CODE [STARTUP_S]]]: exit FAIL_CODE at step FAIL_AT;
+# sleep STARTUP_S before installing the signal handlers (a trainer still importing).
 STANDIN_TRAINER = r'''
 import json, os, signal, sys, time
 from pathlib import Path
 
 run_dir, steps, every, step_s = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 fail_at = int(sys.argv[5]) if len(sys.argv) > 5 else -1
+fail_code = int(sys.argv[6]) if len(sys.argv) > 6 else 3
+time.sleep(float(sys.argv[7]) if len(sys.argv) > 7 else 0.0)
 stop = []
-for sig in (signal.SIGUSR1, signal.SIGTERM):
+for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
     signal.signal(sig, lambda signum, frame: stop.append(signum))
 ckpts = run_dir / "checkpoints"
 
@@ -57,7 +68,8 @@ while step < steps:
     weights = [weights[0] * 0.5 + step, weights[1] * 1.01]
     if step == fail_at:
         print(f"stand-in: simulated crash at step {step}", file=sys.stderr, flush=True)
-        sys.exit(3)
+        sys.exit(fail_code)
+
     (run_dir / "progress").write_text(str(step))
     if stop:
         save(step, weights)
@@ -165,6 +177,21 @@ def test_sbatch_script_follows_the_slurm_section(tmp_path):
     assert "--gpus-per-node" not in sbatch_script(tmp_path, ["slurm.gpus_per_node=0"])
 
 
+def test_batch_shell_survives_signals_and_forwards_stops(tmp_path):
+    """submitit's srun line runs in the background of a shell that traps every stop signal (docs/cluster.md)."""
+    script = sbatch_script(tmp_path, [])
+    lines = script.splitlines()
+    srun = next(i for i, line in enumerate(lines) if line.startswith("srun "))
+    assert lines[srun].endswith(" &") and "-m submitit.core._submit" in lines[srun]
+    assert 'for sig in USR1 USR2 TERM INT; do trap "on_stop $sig" "$sig"; done' in lines[:srun]
+    assert lines[srun + 1:srun + 4] == ["srun_pid=$!",
+                                        'while kill -0 "$srun_pid" 2>/dev/null; do wait "$srun_pid"; done',
+                                        'wait "$srun_pid"']
+    assert 'if [ "$status" = 75 ]' in script and 'elif [ "$restarts" -ge 5 ]; then' in script  # tiny: 5 requeues
+    assert "export SUBMITIT_LOG_LEVEL=WARNING" in lines
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+
+
 def test_container_runtimes_wrap_the_job(tmp_path):
     pyxis = sbatch_script(tmp_path, ["slurm.container_image=registry#stereo:1", "slurm.container_runtime=pyxis"])
     srun_line = next(line for line in pyxis.splitlines() if line.startswith("srun"))
@@ -178,45 +205,119 @@ def test_container_runtimes_wrap_the_job(tmp_path):
     assert "apptainer exec --nv --bind" in srun_line and "/images/stereo.sif python -u -m submitit" in srun_line
 
 
+def test_make_passes_overrides_with_spaces_and_quotes_as_one_word_each():
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    done = subprocess.run(["make", "--no-print-directory", "config", "CONFIG=tiny",
+                           "data.train=[{name: two words, shards: shards/x y}]", "logging.group=it's $HOME"],
+                          cwd=ROOT, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "  - name: two words\n    shards: shards/x y\n" in done.stdout
+    assert "  group: it's $HOME\n" in done.stdout
+
+
+# --- submit's checks before the queue ----------------------------------------------------------------------------
+
+def submit_cli(tmp_path: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stereo", "submit", *args, f"slurm.folder={tmp_path / 'slurm'}"],
+                          cwd=ROOT, capture_output=True, text=True, env=env)
+
+
+def test_submit_names_every_path_that_does_not_resolve_and_writes_nothing(tmp_path):
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "000000.tar").write_bytes(b"")
+    (tmp_path / "afile").write_text("")
+    done = submit_cli(tmp_path, "tiny",
+                      f"data.train=[{{name: a, shards: {tmp_path}/nowhere}},"
+                      f" {{name: c, shards: 'pipe:curl -s http://x/{{0..9}}.tar'}}, {{name: d, shards: s3://b/x.tar}}]",
+                      f"data.val=[{{name: v, shards: '{tmp_path}/shards/{{000000..000002}}.tar'}}]",
+                      f"model.init_from={tmp_path}/none.pth", f"model.pretrained.edgenext={tmp_path}/e.pth",
+                      "slurm.container_runtime=apptainer", f"slurm.container_image={tmp_path}/stereo.sif",
+                      f"train.run_dir={tmp_path}/afile/run")
+    assert done.returncode == exitcodes.CONFIG, done.stderr
+    message = done.stderr.strip().splitlines()[-1]
+    assert message.startswith("config error: data.train[0].shards: ")
+    for key, path in [("data.train[0].shards", f"{tmp_path}/nowhere"),
+                      ("data.val[0].shards", f"{tmp_path}/shards/000001.tar"), ("model.init_from", "none.pth"),
+                      ("model.pretrained.edgenext", "e.pth"), ("slurm.container_image", "stereo.sif"),
+                      ("train.run_dir", f"{tmp_path}/afile is a file")]:
+        assert f"{key}: " in message and path in message.split(f"{key}: ", 1)[1], (key, path, message)
+    assert "data.train[1]" not in message and "data.train[2]" not in message  # pipe: and URLs: not here
+    assert not (tmp_path / "slurm").exists()
+
+
+def test_submit_without_slurm_says_how_to_reach_one_and_leaves_nothing(tmp_path):
+    """`--no-check-paths` skips the files (data mounted on compute nodes only) but not Slurm's presence."""
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_CONF"}
+    done = submit_cli(tmp_path, "--no-check-paths", "tiny", f"model.init_from={tmp_path}/none.pth",
+                      f"train.run_dir={tmp_path}/run", env=env)
+    assert done.returncode == 1, done.stderr
+    assert "cannot reach Slurm" in done.stderr and "nothing was queued or written" in done.stderr
+    assert "make slurm-up" in done.stderr and "export SLURM_CONF=" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 2, done.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "slurm").exists()
+
+
 # --- the job, driving a real trainer process ----------------------------------------------------------------------
+
 
 @pytest.fixture
 def slurm_task_env(monkeypatch):
+    """This process as task 0 of a one-task Slurm job; the job's signal handlers and excepthook are undone after."""
     for key, value in {"SLURM_JOB_ID": "31337", "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0",
                        "SLURM_NODEID": "0", "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "localhost",
                        "SLURM_RESTART_COUNT": "0"}.items():
         monkeypatch.setenv(key, value)
+    handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    hook = sys.excepthook
+    yield
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+    sys.excepthook = hook
 
 
-def standin_job(tmp_path: Path, steps: int, step_s: float, fail_at: int = -1, max_requeues: int = 3) -> TrainingJob:
+def standin_job(tmp_path: Path, steps: int, step_s: float, fail_at: int = -1, fail_code: int = 3,
+                startup_s: float = 0.0, max_requeues: int = 3, save_timeout_s: float = 20) -> TrainingJob:
     run_dir = tmp_path / "run"
     run_dir.mkdir(exist_ok=True)
     (run_dir / "wandb_id").write_text("w1\n")
-    args = [str(write_standin(tmp_path)), str(run_dir), str(steps), "5", str(step_s), str(fail_at)]
+    args = [str(write_standin(tmp_path)), str(run_dir), str(steps), "5", str(step_s), str(fail_at), str(fail_code),
+            str(startup_s)]
     return TrainingJob(python_args=args, cwd=str(tmp_path), run_dir=str(run_dir), max_requeues=max_requeues,
-                       save_timeout_s=20)
+                       save_timeout_s=save_timeout_s)
 
 
-def run_until_requeued(job: TrainingJob) -> None:
-    with pytest.raises(JobStopped, match="did not end the job"):  # Slurm would have killed it by now
-        job()
+def start(job: TrainingJob) -> None:
+    """What __call__ does before it waits: the wrapper's handlers in this (main) thread, the trainer started."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, job._on_signal)
+    job._start(trainer_env(os.environ))
 
 
-def test_checkpoint_hook_saves_then_requeued_copy_resumes_to_identical_weights(tmp_path, slurm_task_env):
+def signal_self_when(predicate, sig: signal.Signals) -> None:
+    """Slurm's delivery to the wrapper: `sig` to this process once `predicate()` holds (from a helper thread)."""
+    def send():
+        wait_for(predicate, 30, f"the moment to send {sig.name}")
+        os.kill(os.getpid(), sig)
+    threading.Thread(target=send, daemon=True).start()
+
+
+@pytest.mark.parametrize("sig", STOP_SIGNALS, ids=lambda s: s.name)
+def test_stop_signal_saves_at_the_step_and_a_restart_resumes_to_identical_weights(tmp_path, slurm_task_env, sig):
+    """The wrapper turns each stop signal it receives into SIGUSR1 for the trainer (which here never sees the
+    original: Slurm would send it to both), which saves at that step; a fresh copy of the job (what a requeue
+    unpickles) resumes to the weights of an uninterrupted run."""
     expected = reference_weights(tmp_path, steps=40)
     job = standin_job(tmp_path, steps=40, step_s=0.05)
     run_dir = Path(job.run_dir)
-    # In Slurm, checkpoint() runs in submitit's signal handler while __call__ waits; a thread plays __call__ here
-    # (after the hook the real job is requeued and killed, so the thread is left behind).
-    threading.Thread(target=run_until_requeued, args=(job,), daemon=True).start()
-    wait_for(lambda: progress(run_dir) >= 7, 30, "the stand-in to pass step 7")
-    requeued = job.checkpoint()
-    assert job._exit_code == EXIT_PREEMPTED
+    start(job)
+    signal_self_when(lambda: progress(run_dir) >= 7, sig)
+    assert job._supervise() == exitcodes.PREEMPTED
+    assert job._stop == sig
     stopped_at = progress(run_dir)
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{stopped_at:08d}"
     assert 7 <= stopped_at < 40
-    fresh = pickle.loads(pickle.dumps(requeued)).function  # what submitit writes for the requeued job
-    assert fresh._proc is None and fresh.run_dir == job.run_dir
+    fresh = pickle.loads(pickle.dumps(job))  # what submitit keeps for the requeued job
+    assert fresh._proc is None and fresh._stop is None and fresh.run_dir == job.run_dir
     assert fresh() == {"run_dir": job.run_dir, "restarts": 0}
     assert json.loads((run_dir / "final.json").read_text()) == expected
     starts = [json.loads(line) for line in (run_dir / "starts.jsonl").read_text().splitlines()]
@@ -225,9 +326,33 @@ def test_checkpoint_hook_saves_then_requeued_copy_resumes_to_identical_weights(t
     assert starts[0]["master"] == f"localhost:{master_port('31337')}"
 
 
-def test_trainer_failure_stops_the_job_with_its_exit_code(tmp_path, slurm_task_env):
-    job = standin_job(tmp_path, steps=20, step_s=0.01, fail_at=3)
-    with pytest.raises(JobStopped, match="trainer exited with code 3 .*not requeued"):
+def test_trainer_still_starting_is_ended_at_once(tmp_path, slurm_task_env, capfd):
+    """A trainer that has not installed its handlers has trained nothing in this start: no waiting for a save."""
+    job = standin_job(tmp_path, steps=40, step_s=0.05, startup_s=60)
+    start(job)
+    signal_self_when(lambda: True, signal.SIGTERM)
+    began = time.monotonic()
+    assert job._supervise() == -signal.SIGKILL
+    assert time.monotonic() - began < 20, "the wrapper waited for a trainer that could not save"
+    assert "SIGTERM: the trainer is still starting (no step to save): ending it" in capfd.readouterr().err
+
+
+def test_trainer_that_does_not_save_in_time_is_killed(tmp_path, slurm_task_env, capfd):
+    job = standin_job(tmp_path, steps=40, step_s=120, save_timeout_s=2)
+    start(job)
+    signal_self_when(lambda: handles_signal(job._proc.pid, signal.SIGUSR1), signal.SIGUSR1)
+    began = time.monotonic()
+    assert job._supervise() == -signal.SIGKILL
+    assert time.monotonic() - began < 30
+    assert "did not exit within 2 s of the stop signal: killing it" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("code", [exitcodes.CONFIG, exitcodes.TOO_MANY_BAD_STEPS, exitcodes.DATA,
+                                  exitcodes.CHECKPOINT, exitcodes.RUN_DIR_BUSY, exitcodes.INTERNAL])
+def test_trainer_failure_stops_the_job_naming_the_exit_code(tmp_path, slurm_task_env, code):
+    job = standin_job(tmp_path, steps=20, step_s=0.01, fail_at=3, fail_code=code)
+    with pytest.raises(JobStopped, match=rf"trainer exited with code {code} \({exitcodes.MEANING[code]}\): "
+                                         "a failure, not requeued"):
         job()
 
 
@@ -237,16 +362,23 @@ def test_job_past_max_requeues_refuses_to_train(tmp_path, slurm_task_env, monkey
     with pytest.raises(JobStopped, match="requeued 3 times, more than slurm.max_requeues=2"):
         job()
     assert not (Path(job.run_dir) / "starts.jsonl").exists()
-    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
-    assert job.checkpoint() is None  # the last allowed start: a signal now saves but does not requeue
+
+
+def test_bench_restart_reads_the_first_resumed_step_with_its_startup_record(tmp_path):
+    """The trainer logs its start-up breakdown as a record of its own at the first step of a start."""
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"step": 1, "time": 10.0, "loss": 1.0}, {"step": 2, "time": 11.0, "loss": 0.9},
+        {"step": 3, "time": 50.0, "loss": 0.8}, {"step": 3, "time": 50.1, "startup/imports_s": 4.0,
+                                                  "startup/first_step_s": 1.5, "startup/total_s": 30.0},
+        {"step": 4, "time": 51.0, "loss": 0.7}]) + '{"step": 5, "ti')  # a line being written
+    assert first_record_after(metrics, 2) == {"step": 3, "time": 50.1, "loss": 0.8, "startup/imports_s": 4.0,
+                                              "startup/first_step_s": 1.5, "startup/total_s": 30.0}
+    assert first_record_after(metrics, 5) is None
+    assert first_record_after(tmp_path / "none.jsonl", 0) is None
 
 
 def test_handles_signal_reads_the_installed_handlers():
-    import os
-    import signal
-
-    from jobs.job import handles_signal
-
     previous = signal.signal(signal.SIGUSR1, signal.SIG_DFL)
     try:
         assert not handles_signal(os.getpid(), signal.SIGUSR1)

@@ -1,25 +1,31 @@
-"""Against a real single-node Slurm cluster (slurm/local_cluster.sh, brought up and down here): submission, the
-three preemption paths (submitit's interrupt, the time-limit signal, an outside `scontrol requeue`), each resuming
-to the weights of an uninterrupted run in one run directory and one wandb run; refusals and failures that must
-not requeue. The preemption paths use a stand-in trainer with the trainer's exact contract (tests/test_jobs.py),
-so they take seconds; `make submit CONFIG=tiny` runs the real trainer end to end, uninterrupted, interrupted by the
-time-limit signal and requeued from outside."""
+"""Against a real two-node Slurm cluster (slurm/local_cluster.sh, brought up and down here): every row of the signal
+table in docs/cluster.md (USR1, USR2, TERM, INT to the job, to the batch shell and to everything; the time-limit
+signal; an outside `scontrol requeue`; a plain `scancel`), each ending in a checkpoint and a requeue that resumes to
+the weights of an uninterrupted run in one run directory and one wandb run (or, for `scancel`, a clean cancel);
+failures that must not requeue; status/logs/cancel while pending and with the controller unreachable.
+
+The signal rows use a stand-in trainer with the trainer's exact contract (tests/test_jobs.py), all queued at once,
+so they take about two minutes together. `make submit CONFIG=tiny` runs the real trainer end to end: uninterrupted,
+stopped by `scancel --signal=USR1`, requeued from outside (a DataLoader worker and wandb offline), two tasks on one
+node stopped by USR2, and two nodes (one process each, gloo) preempted by a job of a higher partition, which must
+end with the weights of the two-task run."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-import submitit
 import torch
 
-from jobs.manage import FINAL_STATES, job_state
 from jobs.record import Submission
+from jobs.state import query
 from jobs.submit import submit
 from stereo.config import load_config
 from test_jobs import progress, reference_weights, wait_for, write_standin
@@ -28,11 +34,18 @@ pytestmark = pytest.mark.slurm
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 40
+EVERY = 5  # the stand-in's periodic checkpoints
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """The local cluster, up for this module; SLURM_CONF points every client (sbatch, squeue, submitit) at it."""
+def demo_shards():
+    if not (ROOT / "shards/demo/train/manifest.json").is_file():
+        subprocess.run([sys.executable, "-m", "stereo", "demo-data", "--out", "shards/demo"], cwd=ROOT, check=True)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, demo_shards):
+    """The local cluster (two nodes), up for this module; SLURM_CONF points every client at it."""
     script = ROOT / "slurm" / "local_cluster.sh"
     was_up = subprocess.run(["bash", str(script), "status"], capture_output=True).returncode == 0
     up = subprocess.run(["bash", str(script), "up"], capture_output=True, text=True)
@@ -61,25 +74,45 @@ def expected_weights(tmp_path_factory) -> list[float]:
     return reference_weights(tmp_path_factory.mktemp("reference"), STEPS)
 
 
-def submit_standin(tmp: Path, step_s: float, overrides: list[str] = (), fail_at: int = -1) -> Submission:
+def submit_standin(tmp: Path, step_s: float, overrides: list[str] = (), fail_at: int = -1,
+                   fail_code: int = 3) -> Submission:
     run_dir = tmp / "run"
     overrides = [f"train.run_dir={run_dir}", f"slurm.folder={tmp / 'slurm'}", "slurm.cpus_per_task=1",
-                 "slurm.mem_gb=2", *overrides]
+                 "slurm.mem_gb=1", *overrides]
     cfg = load_config("tiny", overrides)
-    args = [str(write_standin(tmp)), str(run_dir), str(STEPS), "5", str(step_s), str(fail_at)]
+    args = [str(write_standin(tmp)), str(run_dir), str(STEPS), str(EVERY), str(step_s), str(fail_at), str(fail_code)]
     return submit(cfg, config="tiny", overrides=overrides, python_args=args)
 
 
 def wait_until_ended(job_id: str, timeout_s: float) -> str:
-    return wait_for(lambda: (lambda s: s if s.split()[0] in FINAL_STATES else None)(job_state(job_id)[0]),
-                    timeout_s, f"job {job_id} to end")
+    return wait_all_ended([job_id], timeout_s)[job_id]
+
+
+def wait_all_ended(job_ids: list[str], timeout_s: float) -> dict[str, str]:
+    """job id -> its final state, polling all of them together."""
+    ended: dict[str, str] = {}
+
+    def poll():
+        for job_id in set(job_ids) - set(ended):
+            state = query(job_id)
+            if state.final:
+                ended[job_id] = state.state
+        return len(ended) == len(job_ids)
+
+    wait_for(poll, timeout_s, f"jobs {sorted(set(job_ids) - set(ended))} to end")
+    return ended
+
+
+def starts_of(submission: Submission) -> list[dict]:
+    path = Path(submission.run_dir) / "starts.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
 def assert_resumed_identically(submission: Submission, expected: list[float]) -> list[dict]:
     run_dir = Path(submission.run_dir)
-    assert wait_until_ended(submission.job_id, 240) == "COMPLETED", submission.log_path().read_text()
-    starts = [json.loads(line) for line in (run_dir / "starts.jsonl").read_text().splitlines()]
-    assert len(starts) >= 2 and job_state(submission.job_id)[1] >= 1, "the job was never requeued"
+    assert (run_dir / "final.json").is_file(), submission.log_path().read_text()
+    starts = starts_of(submission)
+    assert len(starts) >= 2 and query(submission.job_id).restarts >= 1, "the job was never requeued"
     assert starts[0]["step"] == 0 and all(s["step"] > 0 for s in starts[1:]), "a restart did not resume"
     assert [s["restart"] for s in starts] == list(range(len(starts)))
     assert {s["wandb_id"] for s in starts} == {submission.wandb_id}
@@ -87,57 +120,119 @@ def assert_resumed_identically(submission: Submission, expected: list[float]) ->
     return starts
 
 
-def test_submitit_interrupt_checkpoints_requeues_and_resumes(cluster, tmp_path, expected_weights):
-    submission = submit_standin(tmp_path, step_s=0.25)
-    wait_for(lambda: progress(Path(submission.run_dir)) >= 8, 60, "training to pass step 8")
-    submitit.SlurmJob(folder=submission.folder, job_id=submission.job_id)._interrupt()  # TERM, then USR2
+def assert_clean_log(log: str) -> None:
+    """One line per event: submitit's signal lines (printed twice before) are gone, and no line repeats."""
+    assert "Caught signal" not in log and "Bypassing signal" not in log
+    lines = [line for line in log.splitlines() if line.strip()]
+    assert all(a != b for a, b in zip(lines, lines[1:])), log
+
+
+# --- every signal, on the stand-in ----------------------------------------------------------------------------------
+
+# row id -> the command that sends it (the job id is appended); "cancel" is `python -m stereo cancel` (scancel).
+SIGNAL_ROWS = {
+    **{f"{sig}-job": ["scancel", f"--signal={sig}"] for sig in ("USR1", "USR2", "TERM", "INT")},
+    **{f"{sig}-batch": ["scancel", "--batch", f"--signal={sig}"] for sig in ("USR1", "USR2", "TERM", "INT")},
+    **{f"{sig}-full": ["scancel", "--full", f"--signal={sig}"] for sig in ("USR1", "USR2", "TERM", "INT")},
+    "outside-requeue": ["scontrol", "requeue"],
+    "cancel": [sys.executable, "-m", "stereo", "cancel"],
+}
+TIME_LIMIT = "time-limit"
+
+
+@pytest.fixture(scope="module")
+def signal_rows(cluster, expected_weights, tmp_path_factory) -> dict[str, tuple[Submission, int]]:
+    """Every row's job queued at once; each is signalled once its stand-in passes step 8. The time-limit row
+    (a 1-minute limit with the signal 50 s before it; 40 steps of 1 s outlast the first start) is signalled by
+    Slurm. Returns row -> (submission, the step its stand-in had reached when the signal was sent)."""
+    jobs = {row: submit_standin(tmp_path_factory.mktemp(row), step_s=0.25) for row in SIGNAL_ROWS}
+    jobs[TIME_LIMIT] = submit_standin(tmp_path_factory.mktemp(TIME_LIMIT), step_s=1.0,
+                                      overrides=["slurm.time_min=1", "slurm.signal_delay_s=50"])
+    signalled: dict[str, int] = {}
+    deadline = time.monotonic() + 300
+    while len(signalled) < len(SIGNAL_ROWS) and time.monotonic() < deadline:
+        for row, command in SIGNAL_ROWS.items():
+            step = progress(Path(jobs[row].run_dir))
+            if row not in signalled and step >= 8:
+                target = jobs[row].run_dir if row == "cancel" else jobs[row].job_id
+                subprocess.run([*command, target], cwd=ROOT, check=True, capture_output=True)
+                signalled[row] = step
+        time.sleep(0.2)
+    assert len(signalled) == len(SIGNAL_ROWS), f"never reached step 8: {set(SIGNAL_ROWS) - set(signalled)}"
+    wait_all_ended([submission.job_id for submission in jobs.values()], 400)
+    return {row: (submission, signalled.get(row, 0)) for row, submission in jobs.items()}
+
+
+def saved_step(log: str) -> int:
+    """The step at which the stand-in saved for the first stop signal (its own line in the job log)."""
+    match = re.search(r"stand-in: signal (\d+): saved at step (\d+)", log)
+    assert match, log
+    return int(match.group(2))
+
+
+@pytest.mark.parametrize("row", [row for row in SIGNAL_ROWS if row != "cancel"] + [TIME_LIMIT])
+def test_signal_checkpoints_requeues_and_resumes(signal_rows, expected_weights, row):
+    submission, sent_at = signal_rows[row]
+    assert query(submission.job_id).state == "COMPLETED", submission.log_path().read_text()
     starts = assert_resumed_identically(submission, expected_weights)
     log = submission.log_path().read_text()
-    assert "asking the trainer to checkpoint" in log and "requeueing (restart 1" in log
-    assert starts[1]["step"] >= 8
+    assert_clean_log(log)
+    assert len(re.findall(r"\[jobs\] \S+ start \d+ of job", log)) == len(starts)
+    if row == "TERM-full":
+        # srun itself gets the SIGTERM and kills the tasks at once (SIGKILL): no save; the batch shell requeues
+        # and the restart resumes from the newest periodic checkpoint.
+        assert "saved at step" not in log
+        assert starts[1]["step"] % EVERY == 0 and starts[1]["step"] <= sent_at + 1
+    else:
+        assert starts[1]["step"] == saved_step(log) >= sent_at  # saved at the step in progress
+    if row != "outside-requeue":  # there Slurm requeues the job itself
+        assert "requeued (restart 1 of at most 5)" in log
+    if row.endswith("-batch") or row.endswith("-full"):
+        assert f"batch shell: SIG{row.split('-')[0]}, passed on to the job's tasks as SIGUSR1" in log
+    if row == TIME_LIMIT:
+        assert "SIGUSR2: asking the trainer to save" in log
 
 
-def test_time_limit_signal_checkpoints_requeues_and_resumes(cluster, tmp_path, expected_weights):
-    # A 1-minute limit with the signal 50 s before it: slurmctld checks limits about every 30 s, so the signal
-    # lands 10-40 s into each start; 40 steps of 1 s outlast the first start.
-    submission = submit_standin(tmp_path, step_s=1.0, overrides=["slurm.time_min=1", "slurm.signal_delay_s=50"])
-    assert_resumed_identically(submission, expected_weights)
+def test_plain_scancel_cancels_cleanly_after_a_save(signal_rows):
+    submission, sent_at = signal_rows["cancel"]
+    state = query(submission.job_id)
+    assert state.state == "CANCELLED" and state.restarts == 0
     log = submission.log_path().read_text()
-    assert "this job is timed-out" in log and "requeueing (restart 1" in log
+    assert_clean_log(log)
+    step = saved_step(log)
+    assert step >= sent_at
+    assert (Path(submission.run_dir) / "checkpoints" / "latest").read_text().strip() == f"step_{step:08d}"
+    assert "requeued (restart" not in log and "not requeued from here" in log
+    assert len(starts_of(submission)) == 1
 
 
-def test_outside_scontrol_requeue_resumes(cluster, tmp_path, expected_weights):
-    submission = submit_standin(tmp_path, step_s=0.25)
-    wait_for(lambda: progress(Path(submission.run_dir)) >= 8, 60, "training to pass step 8")
-    subprocess.run(["scontrol", "requeue", submission.job_id], check=True)
-    assert_resumed_identically(submission, expected_weights)
+# --- failures, limits, refusals -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("code", [2, 5])
+def test_trainer_failure_is_not_requeued_and_the_log_names_it(cluster, tmp_path, code):
+    submission = submit_standin(tmp_path, step_s=0.05, fail_at=6, fail_code=code)
+    assert wait_until_ended(submission.job_id, 90) == "FAILED"
+    assert query(submission.job_id).restarts == 0
     log = submission.log_path().read_text()
-    assert "Calling checkpoint method" not in log and "Bypassing signal SIGTERM" in log  # no submitit hook
-    assert "trainer saved and exited 75 after a stop signal" in log
-
-
-def test_trainer_failure_is_not_requeued_and_the_log_says_why(cluster, tmp_path):
-    submission = submit_standin(tmp_path, step_s=0.05, fail_at=6)
-    assert wait_until_ended(submission.job_id, 60) == "FAILED"
-    assert job_state(submission.job_id)[1] == 0
-    log = submission.log_path().read_text()
-    assert "simulated crash at step 6" in log
-    assert "trainer exited with code 3 (0 = done, 75 = preempted): a failure, not requeued" in log
+    meaning = {2: "config error", 5: "checkpoint error"}[code]
+    assert f"trainer exited with code {code} ({meaning}): a failure, not requeued" in log
+    assert "Traceback" not in log  # one `[jobs] stopped: ...` line instead
+    assert_clean_log(log)
     status = subprocess.run([sys.executable, "-m", "stereo", "status", submission.run_dir], cwd=ROOT,
                             capture_output=True, text=True, check=True).stdout
-    assert "FAILED" in status and "stopped: jobs.job.JobStopped: trainer exited with code 3" in status
+    assert "FAILED" in status and f"stopped: jobs.job.JobStopped: trainer exited with code {code}" in status
 
 
-def test_max_requeues_reached_stops_with_the_reason(cluster, tmp_path):
+def test_max_requeues_reached_saves_and_stops_with_the_reason(cluster, tmp_path):
     submission = submit_standin(tmp_path, step_s=0.25, overrides=["slurm.max_requeues=0"])
-    wait_for(lambda: progress(Path(submission.run_dir)) >= 4, 60, "training to pass step 4")
-    submitit.SlurmJob(folder=submission.folder, job_id=submission.job_id)._interrupt()
-    assert wait_until_ended(submission.job_id, 60) == "FAILED"
-    assert job_state(submission.job_id)[1] == 0
+    wait_for(lambda: progress(Path(submission.run_dir)) >= 4, 90, "training to pass step 4")
+    subprocess.run(["scancel", "--signal=USR1", submission.job_id], check=True)
+    assert wait_until_ended(submission.job_id, 90) == "FAILED"
+    assert query(submission.job_id).restarts == 0
     log = submission.log_path().read_text()
     assert "not requeued: reached slurm.max_requeues=0" in log
     saved = (Path(submission.run_dir) / "checkpoints" / "latest").read_text().strip()
-    assert saved == f"step_{progress(Path(submission.run_dir)):08d}", "the trainer must still save before stopping"
+    assert saved == f"step_{saved_step(log):08d}", "the trainer must still save before stopping"
 
 
 def test_bad_config_is_refused_before_the_queue(cluster, tmp_path):
@@ -153,6 +248,57 @@ def test_bad_config_is_refused_before_the_queue(cluster, tmp_path):
     assert (last_submit.read_text() if last_submit.is_file() else None) == pointer
 
 
+def make(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """A make of its own: none of the flags or variables of a `make test` that runs these tests."""
+    env = {k: v for k, v in (os.environ if env is None else env).items()
+           if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    return subprocess.run(["make", "--no-print-directory", *args], cwd=ROOT, capture_output=True, text=True, env=env)
+
+
+def test_pending_job_shows_its_reason_and_logs_says_it_has_not_started(cluster, tmp_path):
+    submission = submit_standin(tmp_path, step_s=0.25, overrides=["slurm.extra_sbatch={begin: now+1hour}"])
+    wait_for(lambda: query(submission.job_id).reason == "BeginTime", 30, "the job to wait for its begin time")
+    status = make("status", f"RUN={submission.run_dir}")
+    assert status.returncode == 0, status.stderr
+    assert "state:      PENDING (BeginTime)" in status.stdout and "checkpoint: none yet" in status.stdout
+    logs = make("logs", f"RUN={submission.run_dir}")
+    assert logs.returncode == 0 and "Error" not in logs.stderr, logs.stderr
+    assert f"job {submission.job_id} has not written its log yet: PENDING (BeginTime)" in logs.stdout
+    cancel = make("cancel", f"RUN={submission.run_dir}")
+    assert cancel.returncode == 0 and f"cancelled job {submission.job_id}" in cancel.stdout
+    assert wait_until_ended(submission.job_id, 30) == "CANCELLED"
+
+
+def test_unreachable_controller_is_never_a_final_state(cluster, tmp_path):
+    """A running job, asked about through a configuration whose controller does not answer: `status` says the
+    state is unknown (exit 1) and `cancel` cancels nothing and says so; the job keeps running."""
+    submission = submit_standin(tmp_path, step_s=0.25)
+    wait_for(lambda: progress(Path(submission.run_dir)) >= 1, 90, "the job to start")
+    dead = tmp_path / "dead.conf"
+    dead.write_text(re.sub(r"(?m)^SlurmctldPort=.*$", "SlurmctldPort=1", Path(cluster).read_text()))
+    for conf in (str(dead), None):
+        env = {k: v for k, v in os.environ.items() if k != "SLURM_CONF"} | ({"SLURM_CONF": conf} if conf else {})
+        status = make("status", f"RUN={submission.run_dir}", env=env)
+        assert status.returncode != 0 and "state:      unknown: cannot reach Slurm" in status.stdout
+        assert "make slurm-up" in status.stderr
+        cancel = make("cancel", f"RUN={submission.run_dir}", env=env)
+        assert cancel.returncode != 0 and "nothing cancelled" in cancel.stderr and "already ended" not in cancel.stdout
+    assert query(submission.job_id).state == "RUNNING"
+    subprocess.run(["scancel", submission.job_id], check=True)
+
+
+def test_make_submit_without_slurm_says_how_and_leaves_nothing(demo_shards, tmp_path):
+    """No SLURM_CONF: one message with the way to a cluster, a non-zero exit, and no run or submitit folder."""
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_CONF"}
+    runs = ROOT / "runs"
+    before = set(runs.glob("tiny-*")) | set((runs / "slurm").glob("tiny-*"))
+    done = make("submit", "CONFIG=tiny", "train.steps=4", env=env)
+    assert done.returncode != 0
+    assert "cannot reach Slurm" in done.stderr and "make slurm-up" in done.stderr and "SLURM_CONF=" in done.stderr
+    assert done.stderr.count("cannot reach Slurm") == 1
+    assert set(runs.glob("tiny-*")) | set((runs / "slurm").glob("tiny-*")) == before
+
+
 # --- the real trainer: `make submit CONFIG=tiny` ------------------------------------------------------------------
 
 # Tiny and short: 4 steps of batch 1, no validation set, wandb offline; such jobs run side by side on 2 cores.
@@ -162,9 +308,7 @@ TINY = ["train.steps=4", "checkpoint.every=2", "train.val_every=1000", "logging.
 
 
 def make_submit(tmp: Path, *extra: str) -> Submission:
-    done = subprocess.run(["make", "--no-print-directory", "submit", "CONFIG=tiny", *TINY, *extra,
-                           f"train.run_dir={tmp / 'run'}", f"slurm.folder={tmp / 'slurm'}"],
-                          cwd=ROOT, capture_output=True, text=True)
+    done = make("submit", "CONFIG=tiny", *TINY, *extra, f"train.run_dir={tmp / 'run'}", f"slurm.folder={tmp / 'slurm'}")
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"run directory: {tmp / 'run'}" in done.stdout and "wandb run: tiny (id " in done.stdout
     return Submission.load(str(tmp / "run"))
@@ -184,39 +328,46 @@ def wandb_run_ids(run_dir: Path) -> set[str]:
 
 def wait_for_first_step(submission: Submission) -> None:
     metrics = Path(submission.run_dir) / "metrics.jsonl"
-    wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 1, 300,
+    wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 1, 400,
              f"run {submission.run_dir} to log its first step")
 
 
 @pytest.fixture(scope="module")
 def tiny_runs(cluster, tmp_path_factory):
-    """`make submit CONFIG=tiny` uninterrupted, one interrupted by Slurm's USR2 (the time-limit signal), and one
-    requeued from outside (`scontrol requeue`: SIGTERM to every process of the step, a DataLoader worker and the
-    wandb service included), side by side."""
+    """`make submit CONFIG=tiny` uninterrupted; one stopped by `scancel --signal=USR1` and one requeued from outside
+    (`scontrol requeue`), both signals reaching every process of the step, a DataLoader worker and the wandb service
+    included; and two tasks on one node (`--tasks-per-node 2`) stopped by the time-limit signal (USR2); side by
+    side."""
     reference = make_submit(tmp_path_factory.mktemp("tiny_reference"))
-    interrupted = make_submit(tmp_path_factory.mktemp("tiny_interrupted"))
+    stopped = make_submit(tmp_path_factory.mktemp("tiny_usr1"), "data.num_workers=1")
     requeued = make_submit(tmp_path_factory.mktemp("tiny_requeued"), "data.num_workers=1")
-    wait_for_first_step(interrupted)
-    submitit.SlurmJob(folder=interrupted.folder, job_id=interrupted.job_id)._interrupt(timeout=True)
+    pair = make_submit(tmp_path_factory.mktemp("tiny_two_tasks"), "ARGS=--tasks-per-node 2")
+    wait_for_first_step(stopped)
+    subprocess.run(["scancel", "--signal=USR1", stopped.job_id], check=True)
     wait_for_first_step(requeued)
     subprocess.run(["scontrol", "requeue", requeued.job_id], check=True)
-    for submission in (reference, interrupted, requeued):
-        assert wait_until_ended(submission.job_id, 600) == "COMPLETED", submission.log_path().read_text()
-    return reference, interrupted, requeued
+    wait_for_first_step(pair)
+    subprocess.run(["scancel", "--signal=USR2", pair.job_id], check=True)
+    runs = (reference, stopped, requeued, pair)
+    states = wait_all_ended([submission.job_id for submission in runs], 900)
+    for submission in runs:
+        assert states[submission.job_id] == "COMPLETED", submission.log_path().read_text()
+    return {"reference": reference, "usr1": stopped, "requeued": requeued, "two_tasks": pair}
 
 
 def test_make_submit_tiny_runs_to_completion(tiny_runs):
-    reference, *_ = tiny_runs
+    reference = tiny_runs["reference"]
     run_dir = Path(reference.run_dir)
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000004"
     assert (run_dir / "wandb_id").read_text().strip() == reference.wandb_id
     assert wandb_run_ids(run_dir) == {reference.wandb_id}
-    status = subprocess.run(["make", "--no-print-directory", "status", f"RUN={run_dir}"], cwd=ROOT,
-                            capture_output=True, text=True, check=True).stdout
-    assert "COMPLETED" in status and "finished" in status and "step_00000004" in status
-    logs = subprocess.run(["make", "--no-print-directory", "logs", f"RUN={run_dir}"], cwd=ROOT,
-                          capture_output=True, text=True, check=True).stdout
-    assert "trainer finished" in logs
+    status = make("status", f"RUN={run_dir}")
+    assert status.returncode == 0
+    assert "COMPLETED" in status.stdout and "finished" in status.stdout
+    assert "checkpoint: step_00000004 (step 4); last logged step 4" in status.stdout
+    logs = make("logs", f"RUN={run_dir}")
+    assert logs.returncode == 0 and "trainer finished" in logs.stdout
+    assert_clean_log(logs.stdout)
 
 
 def assert_same_final_weights(reference: Submission, other: Submission) -> None:
@@ -225,37 +376,48 @@ def assert_same_final_weights(reference: Submission, other: Submission) -> None:
     assert all(torch.equal(expected[k], got[k]) for k in expected), "resumed weights differ from the reference"
 
 
-def test_real_trainer_interrupted_resumes_to_identical_weights(tiny_runs):
-    reference, interrupted, _ = tiny_runs
-    assert job_state(interrupted.job_id)[1] >= 1, "the job was never requeued"
-    assert "requeueing (restart 1" in interrupted.log_path().read_text()
-    assert wandb_run_ids(Path(interrupted.run_dir)) == {interrupted.wandb_id}
-    assert_same_final_weights(reference, interrupted)
+@pytest.mark.parametrize("name", ["usr1", "requeued"])
+def test_real_trainer_stopped_resumes_to_identical_weights(tiny_runs, name):
+    """USR1 killed the wrapper before (docs/cluster.md); an outside requeue also reaches the DataLoader worker and
+    wandb's service, which the trainer must survive to save."""
+    submission = tiny_runs[name]
+    assert query(submission.job_id).restarts >= 1, "the job was never requeued"
+    log = submission.log_path().read_text()
+    assert_clean_log(log)
+    if name == "usr1":
+        assert "requeued (restart 1 of at most 5)" in log
+    assert wandb_run_ids(Path(submission.run_dir)) == {submission.wandb_id}
+    assert_same_final_weights(tiny_runs["reference"], submission)
 
 
-def test_real_trainer_outside_requeue_resumes_to_identical_weights(tiny_runs):
-    """Data loader workers and wandb's service get the SIGTERM too: the trainer must survive both to save."""
-    reference, _, requeued = tiny_runs
-    assert job_state(requeued.job_id)[1] >= 1, "the job was never requeued"
-    assert wandb_run_ids(Path(requeued.run_dir)) == {requeued.wandb_id}
-    assert_same_final_weights(reference, requeued)
-
-
-def test_two_tasks_rendezvous_and_requeue_together(cluster, tmp_path, tiny_runs):
-    """Two trainer processes (one per task) meet at the first node's port; a USR2 reaches task 0's hook only, the
-    trainers' all-reduced stop flag stops both at the same step, and the whole job requeues and finishes."""
-    done = subprocess.run([sys.executable, "-m", "stereo", "submit", "--tasks-per-node", "2", "tiny", *TINY,
-                           f"train.run_dir={tmp_path / 'run'}", f"slurm.folder={tmp_path / 'slurm'}"],
-                          cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout + done.stderr
-    submission = Submission.load(str(tmp_path / "run"))
-    metrics = Path(submission.run_dir) / "metrics.jsonl"
-    wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 1, 300,
-             "the two-process run to log its first step")
-    submitit.SlurmJob(folder=submission.folder, job_id=submission.job_id)._interrupt(timeout=True)
-    assert wait_until_ended(submission.job_id, 600) == "COMPLETED", submission.log_path().read_text()
-    assert job_state(submission.job_id)[1] >= 1
+def test_two_tasks_rendezvous_and_requeue_together(tiny_runs):
+    """Two trainer processes (one per task) meet at the first node's port; USR2 reaches both tasks, the trainers'
+    all-reduced stop flag stops them at the same step, and the whole job requeues and finishes."""
+    submission = tiny_runs["two_tasks"]
+    assert query(submission.job_id).restarts >= 1
     assert (Path(submission.run_dir) / "checkpoints" / "latest").read_text().strip() == "step_00000004"
-    task1 = submission.log_path(task=1).read_text()
-    assert "task 1/2" in task1 and "trainer saved and exited 75 after a stop signal" in task1
-    assert "task 0/2" in submission.log_path().read_text()
+    task0, task1 = submission.log_path().read_text(), submission.log_path(task=1).read_text()
+    node = re.search(r"task 0 of 2 on (\S+),", task0).group(1)
+    assert f"task 1 of 2 on {node}," in task1 and "the trainer saved and exited" in task1
+    assert "requeued (restart 1 of at most 5)" in task0
+
+
+def test_two_nodes_preempted_resume_to_the_weights_of_one_node(tiny_runs, tmp_path):
+    """`slurm.nodes=2`, one process per node: the rendezvous comes from the Slurm environment (MASTER_ADDR the
+    first node of SLURM_JOB_NODELIST, the port from the job id). A job of the higher `urgent` partition that needs
+    all of stereo-node1 preempts it (PreemptMode=REQUEUE, GraceTime): SIGTERM, a save at the step in progress, a
+    requeue. The resumed run ends with the weights of the two-task run on one node (same world size)."""
+    run = make_submit(tmp_path, "slurm.nodes=2")
+    wait_for_first_step(run)
+    preemptor = subprocess.run(["sbatch", "--parsable", "--partition=urgent", "--nodelist=stereo-node1",
+                                "--cpus-per-task=2", "--mem=1G", f"--output={tmp_path / 'urgent.out'}",
+                                "--wrap", "sleep 2"], capture_output=True, text=True, check=True).stdout.strip()
+    assert wait_until_ended(preemptor, 300) == "COMPLETED"
+    assert wait_until_ended(run.job_id, 900) == "COMPLETED", run.log_path().read_text()
+    assert query(run.job_id).restarts >= 1, "the job was never preempted"
+    task0, task1 = run.log_path().read_text(), run.log_path(task=1).read_text()
+    assert "task 0 of 2 on stereo-node1, rendezvous stereo-node1:" in task0
+    assert "task 1 of 2 on stereo-node2, rendezvous stereo-node1:" in task1
+    assert "SIGTERM: asking the trainer to save" in task0 and "requeued (restart 1 of at most 5)" in task0
+    assert_clean_log(task0)
+    assert_same_final_weights(tiny_runs["two_tasks"], run)

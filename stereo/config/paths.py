@@ -1,8 +1,10 @@
-"""What a training config points at, checked before anything is created or queued: the data sets' shard sources and
-the starting weights. Each problem names the key and the path; all of them are reported at once."""
+"""What a training config points at, checked before anything is created or queued: the data sets' shard sources,
+the starting weights and the run directory. Each problem names the key and the path; all of them are reported at
+once."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from stereo.config.errors import ConfigError
@@ -36,12 +38,32 @@ def path_problems(cfg: Config) -> list[tuple[str, str]]:
                    ("model.pretrained.edgenext", cfg.model.pretrained.edgenext))
         problems += [(key, f"an existing file, got {value!r} (not found)")
                      for key, value in weights if value and not Path(value).is_file()]
+    problem = unwritable(Path(cfg.train.run_dir or "runs"))
+    if problem:
+        problems.append(("train.run_dir", problem))
     return problems
 
 
 def check_paths(cfg: Config) -> None:
     problems = path_problems(cfg)
     if problems:
-        key, expected = problems[0]
-        more = "".join(f"; {k}: {e}" for k, e in problems[1:])
-        raise ConfigError(key, expected + more)
+        raise problems_error(problems)
+
+
+def problems_error(problems: list[tuple[str, str]]) -> ConfigError:
+    """One ConfigError (exit code 2) for all the (key, expected) problems: the first names the key."""
+    key, expected = problems[0]
+    more = "".join(f"; {k}: {e}" for k, e in problems[1:])
+    return ConfigError(key, expected + more)
+
+
+def unwritable(directory: Path) -> str | None:
+    """Why `directory` (existing, or to be created) cannot be written, or None."""
+    existing = directory.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"a directory, but {existing} is a file"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"a writable directory, but {existing} is not writable by this user"
+    return None
