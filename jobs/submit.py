@@ -88,7 +88,7 @@ def submit(cfg: Config, *, config: str, overrides: list[str], tasks_per_node: in
         run_dir.mkdir(parents=True, exist_ok=True)
         config_path = run_dir / SUBMITTED_CONFIG
         config_path.write_text(dump_yaml(cfg))
-        wandb_id = _wandb_id(run_dir)
+        wandb_id = run_wandb_id(run_dir)
         cwd = Path.cwd()
         tasks = tasks_per_node or max(cfg.slurm.gpus_per_node, 1)
         executor = make_executor(cfg.slurm, folder=folder, job_name=run_dir.name, tasks_per_node=tasks,
@@ -233,7 +233,7 @@ def _new_run_dir(cfg: Config) -> Path:
     return path
 
 
-def _wandb_id(run_dir: Path) -> str:
+def run_wandb_id(run_dir: Path) -> str:
     """Reuse the run's wandb id (a resubmitted run continues its wandb run), else make one in wandb's format."""
     path = run_dir / WANDB_ID_FILE
     if path.is_file() and path.read_text().strip():

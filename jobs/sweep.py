@@ -23,7 +23,7 @@ import yaml
 from jobs.job import TrainingJob
 from jobs.manage import FINAL_STATES, job_state
 from jobs.record import Submission
-from jobs.submit import _wandb_id, make_executor, submit_array
+from jobs.submit import run_wandb_id, make_executor, submit_array
 from stereo.config import ConfigError, dump_yaml
 from stereo.eval.report import markdown_table
 from stereo.exitcodes import INTERNAL, RUN_DIR_BUSY
@@ -182,7 +182,7 @@ def _submit(spec: SweepSpec, book: SweepDir, todo: list[TrialRecord], first: Tri
                              mounts=[cwd, book.path.resolve()])
     jobs, wandb_ids = [], []
     for record in todo:
-        wandb_ids.append(_wandb_id(Path(record.run_dir)))  # before the job starts: every start logs into one run
+        wandb_ids.append(run_wandb_id(Path(record.run_dir)))  # before the job starts: every start logs into one run
         jobs.append(TrainingJob(python_args=["-m", "stereo", "train", str(Path(record.run_dir) / TRIAL_CONFIG),
                                              *record.overrides],  # repeated so that the wandb run is named by them
                                 cwd=str(cwd), run_dir=record.run_dir, max_requeues=slurm.max_requeues,
