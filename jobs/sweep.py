@@ -21,7 +21,7 @@ import submitit
 import yaml
 
 from jobs.job import TrainingJob
-from jobs.manage import FINAL_STATES, job_state
+from jobs.state import FINAL_STATES, query
 from jobs.record import Submission
 from jobs.submit import run_wandb_id, make_executor, submit_array
 from stereo.config import ConfigError, dump_yaml
@@ -160,14 +160,18 @@ def refresh(record: TrialRecord) -> None:
             if pickle.load(f)[0] == "success":
                 record.state, record.note = COMPLETED, ""
                 return
-    state, restarts = job_state(record.job_id)
-    word = state.split()[0]
-    if word in FINAL_STATES:
-        record.state = "lost" if word == "UNKNOWN" else word.lower()
+    job = query(record.job_id)
+    if job.state is None:
+        if job.reachable:  # the controller forgot it (ended long ago) without a result: resubmitted next time
+            record.state, record.note = "lost", job.problem
+        else:  # Slurm cannot be asked now: the trial keeps its last known state
+            record.note = job.problem
+    elif job.final:
+        record.state = job.state.lower()
         record.note = f"log: {_relative(submission.log_path())}"
     else:
-        record.state = SLURM_WAITING.get(word, word.lower())
-        record.note = f"restarted {restarts} time(s)" if restarts else ""
+        record.state = SLURM_WAITING.get(job.state, job.state.lower())
+        record.note = f"restarted {job.restarts} time(s)" if job.restarts else ""
 
 
 def _relative(path: Path) -> Path:

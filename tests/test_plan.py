@@ -149,7 +149,7 @@ def test_check_fits_plans_a_fitting_config_and_is_skipped_when_switched_off():
 def test_submit_refuses_a_config_whose_plan_exceeds_the_gpu(tmp_path):
     """About 1 GiB per tiny sample at 320x736: 64 per GPU cannot fit an A100 40GB. Nothing reaches Slurm or disk."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "XDG_CACHE_HOME": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "stereo", "submit", "tiny", "slurm.gpus_per_node=1",
+    done = subprocess.run([sys.executable, "-m", "stereo", "submit", "--no-check-paths", "tiny", "slurm.gpus_per_node=1",
                            "slurm.gpu=a100-40gb", "data.batch_size=64", "augment.crop=[320,736]"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr
@@ -189,7 +189,7 @@ def test_make_plan_bench_and_gpu_check_pass_their_arguments():
         assert done.returncode == 0, done.stderr
         return " ".join(word for word in done.stdout.split() if word != "\\")  # joined continuation lines
 
-    assert "-m stereo plan stereo_v1 data.batch_size=2 --gpu h200-141gb --gpus 8" in dry_run(
+    assert "-m stereo plan stereo_v1 'data.batch_size=2' --gpu h200-141gb --gpus 8" in dry_run(
         "plan", "CONFIG=stereo_v1", "data.batch_size=2", "GPU=h200-141gb", "GPUS=8")
     assert "-m stereo bench --out" in dry_run("bench")  # the size that fits the device found
     assert "-m stereo bench --size vits --out" in dry_run("bench", "SIZE=vits")

@@ -22,7 +22,7 @@ import pytest
 import torch
 import yaml
 
-from jobs.manage import FINAL_STATES, job_state
+from jobs.state import FINAL_STATES, query
 from stereo.config.errors import ConfigError
 from stereo.sweep.spec import build_trials, load_sweep, parse_sweep
 from test_jobs import wait_for
@@ -241,7 +241,7 @@ def running_tasks(array: str) -> int:
 
 
 def task_state(job_id: str) -> str:
-    return job_state(job_id)[0].split()[0]
+    return query(job_id).state or "UNKNOWN"
 
 
 @pytest.fixture(scope="module")
@@ -297,7 +297,7 @@ def test_preempted_trial_requeues_and_ends_bit_identical(slurm_sweep, local_swee
     t01 = slurm_sweep["second"]["t01"]
     assert t01["job_id"] == slurm_sweep["first"]["t01"]["job_id"] and t01["state"] == "completed"
     assert 1 <= slurm_sweep["preempted_at"] < 8, "t01 was not preempted mid-run"
-    assert job_state(t01["job_id"])[1] >= 1, "t01 was never requeued"
+    assert query(t01["job_id"]).restarts >= 1, "t01 was never requeued"
     log = (slurm_sweep["cwd"] / f"runs/sweeps/tiny/slurm/{t01['job_id']}_0_log.out").read_text()
     assert "start 2" in log and "trainer finished" in log
     reference = records(local_sweep["cwd"])["t01"]
