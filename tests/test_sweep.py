@@ -215,7 +215,7 @@ def test_local_ctrl_c_checkpoints_the_trial_and_the_next_run_resumes_it(local_sw
     assert 1 <= interrupted["trained"] < 8
     assert "3 completed, 0 queued or running, 1 to run" in local_sweep["resumed"].stdout
     log = (Path(interrupted["records"]["t03"]["run_dir"]) / "train.log").read_text()
-    assert f"resumed from {interrupted['records']['t03']['run_dir']}/checkpoints/step_" in log
+    assert "resumed at step " in log and f"from {interrupted['records']['t03']['run_dir']}/checkpoints/step_" in log
     assert "validation at step 8" in log
 
 
