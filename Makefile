@@ -9,21 +9,25 @@ NPROC ?= 1
 OVERRIDES := $(strip $(foreach w,$(MAKEOVERRIDES),$(if $(findstring .,$(firstword $(subst =, ,$(w)))),$(w))) $(ARGS))
 
 .PHONY: help setup test test-gpu gpu-check train demo-data shards bench bench-data eval compare infer export \
-        submit status logs cancel slurm-up slurm-down docker docker-build docker-run config clean
+        submit status logs cancel slurm-up slurm-down docker docker-build docker-run docker-test config clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-setup: $(VENV)/.setup-done ## build .venv with pinned versions (CPU or GPU machine) and the local Slurm packages
+setup: $(VENV)/.setup-done $(VENV)/.ops-done ## build .venv with pinned versions (CPU or GPU machine) and the local Slurm packages
 	@bash slurm/local_cluster.sh install
 
 $(VENV)/.setup-done: requirements.txt docker/install.sh pyproject.toml
 	bash docker/install.sh $(VENV) "$(TORCH)"
+	touch $@
+
+# DeepSpeed's JIT-built ops, compiled once into $(VENV)/torch_extensions, where every checkout using it finds them
+$(VENV)/.ops-done: $(VENV)/.setup-done stereo/train/engine.py
 	$(PY) -c "from stereo.train.engine import prebuild_ops; prebuild_ops()"
 	touch $@
 
 test: ## run the test suite (CPU; real DeepSpeed, webdataset, Slurm, wandb offline)
-	$(PY) -m pytest -m "not gpu" tests
+	$(PY) -m pytest -m "not gpu and not docker" tests
 
 test-gpu: ## run the GPU-marked tests (on a GPU node)
 	$(PY) -m pytest -m gpu tests
@@ -88,11 +92,21 @@ slurm-down: ## stop the local Slurm cluster
 
 docker: docker-build ## alias of docker-build
 
-docker-build: ## build the CUDA image (IMAGE=foundation-stereo:latest)
-	docker build -t $(or $(IMAGE),foundation-stereo:latest) .
+IMAGE ?= foundation-stereo:latest
+# --gpus for `docker run`: all when nvidia-smi sees a GPU here, else none; GPUS=2, GPUS='"device=0,1"' or GPUS= to choose
+GPUS ?= $(if $(shell nvidia-smi -L 2>/dev/null),all)
+DATA ?= /data
 
-docker-run: ## run a subcommand in the image: make docker-run ARGS="train configs/stereo_v1.yaml"
-	docker run --gpus all --ipc=host -v /data:/data -v $(CURDIR)/runs:/runs $(or $(IMAGE),foundation-stereo:latest) $(ARGS)
+docker-build: ## build the CUDA image (IMAGE=foundation-stereo:latest); docs/container.md
+	bash docker/build.sh cuda $(IMAGE)
+
+docker-run: ## run a command in the image as you, runs/ and DATA=/data mounted: ARGS="train configs/stereo_v1.yaml" [GPUS=all]
+	@mkdir -p runs
+	docker run --rm --ipc=host $(if $(GPUS),--gpus $(GPUS)) --user "$$(id -u):$$(id -g)" \
+		$(if $(wildcard $(DATA)),-v $(abspath $(DATA)):/data) -v $(CURDIR)/runs:/runs $(IMAGE) $(ARGS)
+
+docker-test: ## build the CPU image and run the demo, tests and a Slurm job in it (~N min; not part of `make test`)
+	PY=$(PY) bash docker/test.sh
 
 clean: ## remove runs, demo shards and caches (keeps .venv)
 	rm -rf runs shards/demo .pytest_cache

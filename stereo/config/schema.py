@@ -223,8 +223,14 @@ class SlurmConfig:
     signal_delay_s: int = 120
     max_requeues: int = 20
     container_image: str | None = None
-    container_runtime: Literal["pyxis", "apptainer"] = "pyxis"
+    container_runtime: Literal["pyxis", "apptainer", "docker"] = "pyxis"
+    container_mounts: list[str] = field(default_factory=list)  # host paths (the data root) mounted at the same path
     folder: str = "runs/slurm"
+
+    def validate(self) -> None:
+        for path in self.container_mounts:
+            if not path.startswith("/"):
+                raise ConfigError("slurm.container_mounts", f"absolute host paths, got {path!r}")
 
 
 @dataclass
