@@ -16,6 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
+import submitit
+
+from jobs.manage import job_state
+from jobs.record import Submission
+from test_slurm import (TINY, assert_same_final_weights, cluster, wait_for_first_step,  # noqa: F401 (a fixture)
+                        wait_until_ended, wandb_run_ids)
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
@@ -298,3 +304,58 @@ def test_the_non_slurm_tests_pass_in_the_image(image, volumes):
                       extra=("-v", f"{ROOT / 'tests'}:/opt/stereo/tests:ro", "-e", "OMP_NUM_THREADS=1"))
     assert done.returncode == 0, tail(done)
     print(done.stdout.strip().splitlines()[-1])
+
+
+# --- Slurm with `container_runtime: docker`, on the local cluster ---------------------------------------------------
+
+def demo_data(volumes: Path) -> Path:
+    """The demo shards under the mounted data root (made in the image by the demo test, else here)."""
+    data = volumes / "data"
+    if not (data / "shards/demo/train/manifest.json").is_file():
+        subprocess.run([sys.executable, "-m", "stereo", "demo-data", "--out", str(data / "shards/demo")], cwd=ROOT,
+                       check=True, capture_output=True)
+    return data
+
+
+def docker_submit(tmp: Path, image: str, data: Path, *extra: str) -> Submission:
+    overrides = [*TINY, f"data.train=[{{name: demo, shards: {data}/shards/demo/train, weight: 1.0}}]",
+                 f"slurm.container_image={image}", "slurm.container_runtime=docker",
+                 f"slurm.container_mounts=[{data}]", f"train.run_dir={tmp / 'run'}", f"slurm.folder={tmp / 'slurm'}",
+                 *extra]
+    done = subprocess.run([sys.executable, "-m", "stereo", "submit", "tiny", *overrides], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return Submission.load(str(tmp / "run"))
+
+
+def container_of(submission: Submission) -> str:
+    return subprocess.run([DOCKER, "ps", "-q", "--filter", f"name=stereo-{submission.job_id}-0"],
+                          capture_output=True, text=True).stdout.strip()
+
+
+@pytest.mark.docker
+def test_slurm_job_in_the_image_resumes_exactly_after_preemption_and_requeue(image, volumes, cluster,
+                                                                              tmp_path_factory):
+    """`make submit` with the docker runtime, three tiny jobs side by side: uninterrupted; interrupted by Slurm's
+    USR2 (preemption, time limit), which reaches the job inside the container; requeued from outside (SIGTERM to
+    the whole process group in the container). Both resume to the uninterrupted run's weights."""
+    data = demo_data(volumes)
+    start = time.monotonic()
+    reference = docker_submit(tmp_path_factory.mktemp("docker_reference"), image, data)
+    interrupted = docker_submit(tmp_path_factory.mktemp("docker_interrupted"), image, data)
+    requeued = docker_submit(tmp_path_factory.mktemp("docker_requeued"), image, data, "data.num_workers=1")
+    wait_for_first_step(interrupted)
+    assert container_of(interrupted), "the job does not run in a container named after it"
+    submitit.SlurmJob(folder=interrupted.folder, job_id=interrupted.job_id)._interrupt(timeout=True)
+    wait_for_first_step(requeued)
+    subprocess.run(["scontrol", "requeue", requeued.job_id], check=True)
+    for submission in (reference, interrupted, requeued):
+        assert wait_until_ended(submission.job_id, 900) == "COMPLETED", submission.log_path().read_text()[-4000:]
+    STEP_SECONDS["Slurm: 3 jobs in the image, 2 resumed"] = round(time.monotonic() - start, 1)
+    assert f"bash {ROOT}/docker/slurm_task.sh {image} " in next(Path(reference.folder).glob("*_submission.sh"))\
+        .read_text()
+    assert "requeueing (restart 1" in interrupted.log_path().read_text()
+    for submission in (interrupted, requeued):
+        assert job_state(submission.job_id)[1] >= 1, "the job was never requeued"
+        assert wandb_run_ids(Path(submission.run_dir)) == {submission.wandb_id}
+        assert_same_final_weights(reference, submission)
