@@ -61,9 +61,10 @@ ENV DEBIAN_FRONTEND=noninteractive \
 
 # g++ and the Python headers: torch.compile builds C++ at run time (Triton's launcher on GPU, the kernels on CPU).
 # make: the Makefile's targets (`make train`) work inside the image; tini: signals reach the whole process group.
+# No libGL: OpenCV is the headless build.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-dev g++ make tini libgl1 libglib2.0-0 \
+    && apt-get install -y --no-install-recommends python3 python3-dev g++ make tini \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --create-home --uid 1001 --shell /bin/bash stereo \
     && mkdir -p /runs /data \
