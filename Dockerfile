@@ -59,12 +59,13 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
     STEREO_HOME=/opt/stereo
 
-# g++ and the Python headers: torch.compile builds C++ at run time (Triton's launcher on GPU, the kernels on CPU).
+# g++, the Python headers and openssl (a header checksum): torch.compile builds C++ at run time (Triton's launcher
+# on GPU, the kernels on CPU).
 # make: the Makefile's targets (`make train`) work inside the image; tini: signals reach the whole process group.
 # No libGL: OpenCV is the headless build.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-dev g++ make tini \
+    && apt-get install -y --no-install-recommends python3 python3-dev g++ make openssl tini \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --create-home --uid 1001 --shell /bin/bash stereo \
     && mkdir -p /runs /data \

@@ -22,7 +22,7 @@ fi
 built=$(date +%s)
 docker=${DOCKER:-docker}
 bytes=$("$docker" image inspect --format '{{.Size}}' "$image")
-compiler=$("$docker" history --no-trunc --format '{{.Size}}\t{{.CreatedBy}}' "$image" | grep -m1 'g++ make tini' | cut -f1)
+compiler=$("$docker" history --no-trunc --format '{{.Size}}\t{{.CreatedBy}}' "$image" | grep -m1 'g++ make openssl tini' | cut -f1)
 
 status=0
 STEREO_TEST_IMAGE=$image STEREO_DOCKER_REPORT=$report DOCKER=$docker \

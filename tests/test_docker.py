@@ -163,26 +163,38 @@ def test_slurm_docker_runtime_launches_each_task_through_the_task_script(tmp_pat
     assert "/data:/data" in next(line for line in pyxis.splitlines() if line.startswith("srun"))
 
 
-def test_slurm_task_script_runs_the_job_as_the_user_with_its_gpus_and_variables(tmp_path):
-    stub = stub_docker(tmp_path / "bin")
-    env = {"PATH": f"{stub.parent}:{os.environ['PATH']}", "HOME": str(tmp_path), "SLURM_JOB_ID": "77",
+def test_slurm_task_script_runs_the_job_as_the_user_with_its_gpus_variables_and_requeues(tmp_path):
+    """With stand-ins for `docker` (its `run` plays submitit asking for a requeue inside the container, then exits as
+    submitit does after one) and the host's `scontrol`."""
+    bin_dir = tmp_path / "bin"
+    stub_docker(bin_dir)
+    with (bin_dir / "docker").open("a") as stub:
+        stub.write('if [ "$1" = run ]; then\n'
+                   '  for a; do case $a in STEREO_SCONTROL_REQUESTS=*) export "$a" ;; esac; done\n'
+                   f'  sh {ROOT}/docker/scontrol_in_container.sh requeue 77 && exit 255\n'
+                   'fi\n')
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\nprintf "host scontrol %s\\n" "$*" >> {bin_dir / "calls"}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path), "SLURM_JOB_ID": "77",
            "SLURM_PROCID": "1", "SUBMITIT_EXECUTOR": "slurm", "WANDB_MODE": "offline", "NCCL_DEBUG": "WARN",
            "UNRELATED": "x"}
     args = ["bash", str(ROOT / "docker/slurm_task.sh"), "img:1", "/ck", "/data", "/ck", "--", "-u", "-m", "m", "/f"]
     for gpus, flag in (("", None), ("2,3", '--gpus "device=2,3"')):
-        (tmp_path / "bin" / "calls").unlink(missing_ok=True)
+        (bin_dir / "calls").unlink(missing_ok=True)
         done = subprocess.run(args, env={**env, "SLURM_STEP_GPUS": gpus} if gpus else env, capture_output=True,
                               text=True)
-        assert done.returncode == 0, done.stderr
-        remove, run = (tmp_path / "bin" / "calls").read_text().splitlines()
+        assert done.returncode == 255, done.stderr  # the job's own exit status
+        remove, run, requeue = (bin_dir / "calls").read_text().splitlines()
         assert remove == "rm --force stereo-77-1", "a container left by an earlier start of this task goes first"
         assert run.startswith(f"run --name stereo-77-1 --rm --network=host --ipc=host --user {os.getuid()}:"
-                              f"{os.getgid()} --workdir /ck --volume /data:/data --volume /ck:/ck "), run
-        assert run.endswith(" img:1 python -u -m m /f")
+                              f"{os.getgid()} --workdir /ck --volume /tmp/stereo-slurm-task."), run
+        assert f"--volume {ROOT}/docker/scontrol_in_container.sh:/usr/local/bin/scontrol:ro " in run
+        assert "--volume /data:/data --volume /ck:/ck " in run and run.endswith(" img:1 python -u -m m /f")
         passed = set(re.findall(r"--env (\S+)", run))
         assert {"SLURM_JOB_ID", "SLURM_PROCID", "SUBMITIT_EXECUTOR", "WANDB_MODE", "NCCL_DEBUG"} <= passed
         assert not passed & {"UNRELATED", "PATH", "HOME"}
         assert (flag in run) if flag else ("--gpus" not in run)
+        assert requeue == "host scontrol requeue 77", "the requeue asked for in the container is made on the host"
 
 
 # --- in the image (`make docker-test`) ----------------------------------------------------------------------------
@@ -190,10 +202,13 @@ def test_slurm_task_script_runs_the_job_as_the_user_with_its_gpus_and_variables(
 DOCKER = os.environ.get("DOCKER", "docker")
 UID = GID = 4321  # a user the image does not know, as `docker run --user "$(id -u):$(id -g)"` makes one
 STEP_SECONDS: dict[str, float] = {}  # written to $STEREO_DOCKER_REPORT for docker/test.sh's summary
-# The non-Slurm tests, less the two that read the checkout rather than the installed project (this file needs the
-# Dockerfile; test_prebuilt_ops the venv's JIT directory, which the image replaces by ops installed in DeepSpeed).
+# The non-Slurm tests, less two files about the checkout rather than the installed project (this one reads the
+# Dockerfile; test_prebuilt_ops copies the checkout and its venv) and two tests that make submitit executors, which
+# need Slurm's client programs (the image has none).
 IMAGE_TESTS = ["-m", "not slurm and not gpu and not docker",
-               "--ignore=tests/test_docker.py", "--ignore=tests/test_prebuilt_ops.py", "tests"]
+               "--ignore=tests/test_docker.py", "--ignore=tests/test_prebuilt_ops.py",
+               "--deselect=tests/test_jobs.py::test_sbatch_script_follows_the_slurm_section",
+               "--deselect=tests/test_jobs.py::test_container_runtimes_wrap_the_job", "tests"]
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +256,7 @@ def test_image_help_as_an_unknown_uid(image):
     commands = re.findall(r"^  ([a-z-]+) ", done.stdout, re.M)
     assert len(commands) > 10
     # The entrypoint runs programs on PATH as they are: no command of ours may be shadowed by one.
-    probe = docker_run(image, "bash", "-c", 'id -u; echo "$HOME $USER"; for c; do command -v "$c"; done; true',
+    probe = docker_run(image, "bash", "-c", 'id -u; echo "$HOME $USER"; for c; do type -P "$c"; done; true',
                        "probe", *commands)
     assert probe.stdout.splitlines() == [str(UID), f"/tmp/home-{UID} uid{UID}"], tail(probe)
 
