@@ -14,15 +14,11 @@ OVERRIDES := $(strip $(foreach w,$(MAKEOVERRIDES),$(if $(findstring .,$(firstwor
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-setup: $(VENV)/.setup-done $(VENV)/.ops-done ## build .venv with pinned versions (CPU or GPU machine) and the local Slurm packages
+setup: $(VENV)/.setup-done ## build .venv with pinned versions (CPU or GPU machine) and the local Slurm packages
 	@bash slurm/local_cluster.sh install
 
 $(VENV)/.setup-done: requirements.txt docker/install.sh pyproject.toml
 	bash docker/install.sh $(VENV) "$(TORCH)"
-	touch $@
-
-# DeepSpeed's JIT-built ops, compiled once into $(VENV)/torch_extensions, where every checkout using it finds them
-$(VENV)/.ops-done: $(VENV)/.setup-done stereo/train/engine.py
 	$(PY) -c "from stereo.train.engine import prebuild_ops; prebuild_ops()"
 	touch $@
 
@@ -105,7 +101,7 @@ docker-run: ## run a command in the image as you, runs/ and DATA=/data mounted: 
 	docker run --rm --ipc=host $(if $(GPUS),--gpus $(GPUS)) --user "$$(id -u):$$(id -g)" \
 		$(if $(wildcard $(DATA)),-v $(abspath $(DATA)):/data) -v $(CURDIR)/runs:/runs $(IMAGE) $(ARGS)
 
-docker-test: ## build the CPU image and run the demo, tests and a Slurm job in it (~N min; not part of `make test`)
+docker-test: ## build the CPU image and run the demo, tests and a Slurm job in it (30-60 min; not in `make test`)
 	PY=$(PY) bash docker/test.sh
 
 clean: ## remove runs, demo shards and caches (keeps .venv)

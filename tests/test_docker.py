@@ -270,7 +270,7 @@ def test_image_says_how_to_mount_runs_that_are_not_yours(image, tmp_path):
     assert 'mkdir -p runs && docker run --user "$(id -u):$(id -g)"' in done.stderr
 
 
-DEMO_STEPS = "train.steps=40 checkpoint.every=20 logging.image_every=20"
+DEMO = "train.run_dir=runs/demo train.steps=40 checkpoint.every=20 logging.image_every=20"
 PAIR = """
 import cv2, os
 from skimage import data
@@ -285,23 +285,23 @@ for name, image in (("left", left), ("right", right)):
 def test_demo_trains_exports_and_infers_in_the_image(image, volumes):
     # The demo config on the demo data, shortened from 300 steps (the rest is the same): CXX=/bin/false and a venv
     # this uid cannot write, so any JIT build of a DeepSpeed op would fail the run.
-    done = docker_run(image, "bash", "-c", f"make train {DEMO_STEPS} && test ! -e /opt/venv/torch_extensions",
+    done = docker_run(image, "bash", "-c", f"make train {DEMO} && test ! -e /opt/venv/torch_extensions",
                       volumes=volumes, extra=("-e", "CXX=/bin/false"), step="make train (demo data made, 40 steps)")
     assert done.returncode == 0, tail(done)
     assert "deepspeed_shm_comm_op built successfully" in done.stdout  # DeepSpeed's CPU comm op, prebuilt, in use
-    (run,) = [p for p in (volumes / "runs").iterdir() if p.name.startswith("tiny-")]
+    run = volumes / "runs/demo"
     assert run.stat().st_uid == UID and (volumes / "data/shards/demo/train/manifest.json").is_file()
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000040"
-    done = docker_run(image, "make", "export", f"RUN=runs/{run.name}", "OUT=runs/model.pth", volumes=volumes,
+    done = docker_run(image, "make", "export", "RUN=runs/demo", "OUT=runs/demo/model.pth", volumes=volumes,
                       step="make export")
-    assert done.returncode == 0 and (volumes / "runs/model.pth").is_file(), tail(done)
+    assert done.returncode == 0 and (run / "model.pth").is_file(), tail(done)
     done = docker_run(image, "python", "-c", PAIR, volumes=volumes)
     assert done.returncode == 0, tail(done)
-    done = docker_run(image, "make", "infer", "CKPT=runs/model.pth", "LEFT=runs/pair/left.png",
-                      "RIGHT=runs/pair/right.png", "OUT=runs/infer", volumes=volumes, step="make infer")
+    done = docker_run(image, "make", "infer", "CKPT=runs/demo/model.pth", "LEFT=runs/pair/left.png",
+                      "RIGHT=runs/pair/right.png", "OUT=runs/demo/motorcycle", volumes=volumes, step="make infer")
     assert done.returncode == 0, tail(done)
     for name in ("disp.pfm", "disp.png", "disp_color.png"):
-        assert (volumes / "runs/infer" / name).stat().st_uid == UID
+        assert (run / "motorcycle" / name).stat().st_uid == UID
 
 
 @pytest.mark.docker
