@@ -1,66 +1,92 @@
-# FoundationStereo training image: CUDA 12.8 + cuDNN on Ubuntu 24.04 (Python 3.12), a pinned CUDA build of torch,
-# DeepSpeed with its fused ops prebuilt for A100/A10/L40/H100 (sm_80, 86, 89, 90). The Python stack is installed
-# by docker/install.sh, the same script `make setup` runs.
-#   docker build -t foundation-stereo .          (make docker-build)
-#   docker run --gpus all --ipc=host -v /data:/data -v $PWD/runs:/runs foundation-stereo train configs/stereo_v1.yaml
+# FoundationStereo training image. By default: the CUDA build of torch 2.13.0 that `make setup` installs on a GPU node
+# (CUDA 13.0, cuDNN 9.20, NCCL 2.29; docs/container.md) on Ubuntu 24.04 (Python 3.12), DeepSpeed with its CUDA ops
+# prebuilt for A100/A10/L40/H100 (sm_80, 86, 89, 90). The Python stack is installed by docker/install.sh, the same
+# script `make setup` runs. The build arguments make the CPU variant `make docker-test` builds and runs
+# (docker/build.sh cpu): other base images, a local torch wheel, DeepSpeed's CPU ops.
+#   make docker-build   (docker/build.sh cuda: docker build -t foundation-stereo:latest .)
+#   mkdir -p runs && docker run --gpus all --ipc=host --user "$(id -u):$(id -g)" -v /data:/data -v "$PWD/runs:/runs" \
+#       foundation-stereo:latest train configs/stereo_v1.yaml
 
-# --- build: the devel image has nvcc for DeepSpeed's ops ------------------------------------------------------------
-FROM nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04 AS build
+# Both stages must share one distribution and Python: the venv moves from the first to the second.
+ARG BUILD_BASE=nvidia/cuda:13.0.2-devel-ubuntu24.04
+ARG RUNTIME_BASE=nvidia/cuda:13.0.2-base-ubuntu24.04
+# An image holding torch wheels at its root (docker/build.sh makes one from a local wheel); empty by default.
+ARG WHEELS=scratch
 
-ARG TORCH_SPEC=torch==2.13.0+cu128
-ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
+FROM ${WHEELS} AS wheels
+
+# --- build: compilers (nvcc in the CUDA devel image) for DeepSpeed's ops ----------------------------------------------
+FROM ${BUILD_BASE} AS build
+
+ARG TORCH_SPEC=torch==2.13.0
+ARG TORCH_INDEX=
+# The accelerator DeepSpeed builds its ops for: the build has no GPU, so it cannot detect one.
+ARG DS_ACCELERATOR=cuda
+# DS_BUILD_<op>=1 for each: ops compiled now, imported at run time (none is JIT-built in a job). Not CPU_ADAM: it
+# is compiled for the build machine's CPU (-march=native) and could crash on a node with another one.
+ARG DS_PREBUILD="FUSED_ADAM FUSED_LAMB UTILS"
 # No `a`/`+PTX` suffixes: DeepSpeed's builder parses plain compute capabilities.
-ENV TORCH_CUDA_ARCH_LIST="8.0 8.6 8.9 9.0" \
-    DS_BUILD_OPS=0 \
-    DS_BUILD_FUSED_ADAM=1 \
-    DS_BUILD_FUSED_LAMB=1 \
-    DS_BUILD_CPU_ADAM=1 \
-    DS_BUILD_UTILS=1 \
-    MAX_JOBS=8 \
-    PIP_NO_CACHE_DIR=1 \
+ARG TORCH_CUDA_ARCH_LIST="8.0 8.6 8.9 9.0"
+ENV MAX_JOBS=8 \
     DEBIAN_FRONTEND=noninteractive
 
-# Ubuntu's archive keeps only the current patch release of each package: pinning them would break rebuilds.
+# Distribution archives keep only the current patch release of each package: pinning them would break rebuilds.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev git ninja-build \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev g++ \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/stereo
 COPY requirements.txt pyproject.toml ./
-COPY docker/install.sh docker/install.sh
-COPY stereo stereo
-COPY jobs jobs
-COPY configs configs
-RUN PIP_EXTRA_INDEX_URL="${TORCH_INDEX}" bash docker/install.sh /opt/venv "${TORCH_SPEC}" \
-    && /opt/venv/bin/python -c "import deepspeed.ops.adam as a; a.FusedAdam" \
-    && /opt/venv/bin/ds_report
+COPY docker/install.sh docker/prebuilt_ops.py docker/
+# The dependencies only (the slow layer, kept while only sources change). The host's CA bundle, when the build
+# needs one to reach the package index, comes as a secret and stays out of every layer.
+# hadolint ignore=SC2086
+RUN --mount=type=bind,from=wheels,target=/wheels \
+    --mount=type=secret,id=pip_cert \
+    --mount=type=cache,target=/root/.cache/pip \
+    for op in $DS_PREBUILD; do export "DS_BUILD_$op=1"; done \
+    && if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
+    && if [ -n "$TORCH_INDEX" ]; then export PIP_EXTRA_INDEX_URL="$TORCH_INDEX"; fi \
+    && PIP_FIND_LINKS=/wheels bash docker/install.sh /opt/venv "$TORCH_SPEC" deps \
+    && /opt/venv/bin/python docker/prebuilt_ops.py
 
-# --- runtime: cuDNN runtime only, the built venv and the source it was installed from (editable) ---------------------
-FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+# --- runtime: Python, a C++ compiler for torch.compile, the venv and the project (editable) ---------------------------
+FROM ${RUNTIME_BASE}
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     STEREO_HOME=/opt/stereo
 
+# g++, the Python headers and openssl (a header checksum): torch.compile builds C++ at run time (Triton's launcher
+# on GPU, the kernels on CPU).
+# make: the Makefile's targets (`make train`) work inside the image; tini: signals reach the whole process group.
+# No libGL: OpenCV is the headless build.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 libgl1 libglib2.0-0 tini \
+    && apt-get install -y --no-install-recommends python3 python3-dev g++ make openssl tini \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --create-home --uid 1001 --shell /bin/bash stereo \
     && mkdir -p /runs /data \
     && chown 1001:1001 /runs
 
 COPY --from=build /opt/venv /opt/venv
-COPY --from=build /opt/stereo /opt/stereo
-COPY docker/entrypoint.sh /usr/local/bin/stereo-entrypoint
-# Configs name runs/, shards/ and pretrained/ relative to the checkout: point them at the mounted volumes.
-RUN ln -s /runs /opt/stereo/runs \
+WORKDIR /opt/stereo
+COPY requirements.txt pyproject.toml Makefile ./
+COPY docker/install.sh docker/install.sh
+COPY stereo stereo
+COPY jobs jobs
+COPY configs configs
+# Configs name runs/, shards/ and pretrained/ relative to the checkout: point them at the mounted volumes; the
+# Makefile's .venv is the image's venv.
+RUN bash docker/install.sh /opt/venv "" project \
+    && ln -s /runs /opt/stereo/runs \
     && ln -s /data/shards /opt/stereo/shards \
-    && ln -s /data/pretrained /opt/stereo/pretrained
+    && ln -s /data/pretrained /opt/stereo/pretrained \
+    && ln -s /opt/venv /opt/stereo/.venv
+COPY docker/entrypoint.sh /usr/local/bin/stereo-entrypoint
 
 USER 1001:1001
-WORKDIR /opt/stereo
-ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/stereo-entrypoint"]
+ENTRYPOINT ["/usr/bin/tini", "-g", "--", "/usr/local/bin/stereo-entrypoint"]
 CMD ["--help"]

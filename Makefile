@@ -16,7 +16,7 @@ OVERRIDES := $(strip $(foreach v,$(sort $(.VARIABLES)),$(if $(and $(call lower_c
 DEMO_SHARDS = if grep -qs 'shards/demo/' $(CONFIG) configs/$(CONFIG).yaml && [ ! -f shards/demo/train/manifest.json ]; then $(MAKE) --no-print-directory demo-data; fi
 
 # A fresh clone: targets that run Python say what to do instead of ".venv/bin/python: No such file or directory".
-NO_PYTHON := help setup clean slurm-up slurm-down docker docker-build docker-run
+NO_PYTHON := help setup clean slurm-up slurm-down docker docker-build docker-run docker-test
 ifeq ($(filter setup,$(MAKECMDGOALS)),)
 ifneq ($(filter-out $(NO_PYTHON),$(or $(MAKECMDGOALS),help)),)
 ifeq ($(shell command -v $(PY)),)
@@ -30,7 +30,7 @@ require = $(if $(call missing,$(1)),$(error make $@ needs $(call missing,$(1)), 
 
 .PHONY: help setup test test-gpu gpu-check train demo-data demo-pair shards plan bench bench-data bench-restart eval \
         compare infer export submit status logs cancel sweep sweep-status slurm-up slurm-down docker docker-build \
-        docker-run config clean
+        docker-run docker-test config clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -44,7 +44,7 @@ $(VENV)/.setup-done: requirements.txt docker/install.sh pyproject.toml
 	touch $@
 
 test: ## run the test suite (CPU; real DeepSpeed, webdataset, Slurm, wandb offline)
-	$(PY) -m pytest -m "not gpu" tests
+	$(PY) -m pytest -m "not gpu and not docker" tests
 
 test-gpu: ## run the GPU-marked tests (on a GPU node)
 	$(PY) -m pytest -m gpu tests
@@ -129,11 +129,21 @@ slurm-down: ## stop the local Slurm cluster
 
 docker: docker-build ## alias of docker-build
 
-docker-build: ## build the CUDA image (IMAGE=foundation-stereo:latest)
-	docker build -t $(or $(IMAGE),foundation-stereo:latest) .
+IMAGE ?= foundation-stereo:latest
+# --gpus for `docker run`: all when nvidia-smi sees a GPU here, else none; GPUS=2, GPUS='"device=0,1"' or GPUS= to choose
+GPUS ?= $(if $(shell nvidia-smi -L 2>/dev/null),all)
+DATA ?= /data
 
-docker-run: ## run a subcommand in the image: make docker-run ARGS="train configs/stereo_v1.yaml"
-	docker run --gpus all --ipc=host -v /data:/data -v $(CURDIR)/runs:/runs $(or $(IMAGE),foundation-stereo:latest) $(ARGS)
+docker-build: ## build the CUDA image (IMAGE=foundation-stereo:latest); docs/container.md
+	bash docker/build.sh cuda $(IMAGE)
+
+docker-run: ## run a command in the image as you, runs/ and DATA=/data mounted: ARGS="train configs/stereo_v1.yaml" [GPUS=all]
+	@mkdir -p runs
+	docker run --rm --ipc=host $(if $(GPUS),--gpus $(GPUS)) --user "$$(id -u):$$(id -g)" \
+		$(if $(wildcard $(DATA)),-v $(abspath $(DATA)):/data) -v $(CURDIR)/runs:/runs $(IMAGE) $(ARGS)
+
+docker-test: ## build the CPU image and run the demo, tests and a Slurm job in it (30-60 min; not in `make test`)
+	PY=$(PY) bash docker/test.sh
 
 clean: ## remove runs, demo shards and caches (keeps .venv)
 	rm -rf runs shards/demo .pytest_cache

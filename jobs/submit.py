@@ -192,13 +192,18 @@ def make_executor(slurm: SlurmConfig, *, folder: Path, job_name: str, tasks_per_
 def container_launch(slurm: SlurmConfig, *, mounts: list[Path], workdir: Path) -> tuple[str | None, list[str]]:
     """(python command, srun arguments) that run the job inside `slurm.container_image`, or (None, []) on the host.
 
-    The checkout, the run directory and submitit's folder are mounted at the same paths inside the container."""
+    The checkout, the run directory, submitit's folder and `slurm.container_mounts` are mounted at the same paths
+    inside the container."""
     if not slurm.container_image:
         return None, []
-    binds = ",".join(sorted({f"{m}:{m}" for m in mounts}))
+    paths = sorted({str(m) for m in mounts} | set(slurm.container_mounts))
+    binds = ",".join(f"{p}:{p}" for p in paths)
     if slurm.container_runtime == "pyxis":
         return "python", [f"--container-image={slurm.container_image}", f"--container-mounts={binds}",
                           f"--container-workdir={workdir}"]
+    if slurm.container_runtime == "docker":  # docker run per task: signals, user, GPUs in docker/slurm_task.sh
+        task = Path(__file__).resolve().parents[1] / "docker" / "slurm_task.sh"
+        return shlex.join(["bash", str(task), slurm.container_image, str(workdir), *paths, "--"]), []
     return f"apptainer exec --nv --bind {shlex.quote(binds)} --pwd {shlex.quote(str(workdir))} " \
            f"{shlex.quote(slurm.container_image)} python", []
 

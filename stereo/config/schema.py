@@ -270,7 +270,8 @@ class SlurmConfig:
     signal_delay_s: int = 120
     max_requeues: int = 20
     container_image: str | None = None
-    container_runtime: Literal["pyxis", "apptainer"] = "pyxis"
+    container_runtime: Literal["pyxis", "apptainer", "docker"] = "pyxis"
+    container_mounts: list[str] = field(default_factory=list)  # host paths (the data root) mounted at the same path
     folder: str = "runs/slurm"
 
     def validate(self) -> None:
@@ -278,6 +279,9 @@ class SlurmConfig:
 
         if self.gpu not in GPUS:
             raise ConfigError("slurm.gpu", f"one of {', '.join(GPUS)}, got {self.gpu!r}")
+        for path in self.container_mounts:
+            if not path.startswith("/"):
+                raise ConfigError("slurm.container_mounts", f"absolute host paths, got {path!r}")
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -26,8 +27,9 @@ def sanitise_cuda_arch_list() -> None:
     value = os.environ.get("TORCH_CUDA_ARCH_LIST")
     if value:
         os.environ["TORCH_CUDA_ARCH_LIST"] = re.sub(r"(\d+\.\d+)[a-z]+", r"\1", value)
-    # JIT-built ops (the CPU comm op, ~80 s) are cached here and reused by later runs
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
+    # JIT-built ops (the CPU comm op, ~80 s) live in the venv: `make setup` builds them there once, and every
+    # checkout that runs this venv's Python finds them (a TORCH_EXTENSIONS_DIR of your own wins)
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 
 def prebuild_ops() -> None:
