@@ -16,7 +16,7 @@ OVERRIDES := $(strip $(foreach v,$(sort $(.VARIABLES)),$(if $(and $(call lower_c
 DEMO_SHARDS = if grep -qs 'shards/demo/' $(CONFIG) configs/$(CONFIG).yaml && [ ! -f shards/demo/train/manifest.json ]; then $(MAKE) --no-print-directory demo-data; fi
 
 # A fresh clone: targets that run Python say what to do instead of ".venv/bin/python: No such file or directory".
-NO_PYTHON := help setup clean slurm-up slurm-down docker docker-build docker-run docker-test
+NO_PYTHON := help setup clean slurm-up slurm-down docker docker-build docker-run
 ifeq ($(filter setup,$(MAKECMDGOALS)),)
 ifneq ($(filter-out $(NO_PYTHON),$(or $(MAKECMDGOALS),help)),)
 ifeq ($(shell command -v $(PY)),)
