@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import submitit
 
-from jobs.manage import job_state
+from jobs.state import query
 from jobs.record import Submission
 from test_slurm import (TINY, assert_same_final_weights, cluster, wait_for_first_step,  # noqa: F401 (a fixture)
                         wait_until_ended, wandb_run_ids)
@@ -372,6 +372,6 @@ def test_slurm_job_in_the_image_resumes_exactly_after_preemption_and_requeue(ima
         .read_text()
     assert "requeueing (restart 1" in interrupted.log_path().read_text()
     for submission in (interrupted, requeued):
-        assert job_state(submission.job_id)[1] >= 1, "the job was never requeued"
+        assert query(submission.job_id).restarts >= 1, "the job was never requeued"
         assert wandb_run_ids(Path(submission.run_dir)) == {submission.wandb_id}
         assert_same_final_weights(reference, submission)
