@@ -130,17 +130,18 @@ slurm-down: ## stop the local Slurm cluster
 docker: docker-build ## alias of docker-build
 
 IMAGE ?= foundation-stereo:latest
-# --gpus for `docker run`: all when nvidia-smi sees a GPU here, else none; GPUS=2, GPUS='"device=0,1"' or GPUS= to choose
-GPUS ?= $(if $(shell nvidia-smi -L 2>/dev/null),all)
-DATA ?= /data
+# docker-run's --gpus: all when nvidia-smi sees a GPU here, else none; GPUS=2, GPUS='"device=0,1"' or GPUS= to choose
+# (set inside the recipe: GPUS and DATA mean other things to plan and eval)
+docker_gpus = $(if $(filter undefined,$(origin GPUS)),$(if $(shell nvidia-smi -L 2>/dev/null),all),$(GPUS))
+docker_data = $(or $(DATA),/data)
 
 docker-build: ## build the CUDA image (IMAGE=foundation-stereo:latest); docs/container.md
 	bash docker/build.sh cuda $(IMAGE)
 
 docker-run: ## run a command in the image as you, runs/ and DATA=/data mounted: ARGS="train configs/stereo_v1.yaml" [GPUS=all]
 	@mkdir -p runs
-	docker run --rm --ipc=host $(if $(GPUS),--gpus $(GPUS)) --user "$$(id -u):$$(id -g)" \
-		$(if $(wildcard $(DATA)),-v $(abspath $(DATA)):/data) -v $(CURDIR)/runs:/runs $(IMAGE) $(ARGS)
+	docker run --rm --ipc=host $(if $(docker_gpus),--gpus $(docker_gpus)) --user "$$(id -u):$$(id -g)" \
+		$(if $(wildcard $(docker_data)),-v $(abspath $(docker_data)):/data) -v $(CURDIR)/runs:/runs $(IMAGE) $(ARGS)
 
 docker-test: ## build the CPU image and run the demo, tests and a Slurm job in it (30-60 min; not in `make test`)
 	PY=$(PY) bash docker/test.sh
