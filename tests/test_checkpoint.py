@@ -41,10 +41,13 @@ def _step(engine):
 def engine():
     from stereo.train.engine import init_distributed
 
+    saved = dict(os.environ)
     os.environ["MASTER_PORT"] = str(free_port())
-    init_distributed()
+    init_distributed()  # sets RANK, WORLD_SIZE, MASTER_* in this process's environment ...
     yield _toy_engine()
     torch.distributed.destroy_process_group()
+    os.environ.clear()  # ... which later tests' trainers would inherit, and the port is still held here
+    os.environ.update(saved)
 
 
 def _weights(engine):
