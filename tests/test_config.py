@@ -67,6 +67,7 @@ def test_overrides_are_typed():
     ("augment.crop=[100,200]", "augment.crop", "multiple of 32"),
     ("checkpoint.keep_last=1", "checkpoint.keep_last", ">= 2"),
     ("deepspeed.zero_stage=4", "deepspeed.zero_stage", "0, 1, 2 or 3"),
+    ("deepspeed.offload_optimizer=true", "deepspeed.offload_optimizer", "zero_stage 1, 2 or 3"),
     ("optim=3", "optim", "a mapping"),
     # values that pass the type check but used to break the run
     ("checkpoint.every=0", "checkpoint.every", ">= 1"),

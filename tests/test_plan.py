@@ -119,6 +119,8 @@ def test_model_states_follow_the_zero_stage():
     assert stages[3]["frozen weights"] == 2 * frozen // n and stages[2]["frozen weights"] == 2 * frozen
     assert stages[3]["EMA"] == 4 * trainable // n and stages[2]["EMA"] == 4 * trainable
     assert model_states(trainable, frozen, "bf16", 1, n, ema=False)["EMA"] == 0
+    offloaded = model_states(trainable, frozen, "bf16", 2, n, ema=True, offload=True)
+    assert offloaded["optimizer states"] == 0 and offloaded["gradients"] == stages[2]["gradients"]
 
 
 def test_plan_command_prints_each_part_the_largest_batch_and_a_time_floor(capsys):
@@ -136,7 +138,12 @@ def test_plan_command_prints_each_part_the_largest_batch_and_a_time_floor(capsys
     text = capsys.readouterr().out
     for line in ("optimizer states", "activations per sample", "largest batch per GPU that fits:", "time floor"):
         assert line in text
-    assert f"largest batch per GPU that fits: {plan['max_batch']}" in text
+    assert f"largest batch per GPU that fits: {plan['max_batch']}" in text and "host memory" not in text
+
+    assert main(args[:3] + ["deepspeed.offload_optimizer=true"] + args[3:] + ["--json"]) == 0  # the fp32 partition moves to the host
+    offloaded = json.loads(capsys.readouterr().out)
+    assert offloaded["states"]["optimizer states"] == 0 and offloaded["host_bytes"] == plan["states"]["optimizer states"]
+    assert offloaded["max_batch"] >= plan["max_batch"]
 
 
 def test_check_fits_plans_a_fitting_config_and_is_skipped_when_switched_off():

@@ -218,6 +218,9 @@ class DeepSpeedConfig:
     def validate(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError("deepspeed.zero_stage", f"0, 1, 2 or 3, got {self.zero_stage}")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ConfigError("deepspeed.offload_optimizer", "zero_stage 1, 2 or 3 (ZeRO-0 has no partition to "
+                              "offload), or false")
 
 
 @dataclass

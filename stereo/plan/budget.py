@@ -43,6 +43,7 @@ class Plan:
     trainable_params: int
     frozen_params: int  # buffers included
     states: dict[str, int]  # bytes per GPU: frozen weights, trainable weights, gradients, optimizer states, EMA
+    host_bytes: int  # per rank in host memory: the offloaded optimizer partition (deepspeed.offload_optimizer)
     kept_bytes: int  # activations kept for backward at `batch` (measured)
     step_peak_bytes: int  # the step's highest transient memory above the model states at `batch` (measured)
     flops: int  # one step at `batch`, recomputation included
@@ -101,15 +102,16 @@ def parameter_counts(cfg: ModelConfig) -> tuple[int, int]:
 
 
 def model_states(trainable: int, frozen: int, precision: str, zero_stage: int, world_size: int,
-                 ema: bool) -> dict[str, int]:
-    """Bytes per GPU of what lives for the whole run."""
+                 ema: bool, offload: bool = False) -> dict[str, int]:
+    """Bytes per GPU of what lives for the whole run (offload: the fp32 partition lives in host memory instead,
+    `host_optimizer_bytes`)."""
     p, n = BYTES[precision], world_size
     weights_share = 1 / n if zero_stage == 3 else 1
     grads = trainable * p / (n if zero_stage >= 2 else 1)
     if zero_stage in (1, 2):
         grads += DEEPSPEED_REDUCE_BUCKET * p
     if zero_stage >= 1:  # fp32 partition: master copy, its gradient, AdamW's two moments
-        optimizer = trainable * 16 / n
+        optimizer = 0 if offload else host_optimizer_bytes(trainable, world_size)
     elif precision == "bf16":  # DeepSpeed runs the optimizer on the bf16 weights themselves: bf16 moments
         optimizer = trainable * 2 * p
     elif precision == "fp16":  # DeepSpeed's fp16 optimizer: fp32 master, its gradient and the moments
@@ -121,6 +123,11 @@ def model_states(trainable: int, frozen: int, precision: str, zero_stage: int, w
             "gradients": int(grads),
             "optimizer states": int(optimizer),
             "EMA": int(trainable * 4 * weights_share) if ema else 0}
+
+
+def host_optimizer_bytes(trainable: int, world_size: int) -> int:
+    """The fp32 partition per rank under ZeRO-1/2/3: master copy, its gradient, AdamW's two moments."""
+    return trainable * 16 // world_size
 
 
 def _cache_dir() -> Path:
@@ -170,11 +177,13 @@ def make_plan(cfg: Config, world_size: int, gpu: Gpu, config_name: str | None = 
     crop = (cfg.augment.crop[0], cfg.augment.crop[1])
     step = simulated_step(cfg.model, cfg.data.batch_size, crop, cfg.model.train_iters, precision)
     trainable, frozen = parameter_counts(cfg.model)
+    offload = cfg.deepspeed.offload_optimizer
     states = model_states(trainable, frozen, precision, cfg.deepspeed.zero_stage, world_size,
-                          ema=cfg.train.ema_decay is not None)
+                          ema=cfg.train.ema_decay is not None, offload=offload)
     return Plan(config=config_name or cfg.name, size=cfg.model.size, crop=crop, iters=cfg.model.train_iters,
                 precision=precision, zero_stage=cfg.deepspeed.zero_stage, world_size=world_size, gpu=gpu,
                 batch=cfg.data.batch_size, trainable_params=trainable, frozen_params=frozen, states=states,
+                host_bytes=host_optimizer_bytes(trainable, world_size) if offload else 0,
                 kept_bytes=step["kept_bytes"], step_peak_bytes=step["peak_bytes"], flops=step["flops"],
                 operators=step["operators"], simulate_s=step["simulate_s"])
 

@@ -35,6 +35,8 @@ def render(plan: Plan) -> str:
               f"  {f'step peak above the model states, batch {plan.batch}':<44}{plan.step_peak_bytes / GIB:>8.2f}",
               f"  {f'peak, batch {plan.batch}':<44}{plan.peak_bytes / GIB:>8.2f}"
               f"   {'fits' if plan.fits else 'DOES NOT FIT'}",
+              *([f"  {'host memory per rank (offloaded optimizer)':<44}{plan.host_bytes / GIB:>8.2f}"]
+                if plan.host_bytes else []),
               "",
               f"largest batch per GPU that fits: {plan.max_batch}",
               f"parameters: {plan.trainable_params / 1e6:.1f} M trainable, {plan.frozen_params / 1e6:.1f} M frozen"]

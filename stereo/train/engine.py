@@ -117,6 +117,8 @@ def deepspeed_config(cfg: Config, world_size: int, precision: str) -> dict:
     }
     if cfg.deepspeed.offload_optimizer:
         ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        # torch's fused CPU AdamW steps the offloaded fp32 partitions: DeepSpeedCPUAdam would need a C++ build
+        ds["zero_force_ds_cpu_optimizer"] = False
     if precision == "bf16":
         ds["bf16"] = {"enabled": True}
     elif precision == "fp16":
@@ -133,7 +135,7 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, precision: str) -> torc
     kwargs = dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
     if guards_gradients(cfg, precision):
         return GuardedAdamW(groups, max_norm=cfg.optim.grad_clip, **kwargs)
-    return torch.optim.AdamW(groups, **kwargs)
+    return torch.optim.AdamW(groups, fused=cfg.deepspeed.offload_optimizer or None, **kwargs)
 
 
 def build_engine(model: torch.nn.Module, cfg: Config, env: DistEnv, precision: str):
