@@ -6,18 +6,12 @@
 # WANDB_* and NCCL_* variables.
 # Signals: Slurm signals this script and the `docker` client; the client passes each signal to the container's init,
 # which passes it to the whole process group there (the job and the trainer), as Slurm would; this script waits.
-# Requeues: submitit requeues a preempted job with `scontrol requeue`, which cannot reach Slurm from the container;
-# there `scontrol` (docker/scontrol_in_container.sh) leaves the request in a mounted folder, and this script makes
-# it on the host once the container has ended. A container Slurm could not stop (the client killed after KillWait)
-# is removed when the task starts again.
+# Requeues are the batch shell's, on the host (jobs/submit.py): nothing in the container needs Slurm. A container
+# Slurm could not stop (the client killed after KillWait) is removed when the task starts again.
 set -euo pipefail
 image=$1 workdir=$2
 shift 2
-here=$(cd "$(dirname "$0")" && pwd)
-requests=$(mktemp -d /tmp/stereo-slurm-task.XXXXXX)
-run=(--rm --network=host --ipc=host --user "$(id -u):$(id -g)" --workdir "$workdir"
-     --volume "$requests:$requests" --env "STEREO_SCONTROL_REQUESTS=$requests"
-     --volume "$here/scontrol_in_container.sh:/usr/local/bin/scontrol:ro")
+run=(--rm --network=host --ipc=host --user "$(id -u):$(id -g)" --workdir "$workdir")
 while [ "$1" != -- ]; do
     run+=(--volume "$1:$1")
     shift
@@ -41,10 +35,4 @@ while :; do
     wait "$client" && status=0 || status=$?
     kill -0 "$client" 2>/dev/null || break  # a signal interrupted the wait: the client still runs
 done
-if [ -s "$requests/requeue" ]; then
-    while read -r job; do
-        scontrol requeue "$job"
-    done < "$requests/requeue"
-fi
-rm -rf "$requests"
 exit "$status"

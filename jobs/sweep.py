@@ -27,7 +27,8 @@ from jobs.submit import run_wandb_id, make_executor, submit_array
 from stereo.config import ConfigError, dump_yaml
 from stereo.eval.report import markdown_table
 from stereo.exitcodes import INTERNAL, RUN_DIR_BUSY
-from stereo.sweep.book import COMPLETED, TRIAL_CONFIG, SweepBusy, SweepDir, TrialRecord, trial_progress
+from stereo.sweep.book import (COMPLETED, TRIAL_CONFIG, SweepBusy, SweepDir, TrialRecord, shown_state,
+                               trial_progress)
 from stereo.sweep.local import run_trials
 from stereo.sweep.spec import SweepSpec, Trial, build_trials, load_sweep
 
@@ -219,7 +220,7 @@ def table(spec: SweepSpec, records: list[TrialRecord], book: SweepDir) -> str:
         progress = trial_progress(record.run_dir, spec.metric, spec.direction)
         steps = _configured_steps(Path(record.run_dir))
         best = "-" if progress.best is None else f"{progress.best:.4g} (step {progress.best_step})"
-        state = record.state + (f" ({record.note})" if record.note else "")
+        state = shown_state(record, progress)
         rows.append([record.trial, " ".join(record.overrides), state,
                      f"{progress.step if progress.step is not None else '-'}/{steps}", best])
     header = f"sweep {spec.name}: {len(records)} trials, {spec.metric} ({spec.direction}), " \

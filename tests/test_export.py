@@ -13,7 +13,9 @@ from stereo.model import build_model
 from stereo.model.io import load_released
 from stereo.train.checkpoint import find_checkpoint
 from stereo.train.export import load_checkpoint_weights, read_trainer_state
-from tests.test_train import REPO, demo_shards, run  # noqa: F401 (demo_shards: autouse fixture)
+from tests.test_train import REPO, run
+
+pytestmark = pytest.mark.usefixtures("demo_shards")
 
 TWO_STEPS = ("train.steps=2", "checkpoint.every=2")
 

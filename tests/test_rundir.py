@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+import yaml
 
 from stereo.config import ConfigError, dump_yaml, load_config
 from stereo.train import rundir
@@ -115,3 +116,14 @@ def test_a_second_ctrl_c_after_the_debounce_aborts():
     finally:
         signals.uninstall()
         signal.signal(signal.SIGINT, previous)
+
+
+def test_a_checkpoint_from_before_a_key_existed_resumes_unless_the_key_is_set(tmp_path):
+    """The stored config of an older version lacks the newer sections: those count as their defaults."""
+    older = yaml.safe_load(dump_yaml(load_config("tiny")))
+    del older["early_stop"]
+    del older["deepspeed"]["offload_optimizer"]
+    stored = yaml.safe_dump(older)
+    assert check_resume_config(stored, load_config("tiny"), tmp_path) == []
+    with pytest.raises(ConfigError, match=r"early_stop.eta: 2 -> 3"):
+        check_resume_config(stored, load_config("tiny", ["early_stop.eta=3"]), tmp_path)

@@ -37,12 +37,6 @@ EVERY = 5  # the stand-in's periodic checkpoints
 
 
 @pytest.fixture(scope="module")
-def demo_shards():
-    if not (ROOT / "shards/demo/train/manifest.json").is_file():
-        subprocess.run([sys.executable, "-m", "stereo", "demo-data", "--out", "shards/demo"], cwd=ROOT, check=True)
-
-
-@pytest.fixture(scope="module")
 def cluster(tmp_path_factory, demo_shards):
     """The local cluster (two nodes), up for this module; SLURM_CONF points every client at it."""
     script = ROOT / "slurm" / "local_cluster.sh"

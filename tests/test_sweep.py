@@ -81,6 +81,9 @@ def test_grid_crossed_with_seeded_draws():
     ({"max_concurent": 2}, "max_concurent", "unknown key"),
     ({"direction": "down"}, "direction", "min or max"),
     ({"overrides": {"optim.lr": 1.0}}, "overrides.optim.lr", "no trial varies"),
+    ({"early_stop": {"rungs": [4], "keep": 2}}, "early_stop.keep", "unknown key"),
+    ({"early_stop": {"eta": 2}}, "early_stop.rungs", "the steps where trials are compared"),
+    ({"metric": "loss", "early_stop": {"rungs": [4]}}, "metric", "a validation metric"),
 ])
 def test_bad_sweep_file_names_the_key(tmp_path, change, key, expected):
     path = tmp_path / "bad.yaml"
@@ -158,12 +161,6 @@ def trained_steps(run_dir: str | Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def demo_shards():
-    if not (REPO / "shards/demo/train/manifest.json").is_file():
-        subprocess.run([sys.executable, "-m", "stereo", "demo-data", "--out", "shards/demo"], cwd=REPO, check=True)
-
-
-@pytest.fixture(scope="module")
 def local_sweep(tmp_path_factory, demo_shards) -> dict:
     """The tiny sweep with LOCAL=1: the four trials one after another on this machine; Ctrl-C while t03 trains,
     then `make sweep` again to finish it. t00-t02 ran uninterrupted: the references of the Slurm trials."""
@@ -230,6 +227,37 @@ def test_local_rerun_trains_nothing_twice_and_a_changed_sweep_is_refused(local_s
     changed = make(cwd, "sweep", "SWEEP=configs/sweeps/tiny.yaml", "LOCAL=1", *FAST, "train.steps=9")
     assert changed.returncode == 2
     assert "the sweep as started in runs/sweeps/tiny/sweep.yaml" in changed.stderr and "8" in changed.stderr
+
+
+@pytest.mark.slow
+def test_early_stopping_stops_the_trials_behind_at_the_rung(tmp_path, demo_shards):
+    """Successive halving with LOCAL=1: two learning rates, each twice (a one-value draw), so t01 repeats t00 exactly
+    and must stop at the rung (an equal result ranks after the earlier one); every decision follows the rule."""
+    cwd = project(tmp_path / "halving")
+    (cwd / "halving.yaml").write_text(yaml.safe_dump({
+        "config": "tiny", "grid": {"optim.lr": [5.0e-4, 2.0e-3]},
+        "random": {"seed": 0, "trials": 2, "keys": {"loss.gamma": {"choice": [0.9]}}},
+        "early_stop": {"rungs": [4], "eta": 2}}))
+    done = make(cwd, "sweep", "SWEEP=halving.yaml", "LOCAL=1", *FAST)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    rung = cwd / "runs/sweeps/halving/rungs/00000004"
+    ledger = {path.stem: json.loads(path.read_text()) for path in rung.glob("*.json")}
+    assert sorted(ledger) == TRIALS
+    seen = []
+    for trial in sorted(ledger, key=lambda t: ledger[t]["arrival"]):  # the rule, replayed in arrival order
+        value = ledger[trial]["value"]
+        seen.append(value)
+        place = sum(v <= value for v in seen)  # equal earlier results rank first
+        assert ledger[trial]["stop"] == (place > max(1, len(seen) // 2)), ledger
+    assert ledger["t01"]["stop"] and ledger["t01"]["value"] == ledger["t00"]["value"]
+    for trial, record in records(cwd, "halving").items():
+        run_dir, stopped = Path(record["run_dir"]), ledger[trial]["stop"]
+        last = 4 if stopped else 8
+        assert record["state"] == "completed" and trained_steps(run_dir) == last
+        assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{last:08d}"
+        assert ("stopped early at step 4: val/epe/pooled" in (run_dir / "train.log").read_text()) == stopped
+    status = make(cwd, "sweep-status", "SWEEP=halving.yaml")
+    assert "| t01 | optim.lr=0.0005 loss.gamma=0.9 | stopped early at step 4 | 4/8 |" in status.stdout, status.stdout
 
 
 # --- on Slurm ------------------------------------------------------------------------------------------------

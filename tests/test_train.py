@@ -22,16 +22,11 @@ from stereo.exitcodes import PREEMPTED as EXIT_PREEMPTED
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+pytestmark = pytest.mark.usefixtures("demo_shards")
 FAST = ["augment.crop=[64,128]", "data.batch_size=1", "model.train_iters=2", "model.valid_iters=2",
         "train.steps=8", "checkpoint.every=3", "checkpoint.keep_last=2", "logging.every=1", "logging.image_every=4",
         "train.val_every=1000", "data.val=[]", "logging.wandb=disabled", "schedule.warmup_steps=2",
         "deepspeed.zero_stage=1"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def demo_shards():
-    if not (REPO / "shards/demo/train/manifest.json").is_file():
-        subprocess.run([sys.executable, "-m", "stereo", "demo-data", "--out", "shards/demo"], cwd=REPO, check=True)
 
 
 def launch(run_dir: Path, nproc: int = 1, overrides: tuple[str, ...] = (), env: dict | None = None) -> subprocess.Popen:

@@ -297,6 +297,28 @@ class EvalConfig:
 
 
 @dataclass
+class EarlyStopConfig:
+    """Asynchronous successive halving among the runs that share `ledger` (stereo/train/early_stop.py): at each rung
+    step a run records its validation metric there and stops unless it ranks within the best 1/eta so far. A sweep
+    sets it for its trials (docs/sweeps.md)."""
+    ledger: str | None = None  # a directory the competing runs share; None: no early stopping
+    rungs: list[int] = field(default_factory=list)  # the steps where runs are compared (validation steps)
+    eta: int = 2
+    metric: str = "val/epe/pooled"
+    direction: Literal["min", "max"] = "min"
+
+    def validate(self) -> None:
+        if any(r < 1 for r in self.rungs) or self.rungs != sorted(set(self.rungs)):
+            raise ConfigError("early_stop.rungs", f"increasing steps >= 1, got {self.rungs}")
+        if self.eta < 2:
+            raise ConfigError("early_stop.eta", f">= 2 (the best 1/eta continue), got {self.eta}")
+        if not self.metric.startswith("val/"):
+            raise ConfigError("early_stop.metric", f"a validation metric (val/...), got {self.metric!r}")
+        if self.ledger is not None and not self.rungs:
+            raise ConfigError("early_stop.rungs", "at least one step where runs are compared")
+
+
+@dataclass
 class Config:
     name: str = "unnamed"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -311,3 +333,17 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+
+    def validate(self) -> None:
+        """What no single section can check."""
+        stop = self.early_stop
+        if stop.ledger is None:
+            return
+        if not self.data.val:
+            raise ConfigError("early_stop.ledger", "a run that validates (data.val is empty)")
+        for rung in stop.rungs:
+            if rung >= self.train.steps or rung % self.train.val_every:
+                raise ConfigError("early_stop.rungs", f"validation steps before the last (multiples of "
+                                  f"train.val_every={self.train.val_every} below train.steps={self.train.steps}), "
+                                  f"got {rung}")

@@ -3,6 +3,7 @@
     sweep.yaml      the sweep as started (the file, with any command-line overrides merged in)
     trials.jsonl    one line per trial: id, its varied overrides, run directory, state, Slurm job id, a note
     t00/, t01/ ...  the trials' run directories (ordinary runs; `trial_config.yaml` is what every start trains)
+    rungs/          early stopping's ledger: each trial's metric at each rung (stereo/train/early_stop.py)
     slurm/          submitit's job scripts, pickles and logs (Slurm only)
     compare/        `make compare SWEEP=...`
 
@@ -54,6 +55,15 @@ class Progress:
     step: int | None  # the last logged step
     best: float | None  # best value of the metric after step 0 (every trial shares the starting weights' value)
     best_step: int | None
+    stopped_at: int | None = None  # the rung where early stopping ended the trial
+
+
+def shown_state(record: TrialRecord, progress: Progress) -> str:
+    """The trial's state for people: a completed trial that early stopping ended says where."""
+    state = record.state
+    if state == COMPLETED and progress.stopped_at is not None:
+        state = f"stopped early at step {progress.stopped_at}"
+    return state + (f" ({record.note})" if record.note else "")
 
 
 class SweepDir:
@@ -108,7 +118,7 @@ def _write_atomic(path: Path, text: str) -> None:
 def trial_progress(run_dir: str | Path, metric: str, direction: str) -> Progress:
     """Step and metric so far from the run's metrics.jsonl (a line being written right now is skipped)."""
     path = Path(run_dir) / "metrics.jsonl"
-    step, values = None, []
+    step, values, stopped_at = None, [], None
     if path.is_file():
         for line in path.read_text().splitlines():
             try:
@@ -117,13 +127,15 @@ def trial_progress(run_dir: str | Path, metric: str, direction: str) -> Progress
                 continue
             if isinstance(record, dict) and isinstance(record.get("step"), int):
                 step = max(step or 0, record["step"])
+                if record.get("event") == "stopped_early":
+                    stopped_at = record["step"]
                 value = record.get(metric)
                 if isinstance(value, (int, float)) and math.isfinite(value):
                     values.append((record["step"], float(value)))
     later = [(s, v) for s, v in values if s > 0]
     if not later:
-        return Progress(step, None, None)
+        return Progress(step, None, None, stopped_at)
     pick = min if direction == "min" else max
     best_step, best = pick(later, key=lambda sv: sv[1])
-    return Progress(step, best, best_step)
+    return Progress(step, best, best_step, stopped_at)
 

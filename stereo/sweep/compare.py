@@ -11,7 +11,7 @@ import yaml
 
 from stereo.eval.compare import Run, load_run, rank, report, show, write_plots
 from stereo.eval.report import markdown_table
-from stereo.sweep.book import SweepDir, TrialRecord
+from stereo.sweep.book import SweepDir, TrialRecord, shown_state, trial_progress
 from stereo.sweep.spec import SweepSpec, load_sweep
 
 
@@ -55,7 +55,8 @@ def _ranking(spec: SweepSpec, order: list[TrialRecord], runs: dict[str, Run], me
         values = varied_values(record)
         rows.append([place if best else "-", record.trial, *(show(values.get(k)) for k in spec.varied),
                      best[0] if best else None, best[1] if best else None, run.last(metric) if run else None,
-                     run.last("step") if run else None, record.state])
+                     run.last("step") if run else None,
+                     shown_state(record, trial_progress(record.run_dir, spec.metric, spec.direction))])
     return header, rows
 
 

@@ -14,6 +14,9 @@
     metric: val/epe/pooled       # what `compare` ranks by
     direction: min               # min or max
     max_concurrent: 2            # trials running at once (the job array's %N)
+    early_stop:                  # optional: successive halving on the metric (stereo/train/early_stop.py)
+      rungs: [500, 1000]         # steps where trials are compared (validation steps)
+      eta: 2                     # the best 1/eta of the trials at a rung so far continue
 
 Every problem is a ConfigError naming the sweep file (and the trial, for a trial's config) and the key.
 """
@@ -36,8 +39,10 @@ from stereo.eval.compare import flatten
 
 SWEEP_DIR = CONFIG_DIR / "sweeps"
 SWEEPS_ROOT = Path("runs/sweeps")  # where sweeps run: runs/sweeps/<name>/ (stereo/sweep/book.py)
-TOP_KEYS = ("name", "config", "overrides", "grid", "random", "metric", "direction", "max_concurrent")
+TOP_KEYS = ("name", "config", "overrides", "grid", "random", "metric", "direction", "max_concurrent", "early_stop")
 RANDOM_KEYS = ("seed", "trials", "keys")
+EARLY_STOP_KEYS = ("rungs", "eta")
+RUNGS_DIR = "rungs"  # in the sweep directory: the early-stopping ledger the trials share
 DISTRIBUTIONS = ("uniform", "log_uniform", "choice")
 SIGNIFICANT_DIGITS = 3  # random draws are rounded: readable overrides, and nothing a search can tell apart is lost
 
@@ -70,6 +75,7 @@ class SweepSpec:
     metric: str = "val/epe/pooled"
     direction: str = "min"
     max_concurrent: int = 4
+    early_stop: dict[str, Any] = field(default_factory=dict)  # {rungs, eta}; empty: every trial runs to the end
     source: str = ""
 
     @property
@@ -111,7 +117,17 @@ class SweepSpec:
             raw["random"] = {"seed": self.seed, "trials": self.draws,
                              "keys": {k: {d.kind: list(d.values)} for k, d in self.random_keys.items()}}
         raw.update(metric=self.metric, direction=self.direction, max_concurrent=self.max_concurrent)
+        if self.early_stop:
+            raw["early_stop"] = dict(self.early_stop)
         return raw
+
+    def early_stop_overrides(self, sweep_dir: Path) -> list[str]:
+        """The trials' `early_stop` section: one ledger for all, the sweep's metric and direction."""
+        if not self.early_stop:
+            return []
+        settings = {"ledger": str((sweep_dir / RUNGS_DIR).resolve()), **self.early_stop, "metric": self.metric,
+                    "direction": self.direction}
+        return [f"early_stop.{k}={render(v)}" for k, v in settings.items()]
 
 
 @dataclass
@@ -185,6 +201,14 @@ def parse_sweep(raw: Any, default_name: str, source: str) -> SweepSpec:
     spec.max_concurrent = raw.get("max_concurrent", spec.max_concurrent)
     if isinstance(spec.max_concurrent, bool) or not isinstance(spec.max_concurrent, int) or spec.max_concurrent < 1:
         raise ConfigError("max_concurrent", f"an integer >= 1, got {spec.max_concurrent!r}")
+    if raw.get("early_stop") is not None:
+        section = _mapping(raw["early_stop"], "early_stop")
+        _known(section, EARLY_STOP_KEYS, "early_stop")
+        if "rungs" not in section:
+            raise ConfigError("early_stop.rungs", "the steps where trials are compared, e.g. [500, 1000]")
+        if not spec.metric.startswith("val/"):
+            raise ConfigError("metric", f"a validation metric (val/...) for early_stop, got {spec.metric!r}")
+        spec.early_stop = dict(section)  # the values are checked with each trial's config (early_stop.*)
     return spec
 
 
@@ -246,7 +270,7 @@ def build_trials(spec: SweepSpec, sweep_dir: Path) -> list[Trial]:
     trials, checked_models, checked_paths = [], set(), set()
     for index, varied in enumerate(combos):
         trial_id = f"t{index:0{width}d}"
-        everything = [*spec.fixed_overrides(), *varied]
+        everything = [*spec.fixed_overrides(), *varied, *spec.early_stop_overrides(sweep_dir)]
         try:
             cfg = load_config(spec.config, everything)
             if repr(cfg.model) not in checked_models:

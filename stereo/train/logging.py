@@ -7,6 +7,7 @@ mirror of metrics.jsonl: a failed start or a dead service is one warning and the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -103,6 +104,14 @@ class RunLogger:
                                                                   for k, v in listing.items()), file=sys.stderr,
               flush=True)
         self._append({"step": step, "time": time.time(), "event": "config_change", "changes": listing})
+
+    def stopped_early(self, rung, metric: str) -> None:
+        """Successive halving stopped the run at this rung (stereo/train/early_stop.py)."""
+        if not self.enabled:
+            return
+        self._append({"step": rung.step, "time": time.time(), "event": "stopped_early", **dataclasses.asdict(rung)})
+        print(f"stopped early at step {rung.step}: {rung.describe(metric)}; checkpointed", file=sys.stderr,
+                  flush=True)
 
     def log_image(self, step: int, name: str, image: np.ndarray) -> None:
         """An (H, W, 3) uint8 picture: saved under RUN_DIR/images/ and sent to wandb."""

@@ -20,6 +20,7 @@ from stereo.model.precision import resolve_precision
 from stereo.progress import TrainProgress
 from stereo.train import engine as ds_engine
 from stereo.train.checkpoint import CheckpointManager
+from stereo.train.early_stop import EarlyStop
 from stereo.train.ema import EMA
 from stereo.train.failures import ExitContext
 from stereo.train.logging import RunLogger
@@ -70,6 +71,7 @@ def train(cfg: Config, overrides: list[str], context: ExitContext) -> int:
     log.truncate_after(state.step if saved is not None else -1)
     log.record_config_changes(state.step, run.changes)
     validator = Validator(cfg, engine.module, ema, env, log)
+    early_stop = EarlyStop(cfg.early_stop, run.path, env.rank)
     if state.step == 0:
         validator.run(0, "before")
         clock.mark("validation")
@@ -129,14 +131,19 @@ def train(cfg: Config, overrides: list[str], context: ExitContext) -> int:
         progress.update(1)
         if cfg.logging.image_every and state.step % cfg.logging.image_every == 0:
             log.log_image(state.step, "train/disparity", training_panel(batch, preds[-1]))
+        rung = None
         if state.step % cfg.train.val_every == 0 and state.step < cfg.train.steps:
-            validator.run(state.step)
+            rung = early_stop.at(state.step, validator.run(state.step))
+        stopped_early = rung is not None and rung.stop
         agreed = signals.agree()  # a signal during backward, the update or validation is saved at this step
-        if agreed.stop or agreed.checkpoint or state.step % cfg.checkpoint.every == 0 \
+        if agreed.stop or agreed.checkpoint or stopped_early or state.step % cfg.checkpoint.every == 0 \
                 or state.step == cfg.train.steps:
             ckpts.save(engine, state.step, state.trainer_state(loader, ema, rng_state(), engine, cfg, run.git_revision),
                        dump_yaml(cfg))
             signals.checkpoint_done()
+        if stopped_early:
+            log.stopped_early(rung, cfg.early_stop.metric)
+            break
         if agreed.stop:
             print(f"[rank {env.rank}] stopped by a signal: checkpointed at step {state.step}, exiting "
                   f"{exitcodes.PREEMPTED} (start the same command again to resume)", file=sys.stderr, flush=True)
@@ -144,7 +151,7 @@ def train(cfg: Config, overrides: list[str], context: ExitContext) -> int:
             break
     progress.close()
     signals.uninstall()
-    if exit_code == exitcodes.OK:
+    if exit_code == exitcodes.OK and state.step == cfg.train.steps:
         validator.run(state.step, "after")
         validator.print_summary()
     log.finish(exit_code)  # before the closing lines, which wandb's summary would otherwise bury

@@ -219,9 +219,11 @@ class Validator:
         self.cfg, self.module, self.ema, self.env, self.log = cfg, module, ema, env, log
         self.epe: dict[str, float] = {}
 
-    def run(self, step: int, label: str | None = None) -> None:
+    def run(self, step: int, label: str | None = None) -> dict[str, float]:
+        """The logged scalars (on the ranks that validated; {} on the others)."""
+        scalars: dict[str, float] = {}
         if not self.cfg.data.val:
-            return
+            return scalars
         if self.env.rank == 0 or self.cfg.deepspeed.zero_stage == 3:
             from stereo.data.loader import count_val_samples, iter_val_samples
             from stereo.eval.runner import evaluate
@@ -245,6 +247,7 @@ class Validator:
                 print(f"validation at step {step}: EPE {epe:.3f}", file=sys.stderr, flush=True)
         if dist.is_initialized():
             dist.barrier()
+        return scalars
 
     def print_summary(self) -> None:
         if self.env.rank == 0 and "before" in self.epe and "after" in self.epe:

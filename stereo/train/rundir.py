@@ -147,8 +147,11 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
 
 
 def config_changes(stored_yaml: str, cfg: Config) -> list[tuple[str, object, object]]:
-    """(key, stored value, new value) for every key that differs."""
-    old, new = flatten(yaml.safe_load(stored_yaml) or {}), flatten(yaml.safe_load(dump_yaml(cfg)))
+    """(key, stored value, new value) for every key that differs. A key the stored config lacks (written before the
+    key existed) counts as its default: a checkpoint of an older version resumes unless the new key is set."""
+    defaults = flatten(yaml.safe_load(dump_yaml(Config())))
+    old = {**defaults, **flatten(yaml.safe_load(stored_yaml) or {})}
+    new = flatten(yaml.safe_load(dump_yaml(cfg)))
     return [(key, old.get(key), new.get(key)) for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
 
 

@@ -1,0 +1,88 @@
+"""Early stopping by asynchronous successive halving (the config's `early_stop`; a sweep sets it for its trials).
+
+The runs that share a ledger directory compete at each rung step. At a rung a run records its validation metric in
+LEDGER/<step>/<run>.json and continues only if it ranks within the best max(1, n // eta) of the n runs recorded at
+that rung so far, itself included (the earlier of equal results ranks first; a non-finite result ranks last and
+always stops). The first run to reach a rung continues: there is nothing to compare it with yet. No scheduler
+process is needed, so trials queued as a job array with a concurrency limit stop themselves. The decision is
+stored with the result: a restarted run that validates at the same rung again gets the same answer.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch.distributed as dist
+
+from stereo.config import ConfigError
+from stereo.config.schema import EarlyStopConfig
+
+
+@dataclass
+class Rung:
+    step: int
+    value: float | None  # None: not finite
+    rank: int  # 1 = best, among `of`
+    of: int  # runs recorded at this rung when this one arrived, itself included
+    keep: int  # how many of those continue
+    stop: bool
+
+    def describe(self, metric: str) -> str:
+        value = "not finite" if self.value is None else f"{self.value:.4g}"
+        return (f"{metric} {value} ranks {self.rank} of the {self.of} runs at step {self.step} so far "
+                f"(the best {self.keep} continue)")
+
+
+def decide(ledger: str | Path, run: str, step: int, value: float, eta: int, direction: str) -> Rung:
+    """Record `run`'s result at the rung `step` and rank it among the results recorded there before it."""
+    folder = Path(ledger) / f"{step:08d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one run at a time reads the rung and adds itself
+        own = folder / f"{run}.json"
+        if own.is_file():
+            return Rung(**{k: v for k, v in json.loads(own.read_text()).items() if k in Rung.__dataclass_fields__})
+        others = [json.loads(path.read_text()) for path in folder.glob("*.json")]
+        finite = math.isfinite(value)
+        entry = {"run": run, "value": value if finite else None, "arrival": len(others)}
+        sign = 1.0 if direction == "min" else -1.0
+
+        def order(e: dict) -> tuple:
+            return (e["value"] is None, sign * (e["value"] or 0.0), e["arrival"])
+
+        ranked = sorted([*others, entry], key=order)
+        rank, keep = ranked.index(entry) + 1, max(1, len(ranked) // eta)
+        rung = Rung(step, entry["value"], rank, len(ranked), keep, stop=rank > keep or not finite)
+        partial = own.with_name(f".{own.name}.partial")
+        partial.write_text(json.dumps({**entry, **asdict(rung)}))
+        os.replace(partial, own)
+        return rung
+
+
+class EarlyStop:
+    """The run's side: at a rung step rank 0 records the validation result and decides; every rank gets the answer."""
+
+    def __init__(self, cfg: EarlyStopConfig, run_dir: Path, rank: int):
+        self.cfg, self.run, self.rank = cfg, Path(run_dir).name, rank
+
+    def at(self, step: int, scalars: dict[str, float]) -> Rung | None:
+        """None where no rung is (or early stopping is off); else this rung's decision."""
+        if self.cfg.ledger is None or step not in self.cfg.rungs:
+            return None
+        rung = None
+        if self.rank == 0:
+            if self.cfg.metric not in scalars:
+                raise ConfigError("early_stop.metric", f"a metric validation logs ({', '.join(sorted(scalars))}), "
+                                                       f"got {self.cfg.metric!r}")
+            rung = decide(self.cfg.ledger, self.run, step, scalars[self.cfg.metric], self.cfg.eta,
+                          self.cfg.direction)
+        if dist.is_initialized():
+            box = [rung]
+            dist.broadcast_object_list(box, src=0)
+            rung = box[0]
+        return rung
