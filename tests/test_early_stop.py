@@ -76,3 +76,21 @@ def test_bad_early_stop_settings_name_the_key(overrides, key, expected):
     with pytest.raises(ConfigError) as info:
         load_config("tiny", ["train.val_every=50", *overrides])  # tiny: 300 steps
     assert info.value.key == key and expected in str(info.value)
+
+
+def test_every_rank_stops_at_the_rung_of_a_run_that_is_behind(tmp_path, demo_shards):
+    """World size 2 through torchrun: rank 0 validates and decides, the other rank gets the answer; the run
+    checkpoints at the rung and ends as a finished run (exit 0)."""
+    from stereo.train.checkpoint import complete_steps
+    from tests.test_train import losses, run
+
+    ledger = tmp_path / "ledger"
+    decide(ledger, "earlier", 2, -1.0, eta=2, direction="min")  # better than any EPE
+    run_dir = tmp_path / "run"
+    code, log = run(run_dir, 2, ("train.steps=4", "train.val_every=2", "data.val_samples=1",
+                                 "data.val=[{name: demo_val, shards: shards/demo/val}]", f"early_stop.ledger={ledger}",
+                                 "early_stop.rungs=[2]"))
+    assert code == 0, log[-3000:]
+    assert "stopped early at step 2: val/epe/pooled" in log and "ranks 2 of the 2 runs" in log
+    assert complete_steps(run_dir / "checkpoints") == [2] and sorted(losses(run_dir)) == [1, 2]
+    assert json.loads((ledger / "00000002" / "run.json").read_text())["stop"]
