@@ -195,13 +195,18 @@ def test_slurm_task_script_runs_the_job_as_the_user_with_its_gpus_and_variables_
 DOCKER = os.environ.get("DOCKER", "docker")
 UID = GID = 4321  # a user the image does not know, as `docker run --user "$(id -u):$(id -g)"` makes one
 STEP_SECONDS: dict[str, float] = {}  # written to $STEREO_DOCKER_REPORT for docker/test.sh's summary
-# The non-Slurm tests, less two files about the checkout rather than the installed project (this one reads the
-# Dockerfile; test_prebuilt_ops copies the checkout and its venv) and two tests that make submitit executors, which
-# need Slurm's client programs (the image has none).
+# The non-Slurm tests, less three files about the checkout rather than the installed project (this one reads the
+# Dockerfile; test_prebuilt_ops copies the checkout and its venv; test_walkthrough runs the README), three tests
+# that make submitit executors, which need Slurm's client programs (the image has none), and the full-disk test,
+# which mounts a tmpfs (root only; the image runs as the caller).
 IMAGE_TESTS = ["-m", "not slurm and not gpu and not docker",
                "--ignore=tests/test_docker.py", "--ignore=tests/test_prebuilt_ops.py",
+               "--ignore=tests/test_walkthrough.py",
                "--deselect=tests/test_jobs.py::test_sbatch_script_follows_the_slurm_section",
-               "--deselect=tests/test_jobs.py::test_container_runtimes_wrap_the_job", "tests"]
+               "--deselect=tests/test_jobs.py::test_container_runtimes_wrap_the_job",
+               "--deselect=tests/test_jobs.py::test_batch_shell_survives_signals_and_forwards_stops",
+               "--deselect=tests/test_faults.py::test_disk_full_names_the_path_keeps_the_previous_checkpoint_and_exits",
+               "tests"]
 
 
 @pytest.fixture(scope="module")
@@ -304,7 +309,7 @@ def test_torch_compile_works_in_the_image(image, volumes):
                       "--out", "/runs/bench-compiled.json", volumes=volumes, step="bench --compile (tiny, CPU)")
     assert done.returncode == 0, tail(done)
     report = json.loads((volumes / "runs/bench-compiled.json").read_text())
-    assert report["compile"] is True and report["train"][0]["median_ms"] > 0
+    assert report["compile"] == "inductor" and report["train"][0]["median_ms"] > 0
 
 
 @pytest.mark.docker
