@@ -94,3 +94,16 @@ def test_every_rank_stops_at_the_rung_of_a_run_that_is_behind(tmp_path, demo_sha
     assert "stopped early at step 2: val/epe/pooled" in log and "ranks 2 of the 2 runs" in log
     assert complete_steps(run_dir / "checkpoints") == [2] and sorted(losses(run_dir)) == [1, 2]
     assert json.loads((ledger / "00000002" / "run.json").read_text())["stop"]
+
+
+def test_a_metric_validation_does_not_log_stops_the_run_before_it_trains(tmp_path, demo_shards):
+    from tests.test_train import losses, run
+
+    run_dir = tmp_path / "run"
+    code, log = run(run_dir, 1, ("train.steps=4", "train.val_every=2", "data.val_samples=1",
+                                 "data.val=[{name: demo_val, shards: shards/demo/val}]",
+                                 f"early_stop.ledger={tmp_path / 'ledger'}", "early_stop.rungs=[2]",
+                                 "early_stop.metric=val/epe_pooled"))
+    assert code != 0 and "(config error, exit code 2)" in log, log[-3000:]  # torchrun itself exits 1
+    assert "early_stop.metric: a metric validation logs (" in log and "got 'val/epe_pooled'" in log
+    assert losses(run_dir) == {}  # the check ran at the validation before training

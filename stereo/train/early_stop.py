@@ -71,14 +71,17 @@ class EarlyStop:
         self.cfg, self.run, self.rank = cfg, Path(run_dir).name, rank
 
     def at(self, step: int, scalars: dict[str, float]) -> Rung | None:
-        """None where no rung is (or early stopping is off); else this rung's decision."""
-        if self.cfg.ledger is None or step not in self.cfg.rungs:
+        """None where no rung is (or early stopping is off); else this rung's decision. Every validation checks that
+        it logs the metric, the one before training included: a wrong name stops the run before it trains."""
+        if self.cfg.ledger is None:
+            return None
+        if self.rank == 0 and scalars and self.cfg.metric not in scalars:
+            raise ConfigError("early_stop.metric", f"a metric validation logs ({', '.join(sorted(scalars))}), "
+                                                   f"got {self.cfg.metric!r}")
+        if step not in self.cfg.rungs:
             return None
         rung = None
         if self.rank == 0:
-            if self.cfg.metric not in scalars:
-                raise ConfigError("early_stop.metric", f"a metric validation logs ({', '.join(sorted(scalars))}), "
-                                                       f"got {self.cfg.metric!r}")
             rung = decide(self.cfg.ledger, self.run, step, scalars[self.cfg.metric], self.cfg.eta,
                           self.cfg.direction)
         if dist.is_initialized():

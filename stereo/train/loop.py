@@ -73,7 +73,7 @@ def train(cfg: Config, overrides: list[str], context: ExitContext) -> int:
     validator = Validator(cfg, engine.module, ema, env, log)
     early_stop = EarlyStop(cfg.early_stop, run.path, env.rank)
     if state.step == 0:
-        validator.run(0, "before")
+        early_stop.at(0, validator.run(0, "before"))  # checks the metric's name; no rung at step 0
         clock.mark("validation")
     # started before the RNG restore: starting torch's DataLoader draws a seed from the global RNG
     batches = started(batches_forever(loader, env.device))
