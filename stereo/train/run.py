@@ -203,7 +203,7 @@ class Window:
 
 def training_panel(batch: dict, pred: torch.Tensor) -> np.ndarray:
     """left | gt | prediction | error for the batch's first sample."""
-    from stereo.eval.report import disparity_panel
+    from stereo.pictures import disparity_panel
 
     def first(t: torch.Tensor) -> np.ndarray:
         return t[0].detach().float().cpu().numpy()
