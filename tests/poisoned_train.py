@@ -32,7 +32,8 @@ def poison(steps: Counter) -> None:
     poisoned = PoisonedLoss(loop.stereo_loss, steps)
 
     class WatchedStepEnd(loop.StepEnd):
-        def __post_init__(self) -> None:
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
             poisoned.state = self.state  # the loop's RunState, built before the first step
 
     loop.stereo_loss, loop.StepEnd = poisoned, WatchedStepEnd
