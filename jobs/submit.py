@@ -16,6 +16,7 @@ import shutil
 import string
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import submitit
@@ -119,6 +120,30 @@ class TrainingExecutor(submitit.SlurmExecutor):
 
     def _make_submission_file_text(self, command: str, uid: str) -> str:
         return signal_safe(super()._make_submission_file_text(command, uid), self.max_requeues)
+
+    def _internal_process_submissions(self, delayed_submissions: list) -> list:
+        """submitit queues several jobs as one array through a plain SlurmExecutor of its own, whose batch script
+        has no requeue (a sweep trial stopped by a signal ended FAILED). Queue the array with this executor's script,
+        as a single job is queued."""
+        if len(delayed_submissions) == 1:
+            return super()._internal_process_submissions(delayed_submissions)
+        folder = submitit.core.utils.JobPaths.get_first_id_independent_folder(self.folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        pickles = []
+        for delayed in delayed_submissions:
+            pickles.append(folder / f"{uuid.uuid4().hex}.pkl")
+            delayed.set_timeout(self.parameters.get("time", 5), self.max_num_timeout)
+            delayed.dump(pickles[-1])
+        self.parameters["map_count"] = len(pickles)  # submitit's sbatch option for `--array=0-<n-1>%<parallelism>`
+        try:
+            first = self._submit_command(self._submitit_command_str)
+        finally:
+            del self.parameters["map_count"]
+        jobs = [submitit.SlurmJob(folder=self.folder, job_id=f"{first.job_id}_{index}",
+                                  tasks=list(range(first.num_tasks))) for index in range(len(pickles))]
+        for job, pickled in zip(jobs, pickles):
+            job.paths.move_temporary_file(pickled, "submitted_pickle")
+        return jobs
 
 
 # bash dies of USR1/USR2 and, waiting on a foreground srun, cannot act on any signal before srun exits. So srun runs

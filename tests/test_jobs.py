@@ -23,6 +23,7 @@ from jobs.rendezvous import expand_hostlist, master_port, trainer_env
 from jobs.submit import make_executor
 from stereo import exitcodes
 from stereo.config import load_config
+from stereo.sweep.spec import build_trials, load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -205,6 +206,69 @@ def test_container_runtimes_wrap_the_job(tmp_path):
     assert "apptainer exec --nv --bind" in srun_line and "/images/stereo.sif python -u -m submitit" in srun_line
 
 
+@pytest.fixture
+def sbatch_keeper(tmp_path, monkeypatch) -> Path:
+    """An `sbatch` first on PATH that keeps each script it is given (kept/1.sh, 2.sh, ...) and answers as sbatch
+    does: how submitit's array path writes its script is checked here without a cluster (test_slurm runs it)."""
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (tmp_path / "bin").mkdir()
+    sbatch = tmp_path / "bin" / "sbatch"
+    sbatch.write_text(f"#!/bin/bash\nn=$(( $(ls {kept} | wc -l) + 1 ))\ncp \"$1\" {kept}/$n.sh\n"
+                      "echo \"Submitted batch job $((4240 + n))\"\n")
+    sbatch.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{sbatch.parent}:{os.environ['PATH']}")
+    return kept
+
+
+def test_job_array_gets_the_signal_safe_batch_script_of_a_single_job(tmp_path, sbatch_keeper):
+    """submitit queues an array through a plain executor of its own: a sweep trial stopped by a signal was never
+    requeued (issue 22). The array's script is the single job's, with the array line added."""
+    from jobs.submit import submit_array
+
+    cfg = load_config("tiny", [])
+    jobs = [TrainingJob(python_args=["-c", "pass"], cwd=str(tmp_path), run_dir=str(tmp_path / f"t{i}"),
+                        max_requeues=5, save_timeout_s=10) for i in range(3)]
+    executor = make_executor(cfg.slurm, folder=tmp_path / "slurm", job_name="tiny-test", tasks_per_node=1,
+                             mounts=[tmp_path])
+    single = executor._make_submission_file_text(executor._submitit_command_str, "uid")
+    assert submit_array(executor, jobs, 2) == ["4241_0", "4241_1", "4241_2"]
+    array = (sbatch_keeper / "1.sh").read_text()
+    assert "#SBATCH --array=0-2%2\n" in array
+    assert "--array" not in single and "map_count" not in executor.parameters
+    # the same script, but for the array line and the log names (array id and index for the job id)
+    assert [line.replace("%A_%a", "%j") for line in array.splitlines() if "--array" not in line] \
+        == single.splitlines()
+    assert 'elif (trap \'\' TERM; exec scontrol requeue "$SLURM_JOB_ID"); then' in array
+
+
+def test_sweep_arrays_share_max_concurrent(tmp_path, sbatch_keeper, monkeypatch, demo_shards):
+    """A sweep run again while trials of its earlier array still run: the new array takes only what is left of
+    max_concurrent, or waits for the earlier trials (3 trials ran at once with max_concurrent 2, issue 22)."""
+    from jobs.sweep import _submit, array_limits
+    from stereo.sweep.book import SweepDir, TrialRecord
+
+    assert array_limits(2, []) == (2, None)
+    assert array_limits(3, ["7_1"]) == (2, None)
+    assert array_limits(2, ["7_1", "7_3"]) == (2, "afterany:7_1:7_3")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "demo").symlink_to(demo_shards)
+    spec = load_sweep("tiny").with_overrides(["slurm.cpus_per_task=1"])
+    book = SweepDir(spec.name)
+    trials = build_trials(spec, book.path)
+    todo = [TrialRecord(t.id, t.overrides, t.cfg.train.run_dir) for t in trials[:3]]
+    for record in todo:
+        Path(record.run_dir).mkdir(parents=True)
+    running = [TrialRecord("t03", [], str(tmp_path / "t03"), job_id="9_3", state="running")]
+    assert _submit(spec, book, todo, trials[0], active=running) == 0
+    assert "#SBATCH --array=0-2%1\n" in (sbatch_keeper / "1.sh").read_text()
+    running.append(TrialRecord("t04", [], str(tmp_path / "t04"), job_id="9_4", state="queued"))
+    assert _submit(spec, book, todo, trials[0], active=running) == 0
+    second = (sbatch_keeper / "2.sh").read_text()
+    assert "#SBATCH --array=0-2%2\n" in second and "#SBATCH --dependency=afterany:9_3:9_4\n" in second
+
+
 def test_make_passes_overrides_with_spaces_and_quotes_as_one_word_each():
     env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
     done = subprocess.run(["make", "--no-print-directory", "config", "CONFIG=tiny",
@@ -362,6 +426,14 @@ def test_job_past_max_requeues_refuses_to_train(tmp_path, slurm_task_env, monkey
     with pytest.raises(JobStopped, match="requeued 3 times, more than slurm.max_requeues=2"):
         job()
     assert not (Path(job.run_dir) / "starts.jsonl").exists()
+
+
+def test_bench_restart_times_against_whole_second_slurm_stamps_are_never_negative():
+    from jobs.bench_restart import seconds_until
+
+    assert seconds_until(100.0, 100.7) == pytest.approx(0.15)  # requeued within the second of the save
+    assert seconds_until(100.0, 100.0) == pytest.approx(0.5)
+    assert seconds_until(103.0, 100.25) == pytest.approx(3.25)
 
 
 def test_bench_restart_reads_the_first_resumed_step_with_its_startup_record(tmp_path):
