@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -143,7 +144,7 @@ class TrainingJob:
         if restarts >= self.max_requeues:
             raise JobStopped(f"the trainer {how}, newest complete checkpoint {self._latest()}; not requeued: reached "
                              f"slurm.max_requeues={self.max_requeues} (SLURM_RESTART_COUNT={restarts}); submit again "
-                             f"with train.run_dir={self.run_dir} to continue")
+                             f"with {shlex.quote(f'train.run_dir={self.run_dir}')} to continue")
         log(f"the trainer {how}; newest complete checkpoint {self._latest()}")
         raise SystemExit(exitcodes.PREEMPTED)  # the batch shell requeues the job unless Slurm is ending it
 

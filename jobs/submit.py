@@ -22,13 +22,16 @@ from pathlib import Path
 import submitit
 
 from jobs.job import TrainingJob
-from jobs.record import Submission
-from jobs.state import slurm_hint, slurm_problem
+from jobs.record import RECORD_NAME, Submission
+from jobs.state import query, slurm_hint, slurm_problem
 from stereo import exitcodes
 from stereo.config import Config, dump_yaml, load_config
 from stereo.config.paths import path_problems, problems_error, unwritable
 from stereo.config.schema import SlurmConfig
 from stereo.plan import GPUS, check_fits
+from stereo.progress import make_command
+from stereo.train.failures import RunDirBusy
+from stereo.train.rundir import LOCK_FILE, live_holder
 
 SUBMITTED_CONFIG = "submit_config.yaml"  # the fully resolved config every (re)start of the job trains with
 WANDB_ID_FILE = "wandb_id"  # docs/architecture.md: the trainer resumes the wandb run named in this file
@@ -63,6 +66,9 @@ def run(args) -> int:
         return 1
     try:
         submission = submit(cfg, config=args.config, overrides=args.overrides, tasks_per_node=args.tasks_per_node)
+    except RunDirBusy as exc:
+        print(f"submit: {exc}", file=sys.stderr)
+        return exitcodes.RUN_DIR_BUSY
     except submitit.core.utils.FailedJobError as exc:  # sbatch refused the job (bad partition, account, ...)
         print(f"sbatch refused the job; nothing was queued: {_last_line(str(exc))}", file=sys.stderr)
         return 1
@@ -82,6 +88,7 @@ def submit(cfg: Config, *, config: str, overrides: list[str], tasks_per_node: in
     """Queue `cfg` as one Slurm job and record it. `python_args` replaces the trainer (tests use a stand-in)."""
     cfg = copy.deepcopy(cfg)
     run_dir = _new_run_dir(cfg)
+    refuse_busy(run_dir)
     cfg.train.run_dir = str(run_dir)
     folder = Path(cfg.slurm.folder).resolve() / run_dir.name
     created = [path for path in (run_dir, folder) if not path.exists()]
@@ -109,6 +116,32 @@ def submit(cfg: Config, *, config: str, overrides: list[str], tasks_per_node: in
                             submitted_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     submission.save()
     return submission
+
+
+def refuse_busy(run_dir: Path) -> None:
+    """Raise RunDirBusy, before anything is queued or written, when the run directory is in use: by the job its
+    slurm_job.json names (queued, running or requeued; or Slurm cannot say), or by a live trainer holding its lock.
+    (A second job used to queue, overwrite that record and then stop with exit 6, hiding the running job from
+    `make status` and `make cancel`.)"""
+    record = run_dir / RECORD_NAME
+    what = None
+    if record.is_file():
+        try:
+            previous = Submission.load(str(run_dir))
+        except (OSError, ValueError) as exc:
+            raise RunDirBusy(f"{record}: unreadable ({exc}); it may name a running job, so nothing was queued. "
+                             "Check with squeue, then move the file away") from None
+        state = query(previous.job_id)
+        if state.state is None and not state.reachable:
+            what = f"job {previous.job_id} may still run (its state is unknown: {state.problem})"
+        elif state.state is not None and not state.final:
+            what = f"job {previous.job_id} is {state.describe()}"
+    holder = live_holder(run_dir)
+    if what is None and holder is not None:
+        what = f"a live trainer holds its lock {run_dir / LOCK_FILE} (pid {holder.get('pid')} on {holder.get('host')})"
+    if what is not None:
+        raise RunDirBusy(f"{run_dir} is in use: {what}; nothing was queued or written. Wait for it to end, stop it "
+                         f"({make_command('cancel', RUN=run_dir)}), or choose another train.run_dir")
 
 
 class TrainingExecutor(submitit.SlurmExecutor):

@@ -23,10 +23,12 @@ import yaml
 from jobs.job import TrainingJob
 from jobs.state import FINAL_STATES, query
 from jobs.record import Submission
-from jobs.submit import run_wandb_id, make_executor, submit_array
+from jobs.submit import make_executor, refuse_busy, run_wandb_id, submit_array
 from stereo.config import ConfigError, dump_yaml
 from stereo.eval.report import markdown_table
 from stereo.exitcodes import INTERNAL, RUN_DIR_BUSY
+from stereo.progress import make_command
+from stereo.train.failures import RunDirBusy
 from stereo.sweep.book import (COMPLETED, TRIAL_CONFIG, SweepBusy, SweepDir, TrialRecord, shown_state,
                                trial_progress)
 from stereo.sweep.local import run_trials
@@ -47,7 +49,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     try:
         return start(args) if args.action == "sweep" else status(args)
-    except SweepBusy as exc:
+    except (SweepBusy, RunDirBusy) as exc:
         print(f"sweep: {exc}", file=sys.stderr)
         return RUN_DIR_BUSY
 
@@ -92,7 +94,7 @@ def status(args) -> int:
     book = SweepDir(spec.name)
     if not book.exists():
         print(f"sweep-status: {book.path} does not exist: the sweep was never started "
-              f"(make sweep SWEEP={args.sweep})", file=sys.stderr)
+              f"({make_command('sweep', SWEEP=args.sweep)})", file=sys.stderr)
         return INTERNAL
     spec, records = load_sweep(book.spec_file), book.read()
     for record in records:
@@ -112,7 +114,7 @@ def _require_same_sweep(spec: SweepSpec, stored: SweepSpec, book: SweepDir) -> N
     if changed:
         details = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
         raise ConfigError(changed[0], f"the sweep as started in {book.spec_file} ({details}); resume it with "
-                                      f"`make sweep SWEEP={book.path}`, or give a changed sweep a new name",
+                                      f"`{make_command('sweep', SWEEP=book.path)}`, or give a changed sweep a new name",
                           source=spec.source)
 
 
@@ -212,6 +214,7 @@ def _submit(spec: SweepSpec, book: SweepDir, todo: list[TrialRecord], first: Tri
               f"{parallelism} at once (max_concurrent={spec.max_concurrent} in all)", flush=True)
     jobs, wandb_ids = [], []
     for record in todo:
+        refuse_busy(Path(record.run_dir))  # a trial's directory that another job or trainer uses
         wandb_ids.append(run_wandb_id(Path(record.run_dir)))  # before the job starts: every start logs into one run
         jobs.append(TrainingJob(python_args=["-m", "stereo", "train", str(Path(record.run_dir) / TRIAL_CONFIG),
                                              *record.overrides],  # repeated so that the wandb run is named by them

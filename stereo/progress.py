@@ -95,6 +95,11 @@ def make_var(name: str, value: object) -> str:
     return shlex.quote(f"{name}={value}")
 
 
+def make_command(target: str, **variables: object) -> str:
+    """`make TARGET NAME=value ...`, each assignment one shell word."""
+    return " ".join(["make", target, *(make_var(name, value) for name, value in variables.items())])
+
+
 def next_steps(run_dir: Path, checkpoint: Path | None, cfg: Any, seconds: float) -> str:
     run = str(run_dir)
     demo = any(str(spec.shards).startswith(DEMO_SHARDS) for spec in cfg.data.val)

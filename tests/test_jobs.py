@@ -264,6 +264,8 @@ def test_sweep_arrays_share_max_concurrent(tmp_path, sbatch_keeper, monkeypatch,
     assert _submit(spec, book, todo, trials[0], active=running) == 0
     assert "#SBATCH --array=0-2%1\n" in (sbatch_keeper / "1.sh").read_text()
     running.append(TrialRecord("t04", [], str(tmp_path / "t04"), job_id="9_4", state="queued"))
+    for record in todo:  # as if the first array had ended (no Slurm here to ask)
+        (Path(record.run_dir) / "slurm_job.json").unlink()
     assert _submit(spec, book, todo, trials[0], active=running) == 0
     second = (sbatch_keeper / "2.sh").read_text()
     assert "#SBATCH --array=0-2%2\n" in second and "#SBATCH --dependency=afterany:9_3:9_4\n" in second
@@ -319,6 +321,25 @@ def test_submit_without_slurm_says_how_to_reach_one_and_leaves_nothing(tmp_path)
     assert "make slurm-up" in done.stderr and "export SLURM_CONF=" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 2, done.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "slurm").exists()
+
+
+def test_submit_refuses_a_run_directory_that_a_live_trainer_holds(tmp_path):
+    """Refused before anything is queued (the record of a running job is in test_slurm)."""
+    from jobs.submit import refuse_busy
+    from stereo.train.failures import RunDirBusy
+    from stereo.train.rundir import RunDirLock
+
+    run_dir = tmp_path / "my run"
+    lock = RunDirLock(run_dir).acquire()
+    try:
+        with pytest.raises(RunDirBusy) as refused:
+            refuse_busy(run_dir)
+        assert f"a live trainer holds its lock {run_dir}/trainer.lock (pid {os.getpid()}" in str(refused.value)
+        assert f"make cancel 'RUN={run_dir}'" in str(refused.value)
+    finally:
+        lock.release()
+    refuse_busy(run_dir)  # released: free again
+    assert sorted(p.name for p in run_dir.iterdir()) == []
 
 
 # --- the job, driving a real trainer process ----------------------------------------------------------------------

@@ -135,6 +135,19 @@ class RunDirLock:
                 pass  # a full disk must not kill the trainer here; the checkpoint save reports it
 
 
+def live_holder(run_dir: Path) -> dict | None:
+    """The trainer holding the run directory's lock, if it is alive (on this machine: its process; elsewhere: a
+    heartbeat newer than STALE_S); None when the directory is free or its lock is stale."""
+    lock = RunDirLock(run_dir)
+    holder = lock._read()
+    if holder is None:
+        return None
+    alive = lock._holder_alive(holder)
+    if alive is None:
+        alive = time.time() - float(holder.get("heartbeat", 0)) < STALE_S
+    return holder if alive else None
+
+
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
     out: dict[str, object] = {}
     for key, value in tree.items():
