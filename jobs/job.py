@@ -29,6 +29,7 @@ from typing import NoReturn
 
 from jobs.rendezvous import trainer_env
 from stereo import exitcodes
+from stereo.train.pointer import read_latest
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 TRAINER_STOP = signal.SIGUSR1  # what the wrapper sends the trainer, whichever stop signal arrived
@@ -149,8 +150,7 @@ class TrainingJob:
         raise SystemExit(exitcodes.PREEMPTED)  # the batch shell requeues the job unless Slurm is ending it
 
     def _latest(self) -> str:
-        latest = Path(self.run_dir) / "checkpoints" / "latest"
-        return latest.read_text().strip() if latest.is_file() else "none"
+        return read_latest(Path(self.run_dir) / "checkpoints") or "none"
 
 
 def one_line_logs() -> None:
