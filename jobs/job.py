@@ -29,7 +29,7 @@ from typing import NoReturn
 
 from jobs.rendezvous import trainer_env
 from stereo import exitcodes
-from stereo.train.pointer import read_latest
+from stereo.train.run_files import read_latest
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 TRAINER_STOP = signal.SIGUSR1  # what the wrapper sends the trainer, whichever stop signal arrived

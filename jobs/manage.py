@@ -15,7 +15,7 @@ from pathlib import Path
 
 from jobs.record import Submission
 from jobs.state import query, slurm_hint
-from stereo.train.pointer import read_latest
+from stereo.train.run_files import read_latest
 
 
 def add_arguments(parser) -> None:

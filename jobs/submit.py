@@ -10,10 +10,8 @@ same wandb run.
 from __future__ import annotations
 
 import copy
-import secrets
 import shlex
 import shutil
-import string
 import sys
 import time
 import uuid
@@ -32,9 +30,9 @@ from stereo.plan import GPUS, check_fits
 from stereo.progress import make_command
 from stereo.train.failures import RunDirBusy
 from stereo.train.rundir import LOCK_FILE, live_holder
+from stereo.train.run_files import wandb_run_id
 
 SUBMITTED_CONFIG = "submit_config.yaml"  # the fully resolved config every (re)start of the job trains with
-WANDB_ID_FILE = "wandb_id"  # docs/architecture.md: the trainer resumes the wandb run named in this file
 
 
 def add_arguments(parser) -> None:
@@ -96,7 +94,7 @@ def submit(cfg: Config, *, config: str, overrides: list[str], tasks_per_node: in
         run_dir.mkdir(parents=True, exist_ok=True)
         config_path = run_dir / SUBMITTED_CONFIG
         config_path.write_text(dump_yaml(cfg))
-        wandb_id = run_wandb_id(run_dir)
+        wandb_id = wandb_run_id(run_dir)
         cwd = Path.cwd()
         tasks = tasks_per_node or max(cfg.slurm.gpus_per_node, 1)
         executor = make_executor(cfg.slurm, folder=folder, job_name=run_dir.name, tasks_per_node=tasks,
@@ -294,16 +292,6 @@ def _new_run_dir(cfg: Config) -> Path:
         n += 1
         path = base.with_name(f"{base.name}-{n}")
     return path
-
-
-def run_wandb_id(run_dir: Path) -> str:
-    """Reuse the run's wandb id (a resubmitted run continues its wandb run), else make one in wandb's format."""
-    path = run_dir / WANDB_ID_FILE
-    if path.is_file() and path.read_text().strip():
-        return path.read_text().strip()
-    wandb_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-    path.write_text(wandb_id + "\n")
-    return wandb_id
 
 
 def submit_array(executor: submitit.SlurmExecutor, jobs: list[TrainingJob], parallelism: int) -> list[str]:

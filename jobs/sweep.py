@@ -23,12 +23,13 @@ import yaml
 from jobs.job import TrainingJob
 from jobs.state import FINAL_STATES, query
 from jobs.record import Submission
-from jobs.submit import make_executor, refuse_busy, run_wandb_id, submit_array
+from jobs.submit import make_executor, refuse_busy, submit_array
 from stereo.config import ConfigError, dump_yaml
 from stereo.eval.report import markdown_table
 from stereo.exitcodes import INTERNAL, RUN_DIR_BUSY
 from stereo.progress import make_command
 from stereo.train.failures import RunDirBusy
+from stereo.train.run_files import wandb_run_id
 from stereo.sweep.book import (COMPLETED, TRIAL_CONFIG, SweepBusy, SweepDir, TrialRecord, shown_state,
                                trial_progress)
 from stereo.sweep.local import run_trials
@@ -215,7 +216,7 @@ def _submit(spec: SweepSpec, book: SweepDir, todo: list[TrialRecord], first: Tri
     jobs, wandb_ids = [], []
     for record in todo:
         refuse_busy(Path(record.run_dir))  # a trial's directory that another job or trainer uses
-        wandb_ids.append(run_wandb_id(Path(record.run_dir)))  # before the job starts: every start logs into one run
+        wandb_ids.append(wandb_run_id(Path(record.run_dir)))  # before the job starts: every start logs into one run
         jobs.append(TrainingJob(python_args=["-m", "stereo", "train", str(Path(record.run_dir) / TRIAL_CONFIG),
                                              *record.overrides],  # repeated so that the wandb run is named by them
                                 cwd=str(cwd), run_dir=record.run_dir, max_requeues=slurm.max_requeues,

@@ -246,7 +246,7 @@ def test_latest_pointer_with_bytes_that_are_not_utf8_is_rewritten_and_read_as_mi
     trainer's tidy, the Slurm job wrapper's log line, `make status`) treat it as missing."""
     from jobs.job import TrainingJob
     from jobs.manage import checkpoint_summary
-    from stereo.train.pointer import read_latest
+    from stereo.train.run_files import read_latest
 
     manager = CheckpointManager(tmp_path, keep_last=2, keep_every=None, rank=0)
     manager.save(engine, 1, {"step": 1}, "name: x\n")

@@ -479,3 +479,16 @@ def test_handles_signal_reads_the_installed_handlers():
         assert handles_signal(os.getpid(), signal.SIGUSR1)
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+def test_wandb_id_read_back_by_submit_and_trainer_replaces_a_damaged_one(tmp_path, capsys):
+    """One reader for RUN_DIR/wandb_id (submit, sweep and the trainer): bytes that are not UTF-8 made submit end
+    in a traceback; a damaged id is replaced with a warning, a good one kept."""
+    from stereo.train.run_files import wandb_run_id
+
+    first = wandb_run_id(tmp_path)
+    assert len(first) == 8 and wandb_run_id(tmp_path) == first
+    (tmp_path / "wandb_id").write_bytes(b"\xff\xfe\n")
+    second = wandb_run_id(tmp_path)
+    assert second != first and (tmp_path / "wandb_id").read_text() == second + "\n"
+    assert f"{tmp_path}/wandb_id: not a wandb run id" in capsys.readouterr().err

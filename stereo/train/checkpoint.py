@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from stereo.train.failures import CheckpointError
-from stereo.train.pointer import LATEST, STEP_DIR, read_latest
+from stereo.train.run_files import LATEST, STEP_DIR, read_latest
 
 COMPLETE = "COMPLETE"
 DS_TAG = "ds"

@@ -15,12 +15,12 @@ import os
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 
 from stereo.config import Config, to_dict
+from stereo.train.run_files import wandb_run_id
 
 
 def wandb_mode(setting: str) -> str:
@@ -87,9 +87,7 @@ class RunLogger:
     def _start_wandb(self, cfg: Config, overrides: list[str], git_revision: str | None):
         import wandb
 
-        id_file = self.run_dir / "wandb_id"
-        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
-        id_file.write_text(run_id + "\n")
+        run_id = wandb_run_id(self.run_dir)
         tags = list(cfg.logging.tags) + [f"config:{cfg.name}"] + ([f"git:{git_revision[:10]}"] if git_revision else [])
         return wandb.init(
             project=cfg.logging.project, entity=cfg.logging.entity, group=cfg.logging.group or cfg.name,
