@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -103,7 +104,11 @@ class RunDirLock:
         self._stop.set()
         holder = self._read()
         if holder is not None and holder.get("pid") == self.me["pid"] and holder.get("host") == self.me["host"]:
-            self.path.unlink(missing_ok=True)
+            try:
+                self.path.unlink(missing_ok=True)
+            except OSError as exc:  # a run directory made read-only: the next trainer takes the dead lock over
+                print(f"could not remove the lock {self.path} ({exc.strerror}); the next trainer takes it over once "
+                      "this process is gone", file=sys.stderr, flush=True)
 
     def _read(self) -> dict | None:
         try:
