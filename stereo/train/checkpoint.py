@@ -153,6 +153,8 @@ def describe_write_error(path: Path, exc: BaseException) -> str:
     """torch.save reports a full disk as `basic_ios::clear: iostream error`; say what really happened."""
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return "no space left on device"
+    if isinstance(exc, OSError) and exc.errno == errno.EROFS:
+        return "read-only file system (the run directory was made read-only)"
     if isinstance(exc, PermissionError):
         return f"permission denied ({exc})"
     existing = next(p for p in [path, *path.parents] if p.exists())

@@ -10,6 +10,7 @@ ranks notice the dead peer (their collective fails) and take the same path.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import threading
@@ -92,7 +93,8 @@ def what_is_kept(run_dir: Path | None, code: int) -> str:
 def unwritable_run_dir(exc: BaseException, run_dir: Path | None) -> CheckpointError | None:
     """A write into the run directory that the system refused (made read-only, permissions, full disk) as the
     checkpoint error it is (the run cannot save), naming the path and the cause; None for anything else."""
-    if not isinstance(exc, OSError) or run_dir is None or not exc.filename:
+    refused = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT)
+    if not isinstance(exc, OSError) or exc.errno not in refused or run_dir is None or not exc.filename:
         return None
     path = Path(os.fsdecode(exc.filename)).absolute()
     if not path.is_relative_to(Path(run_dir).absolute()):

@@ -85,7 +85,7 @@ def train(cfg: Config, overrides: list[str], context: ExitContext) -> int:
     progress = TrainProgress(cfg.train.steps, state.step, enabled=env.rank == 0)
     first_step = state.step + 1
     window = Window()
-    exit_code = exitcodes.OK
+    exit_code, closing = exitcodes.OK, None  # closing: the last line of a run that stops early
     while state.step < cfg.train.steps:
         lr = ds_engine.set_learning_rate(engine, lr_multiplier(state.step, cfg.train.steps, cfg.schedule))
         good = 0
@@ -108,9 +108,9 @@ def train(cfg: Config, overrides: list[str], context: ExitContext) -> int:
             good += 1
             window.add(terms, batch["left"].shape[0] * env.world_size)
         if state.bad_streak >= cfg.train.max_bad_steps:
-            print(f"[rank {env.rank}] stopping: {state.bad_streak} non-finite steps in a row at step {state.step + 1} "
-                  f"(train.max_bad_steps={cfg.train.max_bad_steps}); the newest checkpoint is {ckpts.latest() or 'none yet'}",
-                  file=sys.stderr, flush=True)
+            closing = (f"[rank {env.rank}] stopping: {state.bad_streak} non-finite steps in a row at step "
+                       f"{state.step + 1} (train.max_bad_steps={cfg.train.max_bad_steps}); the newest checkpoint is "
+                       f"{ckpts.latest() or 'none yet'}")
             exit_code = exitcodes.TOO_MANY_BAD_STEPS
             break
         if engine.was_step_applied():
@@ -145,8 +145,8 @@ def train(cfg: Config, overrides: list[str], context: ExitContext) -> int:
             log.stopped_early(rung, cfg.early_stop.metric)
             break
         if agreed.stop:
-            print(f"[rank {env.rank}] stopped by a signal: checkpointed at step {state.step}, exiting "
-                  f"{exitcodes.PREEMPTED} (start the same command again to resume)", file=sys.stderr, flush=True)
+            closing = (f"[rank {env.rank}] stopped by a signal: checkpointed at step {state.step}, exiting "
+                       f"{exitcodes.PREEMPTED} (start the same command again to resume)")
             exit_code = exitcodes.PREEMPTED
             break
     progress.close()
@@ -155,6 +155,8 @@ def train(cfg: Config, overrides: list[str], context: ExitContext) -> int:
         validator.run(state.step, "after")
         validator.print_summary()
     log.finish(exit_code)  # before the closing lines, which wandb's summary would otherwise bury
+    if closing:
+        print(closing, file=sys.stderr, flush=True)
     progress.done(exit_code, run.path, ckpts.latest(), cfg)
     if dist.is_initialized():
         dist.barrier()
