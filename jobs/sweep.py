@@ -169,7 +169,11 @@ def refresh(record: TrialRecord) -> None:
     """A Slurm trial's state: completed when its job returned (submitit's result file), else Slurm's state."""
     if record.job_id is None or record.state == COMPLETED:
         return
-    submission = Submission.load(record.run_dir)
+    try:
+        submission = Submission.load(record.run_dir)
+    except (OSError, ValueError) as exc:  # damaged: the trial keeps its last known state, and says why
+        record.note = str(exc)
+        return
     if submission.job_id != record.job_id:
         return
     result = submission.result_path()

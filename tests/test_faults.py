@@ -339,20 +339,26 @@ def test_non_finite_steps_in_a_row_exit_3_naming_the_checkpoint(tmp_path):
 def test_shards_deleted_under_live_loader_workers_exit_4_without_a_traceback(tmp_path):
     """Killing the workers on the way out set off torch's SIGCHLD handler: exit 1 and a 25-line traceback after
     the right paragraph (issue 22)."""
-    from test_train import REPO as repo
+    import tarfile
 
-    shards = tmp_path / "shards"
+    # the demo's first shard as one shard per sample: the deletion is felt at the next sample, not 12 later
+    shards, entries = tmp_path / "shards", []
     shards.mkdir()
-    demo = repo / "shards/demo/train"
-    shutil.copy(demo / "manifest.json", shards / "manifest.json")
-    for tar in sorted(demo.glob("*.tar")):
-        (shards / tar.name).symlink_to(tar)
+    with tarfile.open(REPO / "shards/demo/train/000000.tar") as demo:
+        members = demo.getmembers()
+        for key in dict.fromkeys(m.name.split(".", 1)[0] for m in members):
+            path = shards / f"{len(entries):06d}.tar"
+            with tarfile.open(path, "w") as tar:
+                for member in (m for m in members if m.name.split(".", 1)[0] == key):
+                    tar.addfile(member, demo.extractfile(member))
+            entries.append({"name": path.name, "num_samples": 1, "bytes": path.stat().st_size, "sha256": ""})
+    (shards / "manifest.json").write_text(json.dumps({"dataset": "one_per_shard", "shards": entries}))
     run_dir = tmp_path / "run"
     proc = trainer(run_dir, f"data.train=[{{name: demo, shards: {shards}}}]", "data.num_workers=1",
                    "data.shard_retries=0", "data.retry_backoff_s=0", "train.steps=500", "checkpoint.every=1000")
     wait_for_step(run_dir, 1, proc)
     for tar in shards.glob("*.tar"):
-        tar.unlink()
+        tar.unlink()  # with the loader worker alive
     code, log = finish(proc, run_dir, timeout=EXIT_BOUND_S + 200)
     paragraph = assert_clean_exit(code, log, run_dir, 4)
     assert str(shards) in paragraph[0] and paragraph[-1] == f"[rank 0] no checkpoint was written yet in {run_dir}"

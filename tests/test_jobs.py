@@ -492,3 +492,20 @@ def test_wandb_id_read_back_by_submit_and_trainer_replaces_a_damaged_one(tmp_pat
     second = wandb_run_id(tmp_path)
     assert second != first and (tmp_path / "wandb_id").read_text() == second + "\n"
     assert f"{tmp_path}/wandb_id: not a wandb run id" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("junk", [b"", b"\xff\xfe", b"[1]", b'{"job_id": "1"'])
+def test_damaged_slurm_job_json_is_named_by_status_and_blocks_a_new_submit(tmp_path, junk):
+    """slurm_job.json is read back by status, logs, cancel, the sweep and submit's busy check: damaged, it is
+    named (no traceback), and submit refuses to queue over what may be a running job's record."""
+    from jobs.submit import refuse_busy
+    from stereo.train.failures import RunDirBusy
+
+    (tmp_path / "slurm_job.json").write_bytes(junk)
+    with pytest.raises(ValueError, match=f"{tmp_path}/slurm_job.json: "):
+        Submission.load(str(tmp_path))
+    done = subprocess.run([sys.executable, "-m", "stereo", "status", str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert done.returncode != 0 and f"{tmp_path}/slurm_job.json: " in done.stderr and "Traceback" not in done.stderr
+    with pytest.raises(RunDirBusy, match="unreadable"):
+        refuse_busy(tmp_path)
