@@ -92,6 +92,5 @@ def slurm_hint() -> str:
     """How to point the Slurm clients at a cluster: the local test cluster's SLURM_CONF, or a login node."""
     conf = Path(os.environ.get("STEREO_SLURM_DIR", "/tmp/stereo-slurm")) / "slurm.conf"
     return (f"for the local test cluster run `make slurm-up` and `export SLURM_CONF={shlex.quote(str(conf))}`; on a "
-            "real cluster, run "
-            "this on a login node (where `sinfo` works)")
+            "real cluster, run this on a login node (where `sinfo` works)")
 
