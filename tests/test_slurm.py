@@ -153,6 +153,15 @@ def saved_step(log: str) -> int:
     return int(match.group(2))
 
 
+def own_job_id(job_id: str) -> str:
+    """An array task's own job id (`<array>_<index>` is refused by `scancel --signal` in slurmctld 22.05 while a
+    task of its array is pending, and tasks requeued by the other rows are); a plain job's id as it is."""
+    if "_" not in job_id:
+        return job_id
+    shown = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, check=True)
+    return re.search(r"\bJobId=(\d+)", shown.stdout).group(1)
+
+
 def signal_all(jobs: dict[str, Submission]) -> dict[str, int]:
     """Send each row's signal once its stand-in passes step 8: row -> the step it had reached."""
     signalled: dict[str, int] = {}
@@ -161,7 +170,7 @@ def signal_all(jobs: dict[str, Submission]) -> dict[str, int]:
         for row, command in SIGNAL_ROWS.items():
             step = progress(Path(jobs[row].run_dir))
             if row not in signalled and step >= 8:
-                target = jobs[row].run_dir if row == "cancel" else jobs[row].job_id
+                target = jobs[row].run_dir if row == "cancel" else own_job_id(jobs[row].job_id)
                 subprocess.run([*command, target], cwd=ROOT, check=True, capture_output=True)
                 signalled[row] = step
         time.sleep(0.2)
@@ -294,8 +303,12 @@ def sweep_trial_rows(cluster, expected_weights, tmp_path_factory) -> dict[str, t
     script = Path(jobs["cancel"].folder) / f"{jobs['cancel'].job_id.split('_')[0]}_submission.sh"
     assert "#SBATCH --array=0-" in script.read_text() and "scontrol requeue" in script.read_text()
     started = time.monotonic()
-    signalled = signal_all(jobs)
-    wait_all_ended([submission.job_id for submission in [*jobs.values(), *limited.values()]], 400)
+    try:
+        signalled = signal_all(jobs)
+        wait_all_ended([submission.job_id for submission in [*jobs.values(), *limited.values()]], 400)
+    except BaseException:  # leave no job behind on the shared cluster
+        subprocess.run(["scancel", *{s.job_id.split("_")[0] for s in [*jobs.values(), *limited.values()]}])
+        raise
     print(f"sweep-trial signal rows: {len(jobs) + len(limited)} trials ended {time.monotonic() - started:.0f} s "
           "after the first was queued", file=sys.stderr)
     return {**{row: (jobs[row], signalled[row]) for row in jobs}, TIME_LIMIT: (limited[TIME_LIMIT], 0),
@@ -355,7 +368,7 @@ def test_unreachable_controller_is_never_a_final_state(cluster, tmp_path):
 def test_second_submit_into_a_busy_run_directory_is_refused_before_the_queue(cluster, tmp_path):
     """The second job used to queue, overwrite slurm_job.json and stop with exit 6: `make status` then said FAILED
     and `make cancel` "already ended" while the first job trained on (issue 22)."""
-    first = submit_standin(tmp_path, step_s=0.25)
+    first = submit_standin(tmp_path, step_s=3.0)  # 2 minutes: it still runs when the second submit asks
     wait_for(lambda: progress(Path(first.run_dir)) >= 1, 300, "the first job to train")
     record = (Path(first.run_dir) / "slurm_job.json").read_text()
     done = subprocess.run([sys.executable, "-m", "stereo", "submit", "tiny", f"train.run_dir={first.run_dir}",
