@@ -546,3 +546,45 @@ def test_two_nodes_preempted_resume_to_the_weights_of_one_node(tiny_runs, tmp_pa
     assert "SIGTERM: asking the trainer to save" in task0 and "requeued (restart 1 of at most 5)" in task0
     assert_clean_log(task0)
     assert_same_final_weights(tiny_runs["two_tasks"], run)
+
+
+@pytest.mark.slow
+def test_stopped_sweep_trial_requeues_and_ends_bit_identical_to_its_uninterrupted_twin(cluster, tmp_path):
+    """Two trials of one job array, queued as `make sweep` queues them (the real trainer on its trial config): the
+    second gets the preemption signal (SIGTERM) once it trained a step, saves, is requeued by the batch shell
+    and resumes; both end with the same weights. (Before issue 22 it ended FAILED with exit 75.)"""
+    from jobs.job import TrainingJob
+    from jobs.submit import make_executor, submit_array
+    from stereo.config import dump_yaml
+    from stereo.train.run_files import wandb_run_id
+
+    cfg = load_config("tiny", [*TINY, "train.steps=6"])
+    trials, records = [], []
+    for name in ("twin", "stopped"):
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        cfg.train.run_dir = str(run_dir)
+        (run_dir / "trial_config.yaml").write_text(dump_yaml(cfg))
+        trials.append(TrainingJob(python_args=["-m", "stereo", "train", str(run_dir / "trial_config.yaml")],
+                                  cwd=str(ROOT), run_dir=str(run_dir), max_requeues=cfg.slurm.max_requeues,
+                                  save_timeout_s=0.75 * cfg.slurm.signal_delay_s))
+        records.append(wandb_run_id(run_dir))
+    executor = make_executor(cfg.slurm, folder=tmp_path / "slurm", job_name="twins", tasks_per_node=1,
+                             mounts=[ROOT, tmp_path])
+    twin, stopped = submit_array(executor, trials, 2)
+    try:
+        wait_for(lambda: len((tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()) >= 2
+                 if (tmp_path / "stopped" / "metrics.jsonl").is_file() else False, 600, "the trial's first step")
+        subprocess.run(["scancel", "--signal=TERM", own_job_id(stopped)], check=True)
+        states = wait_all_ended([twin, stopped], 900)
+    except BaseException:
+        subprocess.run(["scancel", twin.split("_")[0]])
+        raise
+    log = (tmp_path / "slurm" / f"{stopped}_0_log.out").read_text()
+    assert states == {twin: "COMPLETED", stopped: "COMPLETED"}, log
+    assert query(stopped).restarts == 1 and "requeued (restart 1 of at most 5)" in log
+    assert "SIGTERM: asking the trainer to save" in log and "the trainer saved and exited" in log
+    assert wandb_run_ids(tmp_path / "stopped") == {records[1]}
+    expected, got = final_weights(tmp_path / "twin"), final_weights(tmp_path / "stopped")
+    assert expected.keys() == got.keys() and len(expected) > 100
+    assert all(torch.equal(expected[k], got[k]) for k in expected), "the resumed trial's weights differ"
