@@ -558,7 +558,7 @@ def test_stopped_sweep_trial_requeues_and_ends_bit_identical_to_its_uninterrupte
     from stereo.config import dump_yaml
     from stereo.train.run_files import wandb_run_id
 
-    cfg = load_config("tiny", [*TINY, "train.steps=6"])
+    cfg = load_config("tiny", [*TINY, "train.steps=8"])
     trials, records = [], []
     for name in ("twin", "stopped"):
         run_dir = tmp_path / name
