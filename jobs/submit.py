@@ -188,8 +188,12 @@ BATCH_SHELL = """\
 # jobs/submit.py: survive every signal, pass stop signals on, requeue a stopped job (docs/cluster.md, Signals)
 export SUBMITIT_LOG_LEVEL=WARNING
 say() {{ echo "[jobs] $(date +%H:%M:%S) $*" >&2; }}
+# An array task by <array>_<index>: its own numeric id may be the array's, which names every task of the array.
+job=${{SLURM_ARRAY_JOB_ID:+${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}}}
+job=${{job:-$SLURM_JOB_ID}}
 on_stop() {{
-    if scancel --signal=USR1 "$SLURM_JOB_ID" 2>/dev/null; then
+    # slurmctld 22.05 refuses to signal one task of an array that has pending tasks: then srun passes it on
+    if scancel --signal=USR1 "$job" 2>/dev/null || kill -USR1 "${{srun_pid:-}}" 2>/dev/null; then
         say "batch shell: SIG$1, passed on to the job's tasks as SIGUSR1"
     fi
 }}
@@ -200,14 +204,14 @@ while kill -0 "$srun_pid" 2>/dev/null; do wait "$srun_pid"; done
 wait "$srun_pid"
 status=$?
 if [ "$status" = {preempted} ] || [ "$status" -gt 128 ]; then
-    state=$(scontrol -o show job "$SLURM_JOB_ID" | grep -o 'JobState=[A-Z_]*')
+    state=$(scontrol -o show job "$job" | grep -o 'JobState=[A-Z_]*')
     restarts=${{SLURM_RESTART_COUNT:-0}}
     if [ "$state" != JobState=RUNNING ]; then
         state=${{state:-JobState=unknown (scontrol did not answer)}}
         say "job ${{state#JobState=}}: Slurm is ending or requeueing it; not requeued from here"
     elif [ "$restarts" -ge {max_requeues} ]; then
         say "not requeued: reached slurm.max_requeues={max_requeues}; submit again with the same train.run_dir"
-    elif (trap '' TERM; exec scontrol requeue "$SLURM_JOB_ID"); then  # the requeue's own SIGTERM reaches scontrol
+    elif (trap '' TERM; exec scontrol requeue "$job"); then  # the requeue's own SIGTERM reaches scontrol
         say "requeued (restart $((restarts + 1)) of at most {max_requeues})"
     fi
 fi
