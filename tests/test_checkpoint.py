@@ -142,7 +142,7 @@ def test_kill_during_save_leaves_previous_checkpoint_loadable(engine, tmp_path):
 
 
 def test_damage_with_the_same_size_is_caught_by_the_checksum(engine, tmp_path):
-    from stereo.train.failures import CheckpointError
+    from stereo.train.checkpoint import CheckpointError
 
     manager = CheckpointManager(tmp_path, keep_last=2, keep_every=None, rank=0)
     manager.save(engine, 1, {"step": 1}, "name: x\n")
@@ -216,7 +216,7 @@ def test_zero_stage_0_reports_the_grad_norm_and_skips_a_non_finite_gradient(engi
 def test_unreadable_manifest_is_a_damaged_checkpoint_never_the_older_format(engine, tmp_path, capsys, manifest):
     """An empty COMPLETE (what a crash can leave) used to turn the checksum check off, and a damaged file then
     loaded silently (issue 22): the checkpoint is named as damaged and the older one is used."""
-    from stereo.train.failures import CheckpointError
+    from stereo.train.checkpoint import CheckpointError
 
     manager = CheckpointManager(tmp_path, keep_last=2, keep_every=None, rank=0)
     manager.save(engine, 1, {"step": 1}, "name: x\n")

@@ -319,7 +319,7 @@ def test_ctrl_c_saves_the_step_in_progress_and_exits_cleanly(tmp_path):
     assert f"checkpointed at step {saved[0]}" in log
     assert "Ctrl-C again to stop without saving" in log
     assert "KeyboardInterrupt" not in log
-    assert assert_clean_exit(code, log, run_dir, 75)[-1].endswith("exiting 75 (start the same command again to resume)")
+    assert assert_clean_exit(code, log, run_dir, 75)[0].endswith("exiting 75 (start the same command again to resume)")
     assert (run_dir / "checkpoints" / f"step_{saved[0]:08d}" / COMPLETE).is_file()
 
 
@@ -340,8 +340,8 @@ def test_non_finite_steps_in_a_row_exit_3_naming_the_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     code, log = finish(trainer(run_dir, "optim.lr=1e30", "optim.grad_clip=0", "train.max_bad_steps=2",
                                "train.steps=6", "checkpoint.every=1", "data.num_workers=0"), run_dir)
-    (line,) = assert_clean_exit(code, log, run_dir, 3)
-    assert line == (f"[rank 0] stopping: 2 non-finite steps in a row at step 2 (train.max_bad_steps=2); the newest "
+    paragraph = assert_clean_exit(code, log, run_dir, 3)
+    assert paragraph[0] == (f"[rank 0] stopping: 2 non-finite steps in a row at step 2 (train.max_bad_steps=2); the newest "
                     f"checkpoint is {run_dir}/checkpoints/step_00000001")
 
 

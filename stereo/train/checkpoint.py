@@ -23,13 +23,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from stereo.train.failures import CheckpointError
 from stereo.train.run_files import LATEST, STEP_DIR, read_latest
 
 COMPLETE = "COMPLETE"
 DS_TAG = "ds"
 CONFIG_FILE = "config.yaml"  # the resolved config the checkpoint was trained with (compared on resume)
 _CHUNK = 8 << 20
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint could be loaded, or a save failed; the message names the file and the cause."""
 
 
 def step_dir_name(step: int) -> str:

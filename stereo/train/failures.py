@@ -23,10 +23,6 @@ from stereo import exitcodes
 from stereo.config.errors import ConfigError
 
 
-class CheckpointError(RuntimeError):
-    """No checkpoint could be loaded, or a save failed; the message names the file and the cause."""
-
-
 class RunDirBusy(RuntimeError):
     """Another live trainer holds the run directory."""
 
@@ -45,6 +41,7 @@ def peer_lost(exc: BaseException) -> bool:
 
 def exit_code_for(exc: BaseException) -> int:
     from stereo.data.stream import BadDataError
+    from stereo.train.checkpoint import CheckpointError
 
     if isinstance(exc, PeerFailed):
         return exc.code
@@ -90,7 +87,7 @@ def what_is_kept(run_dir: Path | None, code: int) -> str:
            f"(step {steps[-1]})"
 
 
-def unwritable_run_dir(exc: BaseException, run_dir: Path | None) -> CheckpointError | None:
+def unwritable_run_dir(exc: BaseException, run_dir: Path | None) -> Exception | None:
     """A write into the run directory that the system refused (made read-only, permissions, full disk) as the
     checkpoint error it is (the run cannot save), naming the path and the cause; None for anything else."""
     refused = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT)
@@ -99,7 +96,7 @@ def unwritable_run_dir(exc: BaseException, run_dir: Path | None) -> CheckpointEr
     path = Path(os.fsdecode(exc.filename)).absolute()
     if not path.is_relative_to(Path(run_dir).absolute()):
         return None
-    from stereo.train.checkpoint import describe_write_error
+    from stereo.train.checkpoint import CheckpointError, describe_write_error
 
     return CheckpointError(f"cannot write {path}: {describe_write_error(path, exc)}; the run directory {run_dir} "
                            "must stay writable for the whole run")
