@@ -153,28 +153,20 @@ def saved_step(log: str) -> int:
     return int(match.group(2))
 
 
-def own_job_id(job_id: str) -> str:
-    """An array task's own job id (`<array>_<index>` is refused by `scancel --signal` in slurmctld 22.05 while a
-    task of its array is pending, and tasks requeued by the other rows are); a plain job's id as it is."""
-    if "_" not in job_id:
-        return job_id
-    shown = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, check=True)
-    return re.search(r"\bJobId=(\d+)", shown.stdout).group(1)
-
-
-def signal_all(jobs: dict[str, Submission]) -> dict[str, int]:
-    """Send each row's signal once its stand-in passes step 8: row -> the step it had reached."""
+def signal_all(jobs: dict[str, Submission], target=lambda row, job: job.job_id,
+               ready=lambda row, job: progress(Path(job.run_dir))) -> dict[str, int]:
+    """Send each row's signal (to `target`) once `ready` says its stand-in passed step 8: row -> that step."""
     signalled: dict[str, int] = {}
     deadline = time.monotonic() + 300
-    while len(signalled) < len(SIGNAL_ROWS) and time.monotonic() < deadline:
-        for row, command in SIGNAL_ROWS.items():
-            step = progress(Path(jobs[row].run_dir))
+    while len(signalled) < len(jobs) and time.monotonic() < deadline:
+        for row, job in jobs.items():
+            step = ready(row, job)
             if row not in signalled and step >= 8:
-                target = jobs[row].run_dir if row == "cancel" else own_job_id(jobs[row].job_id)
-                subprocess.run([*command, target], cwd=ROOT, check=True, capture_output=True)
+                subprocess.run([*SIGNAL_ROWS[row], job.run_dir if row == "cancel" else target(row, job)], cwd=ROOT,
+                               check=True, capture_output=True)
                 signalled[row] = step
         time.sleep(0.2)
-    assert len(signalled) == len(SIGNAL_ROWS), f"never reached step 8: {set(SIGNAL_ROWS) - set(signalled)}"
+    assert len(signalled) == len(jobs), f"never reached step 8: {set(jobs) - set(signalled)}"
     return signalled
 
 
@@ -272,6 +264,7 @@ def submit_standin_array(tmp: Path, rows: list[str], step_s: float, overrides: l
 
     overrides = ["slurm.cpus_per_task=1", "slurm.mem_gb=1", *overrides]
     cfg = load_config("tiny", overrides)
+    tmp.mkdir(parents=True, exist_ok=True)
     folder = tmp / "slurm"
     executor = make_executor(cfg.slurm, folder=folder, job_name="sweep-rows", tasks_per_node=1, mounts=[ROOT, tmp])
     standin = write_standin(tmp)
@@ -295,30 +288,45 @@ def submit_standin_array(tmp: Path, rows: list[str], step_s: float, overrides: l
 
 @pytest.fixture(scope="module")
 def sweep_trial_rows(cluster, expected_weights, tmp_path_factory) -> dict[str, tuple[Submission, int]]:
-    """The signal table on sweep trials (issue 22: a trial stopped by a signal ended FAILED, exit 75, 0 restarts):
-    one array of a trial per row, and the time-limit row as an array of two trials."""
-    jobs = submit_standin_array(tmp_path_factory.mktemp("sweep_rows"), list(SIGNAL_ROWS), step_s=0.25)
-    limited = submit_standin_array(tmp_path_factory.mktemp("sweep_time_limit"), [TIME_LIMIT, "time-limit-2"],
-                                   step_s=1.0, overrides=["slurm.time_min=1", "slurm.signal_delay_s=50"])
-    script = Path(jobs["cancel"].folder) / f"{jobs['cancel'].job_id.split('_')[0]}_submission.sh"
-    assert "#SBATCH --array=0-" in script.read_text() and "scontrol requeue" in script.read_text()
+    """The signal table on sweep trials (issue 22: a trial stopped by a signal ended FAILED, exit 75, 0 restarts).
+    Each row is a job array of two trials, the row's and its twin, both signalled through the array's id (slurmctld
+    22.05 refuses a signal to one task of an array with pending tasks, and the cluster runs 4 tasks at once), in
+    waves of two arrays that fill the cluster; the time-limit row is an array of two as well. Returns row (and
+    row-twin) -> (the trial's record, the step its stand-in had reached when the signal was sent)."""
+    tmp = tmp_path_factory.mktemp("sweep_rows")
+    rows, arrays, results = list(SIGNAL_ROWS), [], {}
     started = time.monotonic()
     try:
-        signalled = signal_all(jobs)
-        wait_all_ended([submission.job_id for submission in [*jobs.values(), *limited.values()]], 400)
+        for wave in [rows[i:i + 2] for i in range(0, len(rows), 2)] + [[TIME_LIMIT]]:
+            trials = {}
+            for row in wave:
+                limit = ["slurm.time_min=1", "slurm.signal_delay_s=50"] if row == TIME_LIMIT else []
+                trials[row] = submit_standin_array(tmp / row, [row, f"{row}-twin"], 1.0 if limit else 0.25, limit)
+                arrays.append(trials[row][row].job_id.split("_")[0])
+            signalled = {} if wave == [TIME_LIMIT] else signal_all(
+                {row: pair[row] for row, pair in trials.items()}, target=lambda row, job: job.job_id.split("_")[0],
+                ready=lambda row, job: min(progress(Path(t.run_dir)) for t in trials[row].values()))
+            wait_all_ended([t.job_id for pair in trials.values() for t in pair.values()], 400)
+            for row, pair in trials.items():
+                for name, trial in pair.items():
+                    results[name] = (trial, signalled.get(row, 0))
     except BaseException:  # leave no job behind on the shared cluster
-        subprocess.run(["scancel", *{s.job_id.split("_")[0] for s in [*jobs.values(), *limited.values()]}])
+        subprocess.run(["scancel", *arrays])
         raise
-    print(f"sweep-trial signal rows: {len(jobs) + len(limited)} trials ended {time.monotonic() - started:.0f} s "
-          "after the first was queued", file=sys.stderr)
-    return {**{row: (jobs[row], signalled[row]) for row in jobs}, TIME_LIMIT: (limited[TIME_LIMIT], 0),
-            "time-limit-2": (limited["time-limit-2"], 0)}
+    print(f"sweep-trial signal rows: {2 * (len(rows) + 1)} trials in {len(rows) + 1} arrays ended "
+          f"{time.monotonic() - started:.0f} s after the first was queued", file=sys.stderr)
+    script = Path(results["cancel"][0].folder) / f"{arrays[0]}_submission.sh"
+    assert "#SBATCH --array=0-1%2" in script.read_text() and 'exec scontrol requeue "$job"' in script.read_text()
+    return results
+
+
+SWEEP_ROWS = [row for row in SIGNAL_ROWS if row != "cancel"] + [TIME_LIMIT]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("row", [row for row in SIGNAL_ROWS if row != "cancel"] + [TIME_LIMIT, "time-limit-2"])
+@pytest.mark.parametrize("row", [*SWEEP_ROWS, *(f"{row}-twin" for row in SWEEP_ROWS)])
 def test_sweep_trial_signal_checkpoints_requeues_and_resumes(sweep_trial_rows, expected_weights, row):
-    assert_signal_row(*sweep_trial_rows[row], expected_weights, TIME_LIMIT if row == "time-limit-2" else row)
+    assert_signal_row(*sweep_trial_rows[row], expected_weights, row.removesuffix("-twin"))
 
 
 @pytest.mark.slow
@@ -558,7 +566,7 @@ def test_stopped_sweep_trial_requeues_and_ends_bit_identical_to_its_uninterrupte
     from stereo.config import dump_yaml
     from stereo.train.run_files import wandb_run_id
 
-    cfg = load_config("tiny", [*TINY, "train.steps=8"])
+    cfg = load_config("tiny", [*TINY, "train.steps=8", "slurm.signal_delay_s=120"])  # a slow step still saves
     trials, records = [], []
     for name in ("twin", "stopped"):
         run_dir = tmp_path / name
@@ -575,7 +583,7 @@ def test_stopped_sweep_trial_requeues_and_ends_bit_identical_to_its_uninterrupte
     try:
         wait_for(lambda: len((tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()) >= 2
                  if (tmp_path / "stopped" / "metrics.jsonl").is_file() else False, 600, "the trial's first step")
-        subprocess.run(["scancel", "--signal=TERM", own_job_id(stopped)], check=True)
+        subprocess.run(["scancel", "--signal=TERM", stopped], check=True)  # both tasks run: no pending task
         states = wait_all_ended([twin, stopped], 900)
     except BaseException:
         subprocess.run(["scancel", twin.split("_")[0]])
