@@ -315,7 +315,8 @@ def sweep_trial_rows(cluster, expected_weights, tmp_path_factory) -> dict[str, t
         raise
     print(f"sweep-trial signal rows: {2 * (len(rows) + 1)} trials in {len(rows) + 1} arrays ended "
           f"{time.monotonic() - started:.0f} s after the first was queued", file=sys.stderr)
-    script = Path(results["cancel"][0].folder) / f"{arrays[0]}_submission.sh"
+    cancel = results["cancel"][0]
+    script = Path(cancel.folder) / f"{cancel.job_id.split('_')[0]}_submission.sh"
     assert "#SBATCH --array=0-1%2" in script.read_text() and 'exec scontrol requeue "$job"' in script.read_text()
     return results
 
