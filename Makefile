@@ -24,6 +24,8 @@ $(error $(PY) not found: run `make setup` first)
 endif
 endif
 endif
+# $(call q,VALUE): one shell word, so that paths with spaces or quotes reach Python whole.
+q = '$(subst ','\'',$(1))'
 # $(call require,VARIABLES,example): stops a target before Python starts, naming what is missing.
 missing = $(strip $(foreach v,$(1),$(if $($(v)),,$(v))))
 require = $(if $(call missing,$(1)),$(error make $@ needs $(call missing,$(1)), for example: $(2)))
@@ -84,32 +86,32 @@ bench-restart: ## requeue to first resumed step of a tiny Slurm job, and where t
 
 eval: ## evaluate: CKPT=... BENCH=kitti15 DATA=/data/KITTI (BENCH=demo: the demo val shards) [SIZE=vitl] [ITERS=32] [OUT=dir] [HIERA=1]
 	$(call require,CKPT BENCH $(if $(filter demo,$(BENCH)),,DATA),make eval CKPT=runs/demo BENCH=demo or make eval CKPT=model.pth BENCH=kitti15 DATA=/data/KITTI)
-	$(PY) -m stereo eval --ckpt $(CKPT) --bench $(BENCH) $(if $(DATA),--data $(DATA)) $(if $(SIZE),--size $(SIZE)) \
-		$(if $(ITERS),--iters $(ITERS)) $(if $(OUT),--out $(OUT)) $(if $(HIERA),--hierarchical)
+	$(PY) -m stereo eval --ckpt $(call q,$(CKPT)) --bench $(BENCH) $(if $(DATA),--data $(call q,$(DATA))) $(if $(SIZE),--size $(SIZE)) \
+		$(if $(ITERS),--iters $(ITERS)) $(if $(OUT),--out $(call q,$(OUT))) $(if $(HIERA),--hierarchical)
 
 compare: ## compare runs: RUNS="runs/a runs/b", or rank a sweep's trials: SWEEP=configs/sweeps/x.yaml
 	$(PY) -m stereo compare $(if $(SWEEP),--sweep $(SWEEP)) $(RUNS)
 
 infer: ## one pair: CKPT=... LEFT=... RIGHT=... OUT=... [HIERA=1 for large images]
 	$(call require,CKPT LEFT RIGHT OUT,make infer CKPT=runs/demo LEFT=$(PAIR)/left.png RIGHT=$(PAIR)/right.png OUT=runs/demo/motorcycle)
-	$(PY) -m stereo infer --ckpt $(CKPT) --left $(LEFT) --right $(RIGHT) --out $(OUT) $(if $(HIERA),--hierarchical)
+	$(PY) -m stereo infer --ckpt $(call q,$(CKPT)) --left $(call q,$(LEFT)) --right $(call q,$(RIGHT)) --out $(call q,$(OUT)) $(if $(HIERA),--hierarchical)
 
 export: ## released-format checkpoint from a run: RUN=runs/x OUT=model.pth
 	$(call require,RUN OUT,make export RUN=runs/demo OUT=runs/demo/model.pth)
-	$(PY) -m stereo export $(RUN) --out $(OUT) --ema
+	$(PY) -m stereo export $(call q,$(RUN)) --out $(call q,$(OUT)) --ema
 
 submit: ## submit CONFIG to Slurm (config, paths and Slurm checked first; ARGS=--no-check-paths for node-only data)
 	@$(DEMO_SHARDS)
 	$(PY) -m stereo submit $(CONFIG) $(OVERRIDES)
 
 status: ## Slurm state (pending reason), newest checkpoint and step of the last submitted run (or RUN=...)
-	$(PY) -m stereo status $(RUN)
+	$(PY) -m stereo status $(if $(RUN),$(call q,$(RUN)))
 
 logs: ## log of the last submitted run (or RUN=...)
-	$(PY) -m stereo logs $(RUN)
+	$(PY) -m stereo logs $(if $(RUN),$(call q,$(RUN)))
 
 cancel: ## cancel the last submitted run (or RUN=...)
-	$(PY) -m stereo cancel $(RUN)
+	$(PY) -m stereo cancel $(if $(RUN),$(call q,$(RUN)))
 
 sweep: ## hyper-parameter sweep as one Slurm job array: SWEEP=configs/sweeps/x.yaml [LOCAL=1: run here] [a.b=value]
 	@test -n "$(SWEEP)" || { echo "usage: make sweep SWEEP=configs/sweeps/<name>.yaml [LOCAL=1] [a.b=value ...]" >&2; exit 2; }

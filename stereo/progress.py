@@ -7,6 +7,7 @@ and what to run next); `track` wraps any other iteration (evaluation, validation
 
 from __future__ import annotations
 
+import shlex
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -89,18 +90,29 @@ class TrainProgress:
         self.printed_at, self.printed_step = now, self.step
 
 
+def make_var(name: str, value: object) -> str:
+    """`NAME=value` as one shell word, for the commands we print (a run directory may hold spaces or quotes)."""
+    return shlex.quote(f"{name}={value}")
+
+
+def make_command(target: str, **variables: object) -> str:
+    """`make TARGET NAME=value ...`, each assignment one shell word."""
+    return " ".join(["make", target, *(make_var(name, value) for name, value in variables.items())])
+
+
 def next_steps(run_dir: Path, checkpoint: Path | None, cfg: Any, seconds: float) -> str:
     run = str(run_dir)
     demo = any(str(spec.shards).startswith(DEMO_SHARDS) for spec in cfg.data.val)
     bench = "BENCH=demo" if demo else "BENCH=<kitti15|middeval3|eth3d|...> DATA=<its directory>"
     lines = [f"done in {duration(seconds)}: checkpoint {checkpoint if checkpoint is not None else '(none)'}",
              "next:",
-             f"  make eval CKPT={run} {bench} OUT={run}/eval" + ("   # the demo validation set, as scored above"
-                                                                  if demo else ""),
-             f"  make demo-pair && make infer CKPT={run} LEFT={DEMO_PAIR}/left.png RIGHT={DEMO_PAIR}/right.png "
-             f"OUT={run}/motorcycle",
-             f"  make export RUN={run} OUT={run}/model.pth   # released-format weights (EMA)",
-             f'  make compare RUNS="{run} runs/<another run>"']
+             f"  make eval {make_var('CKPT', run)} {bench} {make_var('OUT', run + '/eval')}"
+             + ("   # the demo validation set, as scored above" if demo else ""),
+             f"  make demo-pair && make infer {make_var('CKPT', run)} LEFT={DEMO_PAIR}/left.png "
+             f"RIGHT={DEMO_PAIR}/right.png {make_var('OUT', run + '/motorcycle')}",
+             f"  make export {make_var('RUN', run)} {make_var('OUT', run + '/model.pth')}   # released-format "
+             "weights (EMA)",
+             f"  make compare {make_var('RUNS', run + ' runs/<another run>')}"]
     return "\n".join(lines)
 
 

@@ -80,4 +80,16 @@ def test_end_of_run_names_the_checkpoint_and_what_to_run_next(config, bench):
     assert text.splitlines()[0] == "done in 2 min 41 s: checkpoint runs/x/checkpoints/step_00000300"
     assert f"make eval CKPT=runs/x {bench}" in text
     assert "make demo-pair && make infer CKPT=runs/x LEFT=shards/demo/motorcycle/left.png" in text
-    assert "make export RUN=runs/x OUT=runs/x/model.pth" in text and 'make compare RUNS="runs/x ' in text
+    assert "make export RUN=runs/x OUT=runs/x/model.pth" in text and "make compare 'RUNS=runs/x " in text
+
+
+def test_printed_commands_keep_a_run_directory_with_spaces_and_quotes_whole(tmp_path):
+    """`make export RUN=runs/my run` was `make: *** No rule to make target 'run'` (issue 22)."""
+    run = tmp_path / "my run's dir"
+    run.mkdir()
+    text = next_steps(run, None, load_config("tiny"), 1.0)
+    export = next(line for line in text.splitlines() if "make export" in line).split("   #")[0].strip()
+    done = subprocess.run(["bash", "-c", export.replace("make ", "make --no-print-directory ", 1)], cwd=REPO,
+                          capture_output=True, text=True)
+    assert "No rule to make target" not in done.stderr and done.returncode != 0
+    assert str(run) in done.stderr, done.stderr

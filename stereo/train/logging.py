@@ -7,18 +7,20 @@ mirror of metrics.jsonl: a failed start or a dead service is one warning and the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import sys
+import threading
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 
 from stereo.config import Config, to_dict
+from stereo.train.run_files import wandb_run_id
 
 
 def wandb_mode(setting: str) -> str:
@@ -41,6 +43,33 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
+def within(timeout_s: float, key: str, start):
+    """`start()`'s result, or TimeoutError after `timeout_s` (0: no limit). wandb's own init_timeout leaves out its
+    service's start and its first requests: without a network it waited 14 s at 5. A start given up on goes on in
+    the background and its run, if it ever comes, is closed there."""
+    outcome: dict = {}
+    given_up = threading.Event()
+
+    def run() -> None:
+        try:
+            outcome["value"] = start()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            outcome["error"] = exc
+        if given_up.is_set() and outcome.get("value") is not None:
+            with contextlib.suppress(Exception):
+                outcome["value"].finish(quiet=True)
+
+    thread = threading.Thread(target=run, daemon=True, name=f"within {key}")
+    thread.start()
+    thread.join(timeout_s or None)
+    if thread.is_alive():
+        given_up.set()
+        raise TimeoutError(f"not started within {key}={timeout_s} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
 class RunLogger:
     def __init__(self, run_dir: Path, cfg: Config, overrides: list[str], git_revision: str | None, rank: int):
         self.run_dir = Path(run_dir)
@@ -49,7 +78,8 @@ class RunLogger:
         self.wandb_run = None
         if self.enabled and wandb_mode(cfg.logging.wandb) != "disabled":
             try:
-                self.wandb_run = self._start_wandb(cfg, overrides, git_revision)
+                self.wandb_run = within(cfg.logging.wandb_init_timeout_s, "logging.wandb_init_timeout_s",
+                                        lambda: self._start_wandb(cfg, overrides, git_revision))
             except Exception as exc:  # noqa: BLE001 - no network, bad key, broken install: the run goes on
                 first_line = (str(exc).strip().splitlines() or [""])[0]
                 warn(f"wandb did not start ({type(exc).__name__}: {first_line}); logging to {self.metrics_path} only")
@@ -57,9 +87,7 @@ class RunLogger:
     def _start_wandb(self, cfg: Config, overrides: list[str], git_revision: str | None):
         import wandb
 
-        id_file = self.run_dir / "wandb_id"
-        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
-        id_file.write_text(run_id + "\n")
+        run_id = wandb_run_id(self.run_dir)
         tags = list(cfg.logging.tags) + [f"config:{cfg.name}"] + ([f"git:{git_revision[:10]}"] if git_revision else [])
         return wandb.init(
             project=cfg.logging.project, entity=cfg.logging.entity, group=cfg.logging.group or cfg.name,

@@ -112,8 +112,8 @@ def train(cfg: Config, overrides: list[str], context: ExitContext) -> int:
             window.add(terms, batch["left"].shape[0] * env.world_size)
         if state.bad_streak >= cfg.train.max_bad_steps:
             print(f"[rank {env.rank}] stopping: {state.bad_streak} non-finite steps in a row at step {state.step + 1} "
-                  f"(train.max_bad_steps={cfg.train.max_bad_steps}); the last good checkpoint is kept",
-                  file=sys.stderr, flush=True)
+                  f"(train.max_bad_steps={cfg.train.max_bad_steps}); the newest checkpoint is "
+                  f"{ckpts.latest() or 'none yet'}", file=sys.stderr, flush=True)
             exit_code = exitcodes.TOO_MANY_BAD_STEPS
             break
         if engine.was_step_applied():
