@@ -29,11 +29,11 @@ missing = $(strip $(foreach v,$(1),$(if $($(v)),,$(v))))
 require = $(if $(call missing,$(1)),$(error make $@ needs $(call missing,$(1)), for example: $(2)))
 
 .PHONY: help setup test test-gpu gpu-check train demo-data demo-pair shards plan bench bench-data bench-restart eval \
-        compare infer export submit status logs cancel sweep sweep-status slurm-up slurm-down docker docker-build \
+        compare infer export mlflow-upload submit status logs cancel sweep sweep-status slurm-up slurm-down docker docker-build \
         docker-run docker-test config clean
 
 help: ## list the targets
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
 setup: $(VENV)/.setup-done ## build .venv with pinned versions (CPU or GPU machine) and the local Slurm packages
 	@bash slurm/local_cluster.sh install
@@ -94,9 +94,13 @@ infer: ## one pair: CKPT=... LEFT=... RIGHT=... OUT=... [HIERA=1 for large image
 	$(call require,CKPT LEFT RIGHT OUT,make infer CKPT=runs/demo LEFT=$(PAIR)/left.png RIGHT=$(PAIR)/right.png OUT=runs/demo/motorcycle)
 	$(PY) -m stereo infer --ckpt $(CKPT) --left $(LEFT) --right $(RIGHT) --out $(OUT) $(if $(HIERA),--hierarchical)
 
-export: ## released-format checkpoint from a run: RUN=runs/x OUT=model.pth
+export: ## released-format checkpoint from a run: RUN=runs/x OUT=model.pth [MLFLOW=1: attach it to the run's MLflow run]
 	$(call require,RUN OUT,make export RUN=runs/demo OUT=runs/demo/model.pth)
-	$(PY) -m stereo export $(RUN) --out $(OUT) --ema
+	$(PY) -m stereo export $(RUN) --out $(OUT) --ema $(if $(MLFLOW),--mlflow)
+
+mlflow-upload: ## send a run's metrics.jsonl, pictures, config to MLflow later: RUN=runs/x [URI=http://host:5000]
+	$(call require,RUN,make mlflow-upload RUN=runs/demo URI=http://127.0.0.1:5000)
+	$(PY) -m stereo mlflow-upload $(RUN) $(if $(URI),--tracking-uri $(URI))
 
 submit: ## submit CONFIG to Slurm (config, paths and Slurm checked first; ARGS=--no-check-paths for node-only data)
 	@$(DEMO_SHARDS)

@@ -120,11 +120,13 @@ class MlflowTracker:
         self.logged: dict[str, set[int]] = {key: {m.step for m in self.client.get_metric_history(self.run_id, key)}
                                             for key in run.data.metrics}
         self._log_params(run.data.params, flat_params(to_dict(cfg)))
-        tags = {"config": cfg.name, "world_size": os.environ.get("WORLD_SIZE", "1"), **{t: "" for t in cfg.logging.tags}}
-        if git_revision:
-            tags |= {"git_revision": git_revision, "mlflow.source.git.commit": git_revision}
-        if os.environ.get("SLURM_JOB_ID"):
-            tags["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
+        tags = {"config": cfg.name, **{t: "" for t in cfg.logging.tags}}
+        if training:  # this start's; an upload or an export leaves the trainer's as they are
+            tags["world_size"] = os.environ.get("WORLD_SIZE", "1")
+            if git_revision:
+                tags |= {"git_revision": git_revision, "mlflow.source.git.commit": git_revision}
+            if os.environ.get("SLURM_JOB_ID"):
+                tags["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, value)
         if (self.run_dir / "config.yaml").is_file():
