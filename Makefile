@@ -28,7 +28,7 @@ endif
 missing = $(strip $(foreach v,$(1),$(if $($(v)),,$(v))))
 require = $(if $(call missing,$(1)),$(error make $@ needs $(call missing,$(1)), for example: $(2)))
 
-.PHONY: help setup test test-gpu gpu-check train demo-data demo-pair shards plan bench bench-data bench-restart eval \
+.PHONY: help setup test test-gpu gpu-check train resume demo-data demo-pair shards plan bench bench-data bench-restart eval \
         compare infer export mlflow-upload submit status logs cancel sweep sweep-status slurm-up slurm-down docker docker-build \
         docker-run docker-test config clean
 
@@ -63,6 +63,13 @@ train: ## train CONFIG (default tiny: demo shards, CPU, a few minutes); override
 	@$(DEMO_SHARDS)
 	$(if $(filter 1,$(NPROC)),$(PY),$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC)) -m stereo train $(CONFIG) $(OVERRIDES)
 
+# the newest run directory that a training run wrote (for `make resume` without RUN)
+LAST_RUN = $(patsubst %/config.yaml,%,$(firstword $(shell ls -t runs/*/config.yaml 2>/dev/null)))
+resume: ## continue a stopped run from its newest checkpoint: RUN=runs/x (default: the newest in runs/) [NPROC=n] [a.b=value]
+	$(if $(or $(RUN),$(LAST_RUN)),,$(error make resume: no run directory in runs/; name one: make resume RUN=runs/x))
+	$(if $(filter 1,$(NPROC)),$(PY),$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC)) -m stereo train \
+		$(or $(RUN),$(LAST_RUN))/config.yaml 'train.run_dir=$(or $(RUN),$(LAST_RUN))' $(OVERRIDES)
+
 config: ## print CONFIG fully resolved (validates it)
 	$(PY) -m stereo config $(CONFIG) $(OVERRIDES)
 
@@ -83,7 +90,7 @@ bench-restart: ## requeue to first resumed step of a tiny Slurm job, and where t
 	$(PY) -m jobs.bench_restart $(OVERRIDES)
 
 eval: ## evaluate: CKPT=... BENCH=kitti15 DATA=/data/KITTI (BENCH=demo: the demo val shards) [SIZE=vitl] [ITERS=32] [OUT=dir] [HIERA=1]
-	$(call require,CKPT BENCH $(if $(filter demo,$(BENCH)),,DATA),make eval CKPT=runs/demo BENCH=demo or make eval CKPT=model.pth BENCH=kitti15 DATA=/data/KITTI)
+	$(call require,CKPT BENCH $(if $(filter-out demo,$(BENCH)),DATA),make eval CKPT=runs/demo BENCH=demo or make eval CKPT=model.pth BENCH=kitti15 DATA=/data/KITTI)
 	$(PY) -m stereo eval --ckpt $(CKPT) --bench $(BENCH) $(if $(DATA),--data $(DATA)) $(if $(SIZE),--size $(SIZE)) \
 		$(if $(ITERS),--iters $(ITERS)) $(if $(OUT),--out $(OUT)) $(if $(HIERA),--hierarchical)
 

@@ -81,3 +81,22 @@ def test_end_of_run_names_the_checkpoint_and_what_to_run_next(config, bench):
     assert f"make eval CKPT=runs/x {bench}" in text
     assert "make demo-pair && make infer CKPT=runs/x LEFT=shards/demo/motorcycle/left.png" in text
     assert "make export RUN=runs/x OUT=runs/x/model.pth" in text and 'make compare RUNS="runs/x ' in text
+
+
+def test_a_stop_between_logged_steps_says_whose_loss_the_last_line_shows():
+    stream = io.StringIO()
+    progress = TrainProgress(100, 0, stream=stream, interval_s=3600.0)
+    for step in range(1, 8):  # logged every 5 steps, stopped at step 7
+        if step % 5 == 0:
+            progress.log(SCALARS, step)
+        progress.update()
+    progress.close()
+    assert stream.getvalue().splitlines()[-1].startswith(
+        "train step 7/100 (7%)  loss 1.500  lr 1.00e-03  samples/s 3.25 (logged at step 5)  [")
+
+
+def test_resume_command_names_the_run_directory():
+    from stereo.progress import resume_command
+
+    assert resume_command(Path("runs/tiny-20261207-040000")) == "make resume RUN=runs/tiny-20261207-040000"
+    assert resume_command(Path("runs/my run")) == "make resume RUN='runs/my run'"

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from stereo import exitcodes
 from stereo.config import Config, dump_yaml
 from stereo.model.precision import resolve_precision
-from stereo.progress import TrainProgress
+from stereo.progress import TrainProgress, resume_command
 from stereo.train import engine as ds_engine
 from stereo.train.checkpoint import CheckpointManager
 from stereo.train.early_stop import EarlyStop
@@ -127,7 +127,7 @@ def train(cfg: Config, overrides: list[str], context: ExitContext) -> int:
         if state.step % cfg.logging.every == 0 or state.step == cfg.train.steps:
             scalars = window.flush(lr, ds_engine.grad_norm(engine), state.skipped_steps, loader)
             log.log(state.step, scalars)
-            progress.log(scalars)
+            progress.log(scalars, state.step)
         progress.update(1)
         if cfg.logging.image_every and state.step % cfg.logging.image_every == 0:
             log.log_image(state.step, "train/disparity", training_panel(batch, preds[-1]))
@@ -146,7 +146,7 @@ def train(cfg: Config, overrides: list[str], context: ExitContext) -> int:
             break
         if agreed.stop:
             print(f"[rank {env.rank}] stopped by a signal: checkpointed at step {state.step}, exiting "
-                  f"{exitcodes.PREEMPTED} (start the same command again to resume)", file=sys.stderr, flush=True)
+                  f"{exitcodes.PREEMPTED}; to resume: {resume_command(run.path)}", file=sys.stderr, flush=True)
             exit_code = exitcodes.PREEMPTED
             break
     progress.close()
