@@ -23,6 +23,7 @@ from stereo.data.codecs import CodecError
 from stereo.data.sample import BadSample
 from stereo.data.sources import SourceError, parse_options
 from stereo.eval.benchmarks import BENCHMARKS, BenchmarkSamples, get_benchmark
+from stereo.eval.metrics import unit
 from stereo.eval.runner import evaluate
 from stereo.model import build_model
 from stereo.model.io import check_state_dict, read_checkpoint, read_released_cfg
@@ -151,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     for key in bench.headline:
         value = result[key]
-        print(f"{key:>24}: {'-' if value is None else f'{value:.4f}'}")
+        print(f"{key:>24}: {'-' if value is None else f'{value:.4f} {unit(key)}'}")
     if bench.paper is not None:
         print(f"{'paper':>24}: {bench.paper} ({bench.headline[0]}, FoundationStereo zero-shot)")
     print(f"wrote {out}/results.json, results.md" + ("" if args.no_images else ", images/, summary.png"),
