@@ -104,7 +104,10 @@ def next_steps(run_dir: Path, checkpoint: Path | None, cfg: Any, seconds: float)
     run = str(run_dir)
     demo = any(str(spec.shards).startswith(DEMO_SHARDS) for spec in cfg.data.val)
     bench = "BENCH=demo" if demo else "BENCH=<kitti15|middeval3|eth3d|...> DATA=<its directory>"
-    lines = [f"done in {duration(seconds)}: checkpoint {checkpoint if checkpoint is not None else '(none)'}",
+    done = f"done in {duration(seconds)}: checkpoint {checkpoint if checkpoint is not None else '(none)'}"
+    if any(tag.startswith("sweep:") for tag in cfg.logging.tags):  # a sweep's trial: the sweep says what next, once
+        return done
+    lines = [done,
              "next:",
              f"  make eval CKPT={run} {bench} OUT={run}/eval" + ("   # the demo validation set, as scored above"
                                                                   if demo else ""),

@@ -100,3 +100,10 @@ def test_resume_command_names_the_run_directory():
 
     assert resume_command(Path("runs/tiny-20261207-040000")) == "make resume RUN=runs/tiny-20261207-040000"
     assert resume_command(Path("runs/my run")) == "make resume RUN='runs/my run'"
+
+
+def test_a_sweep_trial_ends_with_its_checkpoint_only():
+    """The sweep prints what next once, for all its trials (make compare SWEEP=...)."""
+    text = next_steps(Path("runs/sweeps/tiny/t00"), Path("runs/sweeps/tiny/t00/checkpoints/step_00000100"),
+                      load_config("tiny", ["logging.tags=[sweep:tiny]"]), 61.0)
+    assert text == "done in 1 min 01 s: checkpoint runs/sweeps/tiny/t00/checkpoints/step_00000100"
