@@ -1,4 +1,5 @@
-# The front door. Every target is a thin wrapper over `python -m stereo ...`; `make help` lists them.
+# The front door. Most targets are thin wrappers over `python -m stereo ...` (test: pytest; gpu-check and bench-restart:
+# their own modules; slurm-*, docker-*: scripts); `make help` lists them.
 SHELL := /bin/bash
 PY    ?= .venv/bin/python
 VENV  ?= .venv
@@ -43,7 +44,7 @@ $(VENV)/.setup-done: requirements.txt docker/install.sh pyproject.toml
 	$(PY) -c "from stereo.train.engine import prebuild_ops; prebuild_ops()"
 	touch $@
 
-test: ## run the test suite (CPU; real DeepSpeed, webdataset, Slurm, wandb offline)
+test: ## run the test suite (CPU; real DeepSpeed, webdataset, Slurm, wandb offline, an MLflow server)
 	$(PY) -m pytest -m "not gpu and not docker" tests
 
 test-gpu: ## run the GPU-marked tests (on a GPU node)
