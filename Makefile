@@ -59,7 +59,7 @@ demo-data: ## write the procedurally generated demo shards to shards/demo
 demo-pair: ## write the Middlebury motorcycle pair bundled with scikit-image to shards/demo/motorcycle (for infer)
 	$(PY) -m stereo demo-pair --out $(PAIR)
 
-train: ## train CONFIG (default tiny: demo shards, CPU, a few minutes); overrides as a.b=value; NPROC=n: torchrun
+train: ## train CONFIG (default tiny: demo shards, CPU, ~3 min on 2 cores); overrides as a.b=value; NPROC=n: torchrun
 	@$(PY) -m stereo config --check $(CONFIG) $(OVERRIDES)
 	@$(DEMO_SHARDS)
 	$(if $(filter 1,$(NPROC)),$(PY),$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC)) -m stereo train $(CONFIG) $(OVERRIDES)
