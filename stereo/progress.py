@@ -88,7 +88,7 @@ class TrainProgress:
         left = f", ~{duration(elapsed / done * (self.total - self.step))} left" if 0 < done and self.step < self.total \
             else ""
         fields = "".join(f"  {k} {v}" for k, v in self.fields.items())
-        if fields and self.fields_step != self.step:  # a stop between two logged steps: say whose numbers they are
+        if fields and self.fields_step < self.step:  # a stop between two logged steps: say whose numbers they are
             fields += f" (logged at step {self.fields_step})"
         print(f"train step {self.step}/{self.total} ({100 * self.step // max(self.total, 1)}%){fields}  "
               f"[{duration(elapsed)}{left}]", file=self.stream, flush=True)

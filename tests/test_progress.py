@@ -107,3 +107,11 @@ def test_a_sweep_trial_ends_with_its_checkpoint_only():
     text = next_steps(Path("runs/sweeps/tiny/t00"), Path("runs/sweeps/tiny/t00/checkpoints/step_00000100"),
                       load_config("tiny", ["logging.tags=[sweep:tiny]"]), 61.0)
     assert text == "done in 1 min 01 s: checkpoint runs/sweeps/tiny/t00/checkpoints/step_00000100"
+
+
+def test_numbers_of_the_step_being_finished_carry_no_label():
+    """The loop logs a step's numbers before its update(): the first line shows them as they are."""
+    stream = io.StringIO()
+    progress = TrainProgress(8, 3, stream=stream, interval_s=3600.0)
+    progress.log(SCALARS, 4)
+    assert "logged at" not in stream.getvalue() and "loss 1.500" in stream.getvalue()
