@@ -104,15 +104,18 @@ class RunLogger:
         print(f"stopped early at step {rung.step}: {rung.describe(metric)}; checkpointed", file=sys.stderr,
                   flush=True)
 
-    def log_image(self, step: int, name: str, image: np.ndarray) -> None:
-        """An (H, W, 3) uint8 picture: saved under RUN_DIR/images/ and sent to the trackers."""
+    def log_image(self, step: int, name: str, image: np.ndarray, note: str = "") -> None:
+        """An (H, W, 3) uint8 picture under a caption (name, step, `note`): saved under RUN_DIR/images/ and sent to
+        the trackers."""
         if not self.enabled:
             return
         from PIL import Image
 
+        from stereo.eval.report import with_caption
+
         path = self.run_dir / "images" / f"{name.replace('/', '_')}_{step:08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(path)
+        Image.fromarray(with_caption(image, ", ".join([f"{name} at step {step}", *([note] if note else [])]))).save(path)
         self._each(lambda t: t.log_image(step, name, path))
 
     def _each(self, send: Callable) -> None:
