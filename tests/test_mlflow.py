@@ -15,8 +15,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO, free_port
+from stereo.train.checkpoint import find_checkpoint
 from test_train import FAST, finish, kill_tree, launch, metrics, wait_for_step
 
 pytestmark = pytest.mark.usefixtures("demo_shards")
@@ -113,8 +115,8 @@ def test_params_tags_and_artifacts(server, resumed):
     run = the_run(server, run_dir)
     assert run.data.params["optim.lr"] == "0.001" and run.data.params["model.size"] == "tiny"
     assert run.data.params["augment.crop"] == "[64, 128]"
-    revision = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    assert run.data.tags["git_revision"] == revision
+    saved = torch.load(find_checkpoint(run_dir) / "trainer_state_rank0.pt", map_location="cpu", weights_only=False)
+    assert len(saved["git_revision"]) == 40 and run.data.tags["git_revision"] == saved["git_revision"]
     assert run.data.tags["slurm_job_id"] == "4242" and run.data.tags["world_size"] == "1"
     mlflow = client(server)
     assert "config.yaml" in [a.path for a in mlflow.list_artifacts(run.info.run_id)]
