@@ -8,14 +8,18 @@ RUN_DIR/mlflow_runs.json (one id per tracking URI, so a run uploaded later to a 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
+import sys
 import time
 import uuid
 from pathlib import Path
 
 from stereo.config import Config, to_dict
+from stereo.train.rundir import flatten
 
 WANDB_ID_FILE = "wandb_id"
 MLFLOW_RUNS_FILE = "mlflow_runs.json"
@@ -82,16 +86,10 @@ def mlflow_tracking_uri(run_dir: Path, setting: str | None) -> str:
     return setting or os.environ.get("MLFLOW_TRACKING_URI") or embedded_uri(run_dir)
 
 
-def flat_params(tree: dict, prefix: str = "") -> dict[str, str]:
-    """The resolved config as MLflow params: `optim.lr` -> "0.001"; lists and None as YAML-ish text."""
-    out: dict[str, str] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flat_params(value, name + "."))
-        else:
-            out[name] = (json.dumps(value) if not isinstance(value, str) else value)[:PARAM_MAX_CHARS]
-    return out
+def flat_params(cfg: Config) -> dict[str, str]:
+    """The resolved config as MLflow params: `optim.lr` -> "0.001"; lists and None as JSON."""
+    return {key: (value if isinstance(value, str) else json.dumps(value))[:PARAM_MAX_CHARS]
+            for key, value in flatten(to_dict(cfg)).items()}
 
 
 class MlflowTracker:
@@ -103,6 +101,7 @@ class MlflowTracker:
     def __init__(self, run_dir: Path, cfg: Config, overrides: list[str], git_revision: str | None,
                  training: bool = True):
         from mlflow import MlflowClient
+        from mlflow.entities import RunTag
 
         bound_mlflow_requests(cfg.logging.mlflow_timeout_s)
 
@@ -119,7 +118,7 @@ class MlflowTracker:
         self.run_id = run.info.run_id
         self.logged: dict[str, set[int]] = {key: {m.step for m in self.client.get_metric_history(self.run_id, key)}
                                             for key in run.data.metrics}
-        self._log_params(run.data.params, flat_params(to_dict(cfg)))
+        self._log_params(run.data.params, flat_params(cfg))
         tags = {"config": cfg.name, **{t: "" for t in cfg.logging.tags}}
         if training:  # this start's; an upload or an export leaves the trainer's as they are
             tags["world_size"] = os.environ.get("WORLD_SIZE", "1")
@@ -127,10 +126,12 @@ class MlflowTracker:
                 tags |= {"git_revision": git_revision, "mlflow.source.git.commit": git_revision}
             if os.environ.get("SLURM_JOB_ID"):
                 tags["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
-        for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, value)
+        self.client.log_batch(self.run_id, tags=[RunTag(key, value) for key, value in tags.items()])
         if (self.run_dir / "config.yaml").is_file():
             self.client.log_artifact(self.run_id, str(self.run_dir / "config.yaml"))
+        if training:
+            print(f"mlflow: run {self.run_id} of experiment {cfg.logging.project} at {self.uri}", file=sys.stderr,
+                  flush=True)
 
     def _stored_ids(self) -> dict[str, str]:
         path = self.run_dir / MLFLOW_RUNS_FILE
@@ -202,7 +203,8 @@ class MlflowTracker:
         from stereo import exitcodes
 
         status = "FINISHED" if exit_code == exitcodes.OK else "KILLED" if exit_code == exitcodes.PREEMPTED else "FAILED"
-        self.client.set_terminated(self.run_id, status)
+        with contextlib.redirect_stdout(io.StringIO()):  # its "View run ... at" lines: the start names the run
+            self.client.set_terminated(self.run_id, status)
 
 
 def bound_mlflow_requests(timeout_s: int) -> None:
