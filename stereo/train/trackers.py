@@ -1,7 +1,7 @@
 """The experiment trackers that mirror RUN_DIR/metrics.jsonl: wandb and MLflow (`logging.wandb`, `logging.mlflow`).
 
-Both keep one interface (`log`, `log_image`, `finish`, and `name` for the warning when one fails) and one run per
-run directory across every requeue and resume: wandb's id lives in RUN_DIR/wandb_id, MLflow's run id in
+Both keep one interface (`log`, `log_image`, `catch_up` with what metrics.jsonl holds, `finish`, and `name` for
+the warning when one fails) and one run per run directory across every requeue and resume: wandb's id lives in RUN_DIR/wandb_id, MLflow's run id in
 RUN_DIR/mlflow_runs.json (one id per tracking URI, so a run uploaded later to a server gets its own). The trainer
 (stereo.train.logging.RunLogger) starts them, and drops one at its first failure: they never stop a run.
 """
