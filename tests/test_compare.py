@@ -22,7 +22,8 @@ def _write_run(path, lr, speed, epe_scale, time_offset=0.0, steps=30):
     for step in range(10, 31, 10):
         lines.append({"step": step, "time": time_offset + step / speed, "loss": 10.0 / step, "loss/init": 4.0 / step,
                       "loss/seq": 6.0 / step, "lr": lr, "samples_per_s": speed})
-        lines.append({"step": step, "time": time_offset + step / speed + 1, f"{VAL}/epe/pooled": epe_scale * (40 - step),
+        lines.append({"step": step, "time": time_offset + step / speed + 1,
+                      f"{VAL}/epe/pooled": epe_scale * (40 - step),
                       f"{VAL}/epe/mean_image": 1.0, f"{VAL}/bp_2/pooled": 50.0, f"{VAL}/bp_4/pooled": 40.0,
                       f"{VAL}/bp_3/pooled": 45.0, f"{VAL}/d1/pooled": 45.0,
                       f"{VAL}/images": 9.0, f"{VAL}/pixels": 98451.0, f"{VAL}/pixels_noc": 0.0,

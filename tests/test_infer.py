@@ -137,9 +137,9 @@ def test_infer_precision(checkpoint_and_pair, capsys):
 
 
 def test_infer_names_a_missing_file_before_importing_torch(tmp_path):
-    script = ("import sys; from stereo.cli import main; "
-              f"code = main(['infer', '--ckpt', '{tmp_path}', '--left', '{tmp_path}/l.png', '--right', '{tmp_path}/r.png', "
-              f"'--out', '{tmp_path}/out']); print(code, 'torch' in sys.modules)")
+    args = ["infer", "--ckpt", str(tmp_path), "--left", f"{tmp_path}/l.png", "--right", f"{tmp_path}/r.png",
+            "--out", f"{tmp_path}/out"]
+    script = f"import sys; from stereo.cli import main; code = main({args!r}); print(code, 'torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.stdout.split() == ["2", "False"], done.stderr
     assert done.stderr.strip() == f"infer: --left {tmp_path}/l.png: no such file or directory"

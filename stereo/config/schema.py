@@ -256,8 +256,8 @@ class LoggingConfig:
         if self.every < 1:
             raise ConfigError("logging.every", f">= 1, got {self.every}")
         if self.mlflow_tracking_uri is not None and ":" not in self.mlflow_tracking_uri:
-            raise ConfigError("logging.mlflow_tracking_uri", "a URI such as http://host:5000 or sqlite:///path/mlflow.db, "
-                              f"got {self.mlflow_tracking_uri!r}")
+            raise ConfigError("logging.mlflow_tracking_uri", "a URI such as http://host:5000 or "
+                              f"sqlite:///path/mlflow.db, got {self.mlflow_tracking_uri!r}")
         for key in ("image_every", "wandb_init_timeout_s", "mlflow_timeout_s"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"logging.{key}", f">= 0, got {getattr(self, key)}")

@@ -51,8 +51,8 @@ def render(plan: Plan) -> str:
     else:
         lines.append(f"time floor per step: {1000 * floor:.0f} ms ({work} at {gpu.peak_tflops:.0f} TFLOP/s; "
                      f"at most {plan.batch / floor:.1f} samples/s per GPU)")
-    lines.append(f"(the step's simulation read from ~/.cache/stereo/plans, where a plan made it in {plan.simulate_s:.1f} s)"
-                 if plan.cached else
+    lines.append(f"(the step's simulation read from ~/.cache/stereo/plans, where a plan made it in "
+                 f"{plan.simulate_s:.1f} s)" if plan.cached else
                  f"(the step simulated on fake tensors in {plan.simulate_s:.1f} s; cached in ~/.cache/stereo/plans)")
     return "\n".join(lines)
 

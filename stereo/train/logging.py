@@ -115,7 +115,8 @@ class RunLogger:
 
         path = self.run_dir / "images" / f"{name.replace('/', '_')}_{step:08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(with_caption(image, ", ".join([f"{name} at step {step}", *([note] if note else [])]))).save(path)
+        caption = ", ".join([f"{name} at step {step}", *([note] if note else [])])
+        Image.fromarray(with_caption(image, caption)).save(path)
         self._each(lambda t: t.log_image(step, name, path))
 
     def _each(self, send: Callable) -> None:

@@ -1,8 +1,9 @@
 """The experiment trackers that mirror RUN_DIR/metrics.jsonl: wandb and MLflow (`logging.wandb`, `logging.mlflow`).
 
 Both keep one interface (`log`, `log_image`, `catch_up` with what metrics.jsonl holds, `finish`, and `name` for
-the warning when one fails) and one run per run directory across every requeue and resume: wandb's id lives in RUN_DIR/wandb_id, MLflow's run id in
-RUN_DIR/mlflow_runs.json (one id per tracking URI, so a run uploaded later to a server gets its own). The trainer
+the warning when one fails) and one run per run directory across every requeue and resume: wandb's id lives in
+RUN_DIR/wandb_id, MLflow's run id in RUN_DIR/mlflow_runs.json (one id per tracking URI, so a run uploaded later to
+a server gets its own). The trainer
 (stereo.train.logging.RunLogger) starts them, and drops one at its first failure: they never stop a run.
 """
 
@@ -184,7 +185,8 @@ class MlflowTracker:
         metrics = []
         for step, scalars, timestamp in records:
             for key, value in scalars.items():
-                if (value is None or isinstance(value, (int, float))) and step not in self.logged.setdefault(key, set()):
+                number = value is None or isinstance(value, (int, float))
+                if number and step not in self.logged.setdefault(key, set()):
                     metrics.append(Metric(key, float("nan") if value is None else float(value), int(timestamp * 1000),
                                           step))
                     self.logged[key].add(step)
