@@ -111,7 +111,7 @@ class RunLogger:
             return
         from PIL import Image
 
-        from stereo.eval.report import with_caption
+        from stereo.pictures import with_caption
 
         path = self.run_dir / "images" / f"{name.replace('/', '_')}_{step:08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 
 from stereo.config import Config, to_dict
-from stereo.train.rundir import flatten
+from stereo.config.load import flatten
 
 WANDB_ID_FILE = "wandb_id"
 MLFLOW_RUNS_FILE = "mlflow_runs.json"
