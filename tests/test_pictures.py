@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from stereo.pictures import (PANEL_COLUMNS, disparity_panel, disparity_tiles, nice_ticks, summary_sheet, text_size,
-                                turbo, with_caption, with_disparity_bar)
+                             turbo, with_caption, with_disparity_bar)
 
 WHITE = 255
 
