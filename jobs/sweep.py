@@ -25,6 +25,7 @@ from jobs.state import FINAL_STATES, query
 from jobs.record import Submission
 from jobs.submit import make_executor, refuse_busy, submit_array
 from stereo.config import ConfigError, dump_yaml
+from stereo.eval.metrics import with_unit
 from stereo.pictures import markdown_table
 from stereo.exitcodes import INTERNAL, RUN_DIR_BUSY
 from stereo.progress import make_command
@@ -87,6 +88,8 @@ def start(args) -> int:
             code = _submit(spec, book, todo, trials[0], active=[r for r in records if _on_slurm(r)])
             book.write(records)
     print(table(spec, records, book))
+    if args.local and all(r.state == COMPLETED for r in records):
+        print(f"next: make compare SWEEP={args.sweep}   # the trials ranked by {spec.metric}, with plots")
     return code
 
 
@@ -252,13 +255,13 @@ def table(spec: SweepSpec, records: list[TrialRecord], book: SweepDir) -> str:
     for record in records:
         progress = trial_progress(record.run_dir, spec.metric, spec.direction)
         steps = _configured_steps(Path(record.run_dir))
-        best = "-" if progress.best is None else f"{progress.best:.4g} (step {progress.best_step})"
+        best = "-" if progress.best is None else f"{progress.best:.3f} (step {progress.best_step})"
         state = shown_state(record, progress)
         rows.append([record.trial, " ".join(record.overrides), state,
                      f"{progress.step if progress.step is not None else '-'}/{steps}", best])
     header = f"sweep {spec.name}: {len(records)} trials, {spec.metric} ({spec.direction}), " \
              f"at most {spec.max_concurrent} at once ({book.path})\n\n"
-    return header + markdown_table(["trial", "overrides", "state", "step", f"best {spec.metric}"], rows)
+    return header + markdown_table(["trial", "overrides", "state", "step", f"best {with_unit(spec.metric)}"], rows)
 
 
 def _configured_steps(run_dir: Path) -> int | str:

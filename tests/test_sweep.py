@@ -223,6 +223,10 @@ def test_local_rerun_trains_nothing_twice_and_a_changed_sweep_is_refused(local_s
     again = make(cwd, "sweep", "SWEEP=configs/sweeps/tiny.yaml", "LOCAL=1", *FAST)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "4 completed, 0 queued or running, 0 to run" in again.stdout
+    # what next, once for the sweep (not each trial's single-run block)
+    assert again.stdout.count("next: make compare SWEEP=configs/sweeps/tiny.yaml") == 1
+    resumed = local_sweep["resumed"]
+    assert "make export RUN=" not in resumed.stdout + resumed.stderr and "next: make compare SWEEP=" in resumed.stdout
     assert {t: metrics(r["run_dir"]) for t, r in records(cwd).items()} == before
     changed = make(cwd, "sweep", "SWEEP=configs/sweeps/tiny.yaml", "LOCAL=1", *FAST, "train.steps=9")
     assert changed.returncode == 2

@@ -279,11 +279,17 @@ class LoggingConfig:
     every: int = 20
     image_every: int = 1000  # 0: no training pictures
     wandb_init_timeout_s: int = 30  # a wandb that cannot start in time is skipped (metrics.jsonl has everything)
+    mlflow: bool = False  # an MLflow run beside (or instead of) wandb; experiment = logging.project
+    mlflow_tracking_uri: str | None = None  # else MLFLOW_TRACKING_URI, else RUN_DIR/mlflow.db (SQLite, no server)
+    mlflow_timeout_s: int = 10  # per request to an MLflow server; one that does not answer is skipped
 
     def validate(self) -> None:
         if self.every < 1:
             raise ConfigError("logging.every", f">= 1, got {self.every}")
-        for key in ("image_every", "wandb_init_timeout_s"):
+        if self.mlflow_tracking_uri is not None and ":" not in self.mlflow_tracking_uri:
+            raise ConfigError("logging.mlflow_tracking_uri", "a URI such as http://host:5000 or "
+                              f"sqlite:///path/mlflow.db, got {self.mlflow_tracking_uri!r}")
+        for key in ("image_every", "wandb_init_timeout_s", "mlflow_timeout_s"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"logging.{key}", f">= 0, got {getattr(self, key)}")
 
