@@ -49,7 +49,7 @@ def launch(run_dir: Path, overrides: list[str]) -> subprocess.Popen:
 
 
 def train(run_dir: Path, overrides: list[str]) -> None:
-    code = launch(run_dir, overrides).wait(timeout=900)
+    code = launch(run_dir, overrides).wait(timeout=1800)
     assert code == 0, (run_dir.parent / f"{run_dir.name}.log").read_text()[-4000:]
 
 
