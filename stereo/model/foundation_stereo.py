@@ -173,11 +173,9 @@ class FoundationStereo(nn.Module):
         graphs rather than symbolic ones, which CUDA graphs cannot capture). `iteration_mode="reduce-overhead"`
         captures the GRU iteration in CUDA graphs (GPU). The state dict is unchanged; eager and compiled modules
         share their parameters. Wrap a call in `torch.compiler.set_stance("force_eager")` to run it eagerly."""
-        self.compiled = {
-            "feature": torch.compile(self._feature_region, dynamic=False, backend=backend),
-            "context": torch.compile(self._context_region, dynamic=False, backend=backend),
-            "iteration": torch.compile(self._iteration_region, dynamic=False, backend=backend, mode=iteration_mode),
-        }
+        self.compiled = {name: torch.compile(getattr(self, f"_{name}_region"), dynamic=False, backend=backend,
+                                             mode=iteration_mode if name == "iteration" else None)
+                         for name in REGIONS}
 
     def _region(self, name: str):
         return self.compiled.get(name) or getattr(self, f"_{name}_region")
