@@ -164,7 +164,8 @@ def inductor_runs(tmp_path_factory):
 def test_compiled_losses_match_eager_within_tolerance(inductor_runs):
     eager, compiled = losses(inductor_runs / "eager"), losses(inductor_runs / "compiled")
     assert sorted(eager) == sorted(compiled) == list(range(1, 21))
-    # measured: at most 3e-5 relative over the 20 steps (fused fp32 kernels reorder sums); 1e-3 leaves room
+    # fused fp32 kernels reorder sums, and 20 updates magnify that; 1e-3 is an allowance still to be checked
+    # against a measured run (the aot_eager runs of the ZeRO test differ by 1.4e-3 after one clipped update)
     worst = max(abs(compiled[s] - eager[s]) / abs(eager[s]) for s in eager)
     assert worst < 1e-3, worst
 
