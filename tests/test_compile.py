@@ -164,10 +164,11 @@ def inductor_runs(tmp_path_factory):
 def test_compiled_losses_match_eager_within_tolerance(inductor_runs):
     eager, compiled = losses(inductor_runs / "eager"), losses(inductor_runs / "compiled")
     assert sorted(eager) == sorted(compiled) == list(range(1, 21))
-    # fused fp32 kernels reorder sums, and 20 updates magnify that; 1e-3 is an allowance still to be checked
-    # against a measured run (the aot_eager runs of the ZeRO test differ by 1.4e-3 after one clipped update)
+    # fused fp32 kernels reorder sums, and 20 updates magnify that: the aot_eager runs of the ZeRO test already differ
+    # by 1.4e-3 after one clipped update. 2e-2 is an allowance still to be checked against a measured Inductor run;
+    # a wrong gradient or a stale graph moves the losses by far more
     worst = max(abs(compiled[s] - eager[s]) / abs(eager[s]) for s in eager)
-    assert worst < 1e-3, worst
+    assert worst < 2e-2, worst
 
 
 @pytest.mark.slow
