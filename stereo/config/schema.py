@@ -223,6 +223,15 @@ class TrainConfig:
     # resume even though keys other than the cadences changed since the checkpoint (docs/training.md#resume)
     allow_config_change: bool = False
     cudnn_benchmark: bool = False  # cuDNN autotuning: faster steps, a slower first step at every (re)start
+    # torch.compile of the feature and context networks, one GRU iteration and the loss, each on its own
+    # (docs/performance.md#compilation); auto: regions on a GPU, off on a CPU (compiling there costs more than it saves)
+    compile: Literal["auto", "off", "regions"] = "auto"
+    # inductor generates fused code; aot_eager captures the same graphs (forward and backward) and runs them eagerly:
+    # a check of the capture without code generation (seconds instead of minutes on a CPU)
+    compile_backend: Literal["inductor", "aot_eager"] = "inductor"
+    # Inductor's and the FX graph caches, shared by every start of every run (a requeue compiles nothing it compiled
+    # before); default <the run directory's parent>/compile-cache. On a cluster: a shared file system.
+    compile_cache: str | None = None
     # On a GPU (train start) and at submit: refuse a config whose planned peak memory exceeds the GPU's (`make plan`);
     # false starts it anyway
     check_memory: bool = True

@@ -37,8 +37,9 @@ DAMAGED_S = 5.0  # a lock file that is no record this long is damaged (a holder 
 # Keys a resume may change: how long to train and how to report, never what is trained or how (the starting
 # weights only matter to a fresh start: a resume takes every weight from its checkpoint).
 RESUMABLE = ("name", "train.steps", "train.val_every", "train.max_bad_steps", "train.allow_config_change",
-             "train.run_dir", "train.cudnn_benchmark", "train.check_memory", "logging", "checkpoint", "slurm",
-             "eval", "data.val", "data.val_samples", "model.valid_iters", "model.init_from", "model.pretrained")
+             "train.run_dir", "train.cudnn_benchmark", "train.check_memory", "train.compile", "train.compile_cache",
+             "train.compile_backend", "logging", "checkpoint", "slurm", "eval", "data.val", "data.val_samples",
+             "model.valid_iters", "model.init_from", "model.pretrained")
 
 
 def _boot_id() -> str:

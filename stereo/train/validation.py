@@ -36,7 +36,9 @@ class Validator:
 
             was_training = self.module.training
             self.module.eval()
-            with (self.ema.applied() if self.ema is not None else contextlib.nullcontext()), torch.no_grad():
+            # eager: held-out images come in many sizes, and the compiled regions are the training step's
+            with (self.ema.applied() if self.ema is not None else contextlib.nullcontext()), torch.no_grad(), \
+                    torch.compiler.set_stance("force_eager"):
                 metrics = evaluate(self.module, iter_val_samples(self.cfg.data), self.cfg.model.valid_iters,
                                    self.env.device, max_disp=self.cfg.model.max_disp, title=f"validation {step}",
                                    progress=self.env.rank == 0, total=count_val_samples(self.cfg.data),
