@@ -58,8 +58,13 @@ def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
+def by_step(run_dir: Path) -> dict[int, dict]:
+    """Each step's training record (loss, grad_norm, ...)."""
+    return {r["step"]: r for r in records(run_dir) if "loss" in r}
+
+
 def losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}
+    return {step: r["loss"] for step, r in by_step(run_dir).items()}
 
 
 def compile_records(run_dir: Path) -> list[dict]:
@@ -68,8 +73,15 @@ def compile_records(run_dir: Path) -> list[dict]:
             for r in records(run_dir) if "compile/graphs" in r]
 
 
-def assert_no_break_no_recompile(run_dir: Path, starts: int) -> list[dict]:
+def assert_no_break_no_recompile(run_dir: Path, starts: int, killed_first: bool = False) -> list[dict]:
+    """The records of each start's first step and exit; `killed_first`: the first start was ended by kill -9, so it
+    logged its first step's record and no exit record (returned: the later starts' records)."""
     stats = compile_records(run_dir)
+    if killed_first:
+        assert len(stats) == 2 * starts - 1, stats
+        killed, stats = stats[0], stats[1:]
+        assert killed["graphs"] >= 4 and killed["graph_breaks"] == 0, killed
+        starts -= 1
     assert len(stats) == 2 * starts, stats
     for first, last in zip(stats[::2], stats[1::2]):
         assert first["graphs"] >= 4 and first["graph_breaks"] == 0  # feature, context, iteration, loss: one each
@@ -143,11 +155,16 @@ def test_no_graph_break_and_no_recompilation_across_validation_and_a_resume(size
 @pytest.fixture(scope="module")
 def inductor_runs(tmp_path_factory):
     """Eager and compiled (Inductor) runs of 20 steps, and a compiled run killed with -9 after step 11 and resumed;
-    the compiled runs share one compile cache."""
+    the compiled runs share one compile cache. The eager run goes beside the compiled one's cold compilation (most of
+    the fixture's time: single-threaded tracing and one g++ call per kernel), the later starts after it."""
     root = tmp_path_factory.mktemp("inductor")
     common = ["train.steps=20", "checkpoint.every=5", f"train.compile_cache={root / 'cache'}"]
-    train(root / "eager", [*common, "train.compile=off"])
-    train(root / "compiled", common)
+    eager = launch(root / "eager", [*common, "train.compile=off"])
+    try:
+        train(root / "compiled", common)
+    finally:
+        eager_code = eager.wait(timeout=1800)
+    assert eager_code == 0, (root / "eager.log").read_text()[-4000:]
     proc = launch(root / "killed", common)
     deadline = time.time() + 600
     while 11 not in losses(root / "killed"):
@@ -162,21 +179,29 @@ def inductor_runs(tmp_path_factory):
 
 @pytest.mark.slow
 def test_compiled_losses_match_eager_within_tolerance(inductor_runs):
-    eager, compiled = losses(inductor_runs / "eager"), losses(inductor_runs / "compiled")
+    eager, compiled = (by_step(inductor_runs / name) for name in ("eager", "compiled"))
     assert sorted(eager) == sorted(compiled) == list(range(1, 21))
-    # fused fp32 kernels reorder sums, and 20 updates magnify that: the aot_eager runs of the ZeRO test already differ
-    # by 1.4e-3 after one clipped update. 2e-2 is an allowance still to be checked against a measured Inductor run;
-    # a wrong gradient or a stale graph moves the losses by far more
-    worst = max(abs(compiled[s] - eager[s]) / abs(eager[s]) for s in eager)
-    assert worst < 2e-2, worst
+    loss = {s: abs(compiled[s]["loss"] - eager[s]["loss"]) / eager[s]["loss"] for s in eager}
+    # step 1 (the same weights and batch) checks the compiled forward and backward: measured 3.6e-6 relative in the
+    # loss and 1.6e-3 in the gradient's norm before clipping (~9900; Inductor's fused fp32 kernels reorder the sums);
+    # allowed 1e-4 and 1e-2, about 30x and 6x the measured
+    assert loss[1] < 1e-4, loss[1]
+    assert abs(compiled[1]["grad_norm"] - eager[1]["grad_norm"]) / eager[1]["grad_norm"] < 1e-2
+    # from step 2 on the runs drift apart: AdamW's first updates are about lr * sign(gradient), so a component whose
+    # gradient is at the rounding level takes a full step either way. Measured over 20 steps: at most 6.9e-2 (step
+    # 12), the mean loss of the run 1.6e-2 apart; allowed 0.15 and 5e-2 (about 2x and 3x). A run that stops learning
+    # or diverges, or a graph left stale by an update, is far outside
+    assert max(loss.values()) < 0.15, loss
+    mean = {name: sum(r["loss"] for r in run.values()) / len(run) for name, run in (("e", eager), ("c", compiled))}
+    assert abs(mean["c"] - mean["e"]) / mean["e"] < 5e-2, mean
 
 
 @pytest.mark.slow
 def test_kill9_resume_of_a_compiled_run_is_bit_identical_and_compiles_from_the_cache(inductor_runs):
     straight, killed = losses(inductor_runs / "compiled"), losses(inductor_runs / "killed")
     assert straight == killed  # exact, every step
-    stats = assert_no_break_no_recompile(inductor_runs / "killed", starts=2)
-    resumed = stats[2]  # the restart found every graph in the cache that the first starts filled
+    stats = assert_no_break_no_recompile(inductor_runs / "killed", starts=2, killed_first=True)
+    resumed = stats[0]  # the restart found every graph in the cache that the first starts filled
     assert resumed["fx_cache_hits"] > 0 and resumed["fx_cache_misses"] == 0, resumed
 
 
