@@ -73,7 +73,10 @@ class DataConfig:
     train: list[DatasetSpec] = field(default_factory=list)
     val: list[DatasetSpec] = field(default_factory=list)
     batch_size: int = 4  # per GPU (per process)
-    num_workers: int = 4
+    num_workers: int = 4  # a count dividing lane_blocks x batch_size x train.grad_accum is used in full
+    # The job's sample order has lane_blocks x global batch lanes (stereo.data.loader.TrainLoader); more blocks let
+    # more loader workers share a rank's lanes. Fixed for the life of a run (it defines the order).
+    lane_blocks: int = 1
     seed: int = 0
     max_bad_sample_rate: float = 0.01  # above this fraction of bad samples in a shard, stop with an error
     val_samples: int | None = None  # cap on validation samples (None: all held-out samples)
@@ -93,6 +96,8 @@ class DataConfig:
             raise ConfigError("data.val_samples", f">= 1 or null, got {self.val_samples}")
         if self.num_workers < 0:
             raise ConfigError("data.num_workers", f">= 0, got {self.num_workers}")
+        if self.lane_blocks < 1:
+            raise ConfigError("data.lane_blocks", f">= 1, got {self.lane_blocks}")
         if self.shard_retries < 0:
             raise ConfigError("data.shard_retries", f">= 0, got {self.shard_retries}")
         if self.retry_backoff_s < 0:
@@ -248,6 +253,7 @@ class LoggingConfig:
     every: int = 20
     image_every: int = 1000  # 0: no training pictures
     wandb_init_timeout_s: int = 30  # a wandb that cannot start in time is skipped (metrics.jsonl has everything)
+    sample_keys: bool = False  # RUN_DIR/samples/rank{r}.jsonl: the keys of the samples each rank trained on, per step
 
     def validate(self) -> None:
         if self.every < 1:

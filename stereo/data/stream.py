@@ -1,13 +1,14 @@
 """The training sample stream: weighted mixing of data sets, split across roles, resumable from small integers.
 
-A *role* is one producer of batches: role = rank * workers_per_rank + worker slot, so there are
-world_size * workers_per_rank roles (one per rank when the DataLoader has no workers). Each role owns a plan that
-is a pure function of (seed, data set, epoch, role):
+A *role* is one lane of the job's sample sequence: the trainer has one lane per sample of the global batch, and
+optimizer step s trains on the s-th sample of every lane (stereo.data.loader.TrainLoader), whatever the world
+size and the number of loader workers. Each role owns a plan that is a pure function of (seed, data set, epoch,
+role):
 
 * per data set and epoch the shards are put in an order drawn from (seed, data set, epoch); when there are fewer
   shards than roles each shard is split into `parts` interleaved slices (sample i belongs to part i % parts), so
   there are always at least as many *units* (shard, part) as roles; units are dealt to roles round-robin, so no
-  sample is read twice within an epoch across all ranks and workers;
+  sample is read twice within an epoch across all lanes;
 * inside a local shard the samples are visited in an order drawn from (seed, data set, epoch, shard); remote
   objects and `pipe:` streams are read in stream order (a resumed remote read starts at the byte offset after the
   last sample consumed, a pipe skips that many samples);
@@ -314,5 +315,5 @@ class RoleStream:
                                            "a valid pixel in any crop (is all disparity >= model.max_disp?)")
                     continue
             self.state.draws = draw + 1
-            sample["dataset"] = cursor.source.name
+            sample["dataset"], sample["key"] = cursor.source.name, key
             return sample

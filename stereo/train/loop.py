@@ -21,11 +21,13 @@ from stereo.progress import TrainProgress
 from stereo.train import engine as ds_engine
 from stereo.train.checkpoint import CheckpointManager
 from stereo.train.early_stop import EarlyStop
+from stereo.train.elastic import Layout
 from stereo.train.ema import EMA
 from stereo.train.failures import ExitContext
 from stereo.train.logging import RunLogger
 from stereo.train.loss import stereo_loss
 from stereo.train.rng import rng_state, seed_everything, set_rng_state
+from stereo.train.sample_log import SampleLog
 from stereo.train.run import (RunState, StartupClock, Validator, Window, batches_forever, nan_injection_steps,
                               open_run_dir, started, training_panel)
 from stereo.train.schedules import lr_multiplier
@@ -59,9 +61,11 @@ def train(cfg: Config, overrides: list[str], context: ExitContext) -> int:
     engine = ds_engine.build_engine(model, cfg, env, precision)
     ema = EMA(engine.module, cfg.train.ema_decay) if cfg.train.ema_decay else None
     clock.mark("deepspeed_init")
-    resumed = ckpts.resume(engine)  # the newest checkpoint that verifies, else an older one, saying why
+    # the newest checkpoint that verifies, else an older one, saying why; moved here from another world size
+    resumed = ckpts.resume(engine, cfg.train.seed, ema)
     clock.mark("checkpoint_load")
-    loader = build_train_loader(cfg.data, cfg.augment, cfg.model.max_disp, env.rank, env.world_size)
+    loader = build_train_loader(cfg.data, cfg.augment, cfg.model.max_disp, env.rank, env.world_size,
+                                cfg.train.grad_accum)
     state, saved = RunState(), resumed[1] if resumed else None
     if saved is not None:
         state = RunState.restore(saved, env.world_size, resumed[0])
@@ -69,6 +73,8 @@ def train(cfg: Config, overrides: list[str], context: ExitContext) -> int:
         if ema is not None:
             ema.load_state_dict(saved["ema"])
     log.truncate_after(state.step if saved is not None else -1)
+    samples = SampleLog(run.path, env.rank, cfg.logging.sample_keys)
+    samples.truncate_after(state.step if saved is not None else -1)
     log.record_config_changes(state.step, run.changes)
     validator = Validator(cfg, engine.module, ema, env, log)
     early_stop = EarlyStop(cfg.early_stop, run.path, env.rank)
@@ -106,6 +112,7 @@ def train(cfg: Config, overrides: list[str], context: ExitContext) -> int:
             engine.backward(terms["total"])
             engine.step()
             good += 1
+            samples.add(batch["keys"])
             window.add(terms, batch["left"].shape[0] * env.world_size)
         if state.bad_streak >= cfg.train.max_bad_steps:
             print(f"[rank {env.rank}] stopping: {state.bad_streak} non-finite steps in a row at step {state.step + 1} "
@@ -120,6 +127,7 @@ def train(cfg: Config, overrides: list[str], context: ExitContext) -> int:
         else:
             state.count_bad_step(env.rank, "non-finite gradients (the update was skipped)")
         state.step += 1
+        samples.step_done(state.step)
         state.samples_seen += cfg.data.batch_size * cfg.train.grad_accum * env.world_size
         if state.step == first_step:
             clock.mark("first_step")
@@ -139,7 +147,7 @@ def train(cfg: Config, overrides: list[str], context: ExitContext) -> int:
         if agreed.stop or agreed.checkpoint or stopped_early or state.step % cfg.checkpoint.every == 0 \
                 or state.step == cfg.train.steps:
             ckpts.save(engine, state.step, state.trainer_state(loader, ema, rng_state(), engine, cfg, run.git_revision),
-                       dump_yaml(cfg))
+                       dump_yaml(cfg), Layout.of(cfg, env.world_size))
             signals.checkpoint_done()
         if stopped_early:
             log.stopped_early(rung, cfg.early_stop.metric)

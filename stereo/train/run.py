@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from stereo.config import Config, dump_yaml
 from stereo.train.checkpoint import CONFIG_FILE, CheckpointManager, complete_steps, step_dir_name
+from stereo.train.elastic import Layout, keep_global_batch, read_layout
 from stereo.train.failures import ExitContext, agree_on_failure
 from stereo.train.rundir import RunDirLock, check_resume_config, record_start
 
@@ -46,7 +47,8 @@ class RunInfo:
 
 def open_run_dir(cfg: Config, context: ExitContext) -> RunInfo:
     """train.run_dir or runs/<name>-<UTC time> (rank 0 picks the time); rank 0 locks it, tidies the checkpoints,
-    checks the config against the one being resumed and records this start; a failure there stops every rank."""
+    keeps the checkpoint's global batch at this world size (may set train.grad_accum, on every rank), checks the
+    config against the one being resumed and records this start; a failure there stops every rank."""
     chosen = [cfg.train.run_dir or f"runs/{cfg.name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}", git_revision()]
     if dist.is_initialized():
         dist.broadcast_object_list(chosen, src=0)
@@ -59,10 +61,17 @@ def open_run_dir(cfg: Config, context: ExitContext) -> RunInfo:
         context.run_dir = path
         CheckpointManager(path, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every, 0).tidy()
         stored, where = stored_config(path)
-        changes = check_resume_config(stored, cfg, where)
-        return record_start(path, cfg), changes
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
+        saved = read_layout(where.parent) if where is not None else None
+        if saved is not None:
+            note = keep_global_batch(saved, cfg, world_size)
+            if note:
+                print(note, file=sys.stderr, flush=True)
+        same_batch = saved is not None and saved.global_batch == Layout.of(cfg, world_size).global_batch
+        changes = check_resume_config(stored, cfg, where, same_global_batch=same_batch)
+        return record_start(path, cfg), changes, cfg.train.grad_accum
 
-    start, changes = agree_on_failure(context, prepare)
+    start, changes, cfg.train.grad_accum = agree_on_failure(context, prepare)
     context.run_dir = path
     return RunInfo(path, revision, start, changes)
 

@@ -1,0 +1,147 @@
+"""Elastic resume: continue a checkpoint written by N processes with M, keeping the global batch and the data order.
+
+What moves, and how:
+* the layout (world size, per-GPU batch, accumulation) is saved with each checkpoint (`layout.json`); a resume at
+  another world size keeps the global batch, adjusting `train.grad_accum` when that suffices and refusing (exit 2,
+  naming the settings that keep it) otherwise (`keep_global_batch`);
+* weights and optimizer state go through DeepSpeed's universal checkpoint: its `ds_to_universal` gathers the ZeRO
+  partitions (stages 1-3, and the bf16 optimizer's) into whole per-parameter fp32 tensors, which an engine of any
+  world size re-splits on load (`to_universal`). Without partitioned optimizer state (stage 0 in fp32/fp16) the
+  checkpoint already holds whole tensors and loads as it is;
+* the per-rank trainer states are merged (`merge_trainer_states`): step and counters from rank 0, every lane's data
+  cursor from whichever rank owned it, the EMA joined (ZeRO-3) and re-split, RNG states kept for ranks that existed
+  and derived from (seed, rank, step) for new ones.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from argparse import Namespace
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from stereo.config import Config
+from stereo.config.errors import ConfigError
+
+LAYOUT_FILE = "layout.json"
+
+
+@dataclass(frozen=True)
+class Layout:
+    world_size: int
+    batch_size: int  # per process (data.batch_size)
+    grad_accum: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.world_size * self.batch_size * self.grad_accum
+
+    @classmethod
+    def of(cls, cfg: Config, world_size: int) -> "Layout":
+        return cls(world_size, cfg.data.batch_size, cfg.train.grad_accum)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self)) + "\n"
+
+    def describe(self) -> str:
+        return (f"{self.global_batch} = data.batch_size {self.batch_size} x train.grad_accum {self.grad_accum} x "
+                f"{self.world_size} process{'es' if self.world_size > 1 else ''}")
+
+
+def read_layout(step_dir: Path) -> Layout | None:
+    """The layout a checkpoint was written with (None: written before layouts were saved)."""
+    path = Path(step_dir) / LAYOUT_FILE
+    if not path.is_file():
+        return None
+    try:
+        return Layout(**json.loads(path.read_text()))
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(str(path), f"a JSON object {{world_size, batch_size, grad_accum}}, got {exc}") from None
+
+
+def ways_to_split(global_batch: int, world_size: int) -> list[tuple[int, int]]:
+    """(data.batch_size, train.grad_accum) pairs that give `global_batch` over `world_size` processes."""
+    if global_batch % world_size:
+        return []
+    per_rank = global_batch // world_size
+    return [(b, per_rank // b) for b in range(1, per_rank + 1) if per_rank % b == 0]
+
+
+def keep_global_batch(saved: Layout, cfg: Config, world_size: int) -> str | None:
+    """Make `cfg` keep the saved global batch at `world_size` processes. When only the process count changed and
+    the per-GPU batch still divides, train.grad_accum is set here and the returned line says so; a split the user
+    chose that changes the global batch, or a process count that cannot keep it, raises ConfigError (exit 2)."""
+    now = Layout.of(cfg, world_size)
+    if now.global_batch == saved.global_batch:
+        return None
+    user_split = (cfg.data.batch_size, cfg.train.grad_accum) != (saved.batch_size, saved.grad_accum)
+    if not user_split and saved.global_batch % (world_size * cfg.data.batch_size) == 0:
+        cfg.train.grad_accum = saved.global_batch // (world_size * cfg.data.batch_size)
+        return (f"resuming at {world_size} process(es) instead of {saved.world_size}: train.grad_accum "
+                f"{saved.grad_accum} -> {cfg.train.grad_accum} keeps the global batch of {saved.global_batch}")
+    splits = ways_to_split(saved.global_batch, world_size)
+    if splits:
+        options = " or ".join(f"data.batch_size={b} train.grad_accum={a}" for b, a in splits[-3:][::-1])
+        fix = f"at {world_size} process(es) it is kept by {options}"
+    else:
+        counts = [m for m in range(1, saved.global_batch + 1) if saved.global_batch % m == 0]
+        fix = (f"{world_size} process(es) cannot split it (no per-GPU batch and accumulation multiply to "
+               f"{saved.global_batch / world_size:g}); resume on a process count that divides it: "
+               f"{', '.join(map(str, counts))}")
+    raise ConfigError("train.grad_accum", f"the global batch of the checkpoint being resumed, {saved.describe()}; "
+                      f"this start has {now.describe()}: {fix}")
+
+
+# ---- weights and optimizer state ----------------------------------------------------------------------------------
+
+def has_partitioned_optimizer(ds_dir: Path) -> bool:
+    """ZeRO 1-3 and the bf16 optimizer save per-rank optimizer partitions; stage 0 in fp32/fp16 saves whole ones."""
+    return any(Path(ds_dir).glob("*optim_states.pt"))
+
+
+def to_universal(ds_dir: Path, out_dir: Path) -> None:
+    """DeepSpeed's own conversion of a ZeRO checkpoint into its universal (world-size-free) format, at out_dir."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    ds_to_universal.main(Namespace(input_folder=str(ds_dir), output_folder=str(out_dir), num_extract_workers=1,
+                                   num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                   inject_missing_state=True))
+
+
+class universal_loading:
+    """While active, engine.load_checkpoint reads DeepSpeed's universal format (the `checkpoint.load_universal`
+    setting, which DeepSpeed consults at load time only)."""
+
+    def __init__(self, engine):
+        self.config = engine._config
+
+    def __enter__(self) -> None:
+        self.before = self.config.load_universal_checkpoint
+        self.config.load_universal_checkpoint = True
+
+    def __exit__(self, *exc) -> None:
+        self.config.load_universal_checkpoint = self.before
+
+
+# ---- trainer state ------------------------------------------------------------------------------------------------
+
+def merge_trainer_states(states: list[dict], rank: int, world_size: int, ema, seed: int) -> dict:
+    """One trainer state for `rank` of `world_size` from the states of every rank of the checkpoint's world.
+
+    The loader gets every rank's state (it picks its own lanes), the EMA is re-split for this rank (ZeRO-3) or
+    taken whole from rank 0, the RNG state is this rank's old one where it existed, else derived from
+    (seed, rank, step)."""
+    from stereo.train.rng import derived_state
+
+    first = states[0]
+    merged = {**first, "world_size": world_size, "moved_from": first["world_size"],
+              "loader": [s["loader"] for s in states],
+              "rng": states[rank]["rng"] if rank < len(states) else derived_state(seed, rank, first["step"])}
+    if ema is not None and first.get("ema") is not None:
+        merged["ema"] = ema.resplit([s["ema"] for s in states]) if ema.partitioned else first["ema"]
+    return merged
