@@ -2,7 +2,7 @@
 
 What moves, and how:
 * the layout (world size, per-GPU batch, accumulation) is saved with each checkpoint (`layout.json`); a resume at
-  another world size keeps the global batch, adjusting `train.grad_accum` when that suffices and refusing (exit 2,
+  another world size keeps the global batch, setting `train.grad_accum` when that suffices and refusing (exit 2,
   naming the settings that keep it) otherwise (`keep_global_batch`);
 * weights and optimizer state go through DeepSpeed's universal checkpoint: its `ds_to_universal` gathers the ZeRO
   partitions (stages 1-3, and the bf16 optimizer's) into whole per-parameter fp32 tensors, which an engine of any
@@ -71,26 +71,27 @@ def ways_to_split(global_batch: int, world_size: int) -> list[tuple[int, int]]:
 
 
 def keep_global_batch(saved: Layout, cfg: Config, world_size: int) -> str | None:
-    """Make `cfg` keep the saved global batch at `world_size` processes. When only the process count changed and
-    the per-GPU batch still divides, train.grad_accum is set here and the returned line says so; a split the user
-    chose that changes the global batch, or a process count that cannot keep it, raises ConfigError (exit 2)."""
+    """Make `cfg` keep the saved global batch at `world_size` processes. When data.batch_size divides the new
+    per-process share, train.grad_accum is set to make up the rest (whatever this start's config said) and the
+    returned line says so; otherwise ConfigError (exit 2) names the per-GPU batch and accumulation that keep it, or
+    the process counts that can."""
     now = Layout.of(cfg, world_size)
     if now.global_batch == saved.global_batch:
         return None
-    user_split = (cfg.data.batch_size, cfg.train.grad_accum) != (saved.batch_size, saved.grad_accum)
-    if not user_split and saved.global_batch % (world_size * cfg.data.batch_size) == 0:
-        cfg.train.grad_accum = saved.global_batch // (world_size * cfg.data.batch_size)
-        return (f"resuming at {world_size} process(es) instead of {saved.world_size}: train.grad_accum "
-                f"{saved.grad_accum} -> {cfg.train.grad_accum} keeps the global batch of {saved.global_batch}")
+    if saved.global_batch % (world_size * cfg.data.batch_size) == 0:
+        accum = saved.global_batch // (world_size * cfg.data.batch_size)
+        line = (f"resuming at {world_size} process(es) (the checkpoint has {saved.world_size}): train.grad_accum "
+                f"{cfg.train.grad_accum} -> {accum} keeps the global batch of {saved.global_batch}")
+        cfg.train.grad_accum = accum
+        return line
     splits = ways_to_split(saved.global_batch, world_size)
     if splits:
         options = " or ".join(f"data.batch_size={b} train.grad_accum={a}" for b, a in splits[-3:][::-1])
         fix = f"at {world_size} process(es) it is kept by {options}"
     else:
         counts = [m for m in range(1, saved.global_batch + 1) if saved.global_batch % m == 0]
-        fix = (f"{world_size} process(es) cannot split it (no per-GPU batch and accumulation multiply to "
-               f"{saved.global_batch / world_size:g}); resume on a process count that divides it: "
-               f"{', '.join(map(str, counts))}")
+        fix = (f"{world_size} processes cannot split it (it would take {saved.global_batch / world_size:g} "
+               f"samples per process); resume on a process count that divides it: {', '.join(map(str, counts))}")
     raise ConfigError("train.grad_accum", f"the global batch of the checkpoint being resumed, {saved.describe()}; "
                       f"this start has {now.describe()}: {fix}")
 

@@ -177,7 +177,8 @@ def nan_injection_steps(rank: int) -> Counter:
 
 
 class Window:
-    """Sums of the loss terms between two log lines, kept on the device: one host sync per logged line."""
+    """Sums of the loss terms between two log lines, kept on the device: one host sync per logged line, where they
+    are averaged over the ranks (one small all-reduce)."""
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
@@ -196,6 +197,11 @@ class Window:
     def flush(self, lr: float, grad_norm, skipped_steps: int, loader) -> dict[str, float]:
         elapsed = time.perf_counter() - self.start
         n = max(self.micro_batches, 1)
+        if self.sums and dist.is_initialized():  # the mean over the global batch: comparable at any world size
+            names = sorted(self.sums)
+            stacked = torch.stack([self.sums[k] for k in names])
+            dist.all_reduce(stacked)
+            self.sums = dict(zip(names, stacked / dist.get_world_size()))
         means = {k: v.item() / n for k, v in self.sums.items()}
         scalars = {"loss": means.get("total", math.nan), "loss/init": means.get("init", math.nan),
                    "loss/seq": means.get("seq", math.nan), "train/epe": means.get("epe", math.nan),

@@ -1,0 +1,125 @@
+"""Elastic resume end to end (torchrun, real DeepSpeed, demo shards, CPU): a run that moves 2 -> 1 -> 3 processes
+under ZeRO-1 and ZeRO-2 trains on exactly the samples of an uninterrupted 2-process run, step by step (the logged
+sample keys), and stays within a stated tolerance of its losses and final weights; the 1-process start goes through
+`make train NPROC=1`; a split that cannot keep the global batch stops with exit code 2 naming the one that can.
+
+Global batch 6 = per-GPU batch 1 x train.grad_accum 3 x 2 processes (then 6 x 1, then 2 x 3), 64x64 crops,
+2 GRU iterations, 6 steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from stereo.config import load_config
+from stereo.config.errors import ConfigError
+from stereo.train.checkpoint import DS_TAG, find_checkpoint, trainer_state_path
+from stereo.train.elastic import Layout, keep_global_batch
+from stereo.train.sample_log import read_sample_log
+
+REPO = Path(__file__).resolve().parents[1]
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+COMMON = ["augment.crop=[64,64]", "data.batch_size=1", "model.train_iters=2", "model.valid_iters=2",
+          "checkpoint.every=2", "checkpoint.keep_last=3", "logging.every=1", "logging.image_every=0",
+          "train.val_every=1000", "data.val=[]", "logging.wandb=disabled", "schedule.warmup_steps=2",
+          "logging.sample_keys=true"]
+STEPS = 6
+# Measured (docs/training.md#elastic-resume): the largest relative loss difference was ~1e-6 and the largest weight
+# difference ~1e-5 of the weights' own change over the run. The tolerances leave an order of magnitude of room.
+LOSS_RTOL = 1e-4
+WEIGHT_TOL = 1e-2  # of the largest change any weight made over the run (Adam can turn a rounding difference in a
+# near-zero gradient into a full lr-sized step, so the bound is relative to what training itself moved)
+
+
+def start(run_dir: Path, nproc: int, steps: int, extra: tuple[str, ...] = (), make: bool = False, code: int = 0,
+          ) -> str:
+    overrides = [f"train.run_dir={run_dir}", f"train.steps={steps}", *COMMON, *extra]
+    if make:
+        cmd = ["make", "--no-print-directory", "train", f"NPROC={nproc}", *overrides]
+    else:
+        cmd = [TORCHRUN, "--standalone", "--nproc_per_node", str(nproc), "-m", "stereo", "train", "tiny", *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == code, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc.stdout + proc.stderr
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {line["step"]: line["loss"] for line in lines if "loss" in line}
+
+
+def final_weights(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    step_dir = find_checkpoint(run_dir)
+    module = torch.load(step_dir / DS_TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    ema = torch.load(trainer_state_path(step_dir, 0), map_location="cpu", weights_only=False)["ema"]["shadow"]
+    return module["module"], ema
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["zero1", "zero2"])
+def runs(request, demo_shards, tmp_path_factory):
+    stage = request.param
+    root = tmp_path_factory.mktemp(f"elastic_zero{stage}")
+    zero = (f"deepspeed.zero_stage={stage}",)
+    straight, moved = root / "straight", root / "moved"
+    start(straight, 2, STEPS, ("train.grad_accum=3", *zero))
+    logs = [start(moved, 2, 2, ("train.grad_accum=3", *zero)),
+            start(moved, 1, 4, zero, make=True),  # train.grad_accum 3 -> 6, set by the resume
+            start(moved, 3, STEPS, zero)]  # 6 -> 2
+    return stage, straight, moved, logs
+
+
+def test_moved_run_trains_on_the_same_samples(runs):
+    stage, straight, moved, logs = runs
+    assert "train.grad_accum 3 -> 6 keeps the global batch of 6" in logs[1]
+    assert "train.grad_accum 6 -> 2 keeps the global batch of 6" in logs[2]
+    assert "converting it to DeepSpeed's universal format" in logs[1]
+    want, got = read_sample_log(straight), read_sample_log(moved)
+    assert list(want) == list(range(1, STEPS + 1)) and all(len(keys) == 6 for keys in want.values())
+    assert got == want  # every step's global batch, sample for sample
+    layout = json.loads((find_checkpoint(moved) / "layout.json").read_text())
+    assert layout == {"world_size": 3, "batch_size": 1, "grad_accum": 2}
+    if stage == 1:  # a per-GPU batch that cannot make up 6 samples on one process: refused before any change
+        out = start(moved, 1, STEPS + 1, ("data.batch_size=4",), code=2)
+        assert "data.batch_size=6 train.grad_accum=1 or data.batch_size=3 train.grad_accum=2" in out
+        assert find_checkpoint(moved).name == "step_00000006"
+
+
+def test_moved_run_stays_within_tolerance(runs):
+    stage, straight, moved, _ = runs
+    want, got = losses(straight), losses(moved)
+    assert list(want) == list(got) == list(range(1, STEPS + 1))
+    loss_diff = max(abs(got[s] - want[s]) / abs(want[s]) for s in want)
+    (w_module, w_ema), (g_module, g_ema) = final_weights(straight), final_weights(moved)
+    initial = torch.load(find_checkpoint(straight, 2) / DS_TAG / "mp_rank_00_model_states.pt", map_location="cpu",
+                         weights_only=False)["module"]
+    moved_by_training = max((w_module[k].float() - initial[k].float()).abs().max().item() for k in w_module)
+    weight_diff = max((w_module[k].float() - g_module[k].float()).abs().max().item() for k in w_module)
+    ema_diff = max((w_ema[k] - g_ema[k]).abs().max().item() for k in w_ema)
+    print(f"ZeRO-{stage} 2 -> 1 -> 3 vs 2: max relative loss difference {loss_diff:.2e}, max weight difference "
+          f"{weight_diff:.2e} (training moved weights by up to {moved_by_training:.2e} since step 2), max EMA "
+          f"difference {ema_diff:.2e}")
+    assert loss_diff <= LOSS_RTOL
+    assert weight_diff <= WEIGHT_TOL * moved_by_training
+    assert ema_diff <= WEIGHT_TOL * moved_by_training
+
+
+def test_global_batch_kept_or_refused_with_the_split_that_keeps_it():
+    cfg = load_config("tiny", ["data.batch_size=1", "train.grad_accum=3"])
+    saved = Layout(2, 1, 3)
+    assert keep_global_batch(saved, cfg, 2) is None
+    assert "train.grad_accum 3 -> 2" in keep_global_batch(saved, cfg, 3) and cfg.train.grad_accum == 2
+    wide = load_config("tiny", ["data.batch_size=3"])
+    with pytest.raises(ConfigError, match=r"at 3 process\(es\) it is kept by data.batch_size=2 train.grad_accum=1 "
+                                          r"or data.batch_size=1 train.grad_accum=2") as info:
+        keep_global_batch(Layout(2, 3, 1), wide, 3)  # 6 samples: 2 per process, fewer than the per-GPU batch
+    assert info.value.exit_code == 2 and info.value.key == "train.grad_accum"
+    with pytest.raises(ConfigError, match="4 processes cannot split it .* divides it: 1, 2, 3, 6"):
+        keep_global_batch(saved, load_config("tiny", ["data.batch_size=1"]), 4)
