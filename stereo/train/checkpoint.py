@@ -311,11 +311,14 @@ class CheckpointManager:
         """A checkpoint of `saved_world` processes into this world (stereo.train.elastic). Collective."""
         ds_dir, load_dir, problem = step_dir / DS_TAG, step_dir, None
         partitioned = elastic.has_partitioned_optimizer(ds_dir)
+        if self.rank == 0:
+            how = (f"converting it to DeepSpeed's universal format in {self.root / UNIVERSAL_DIR / step_dir.name}"
+                   if partitioned else "its optimizer state is not partitioned and loads as it is")
+            print(f"{step_dir}: written by {saved_world} processes, resuming with {_world()[1]}: {how}",
+                  file=sys.stderr, flush=True)
         if partitioned:
             load_dir = self.root / UNIVERSAL_DIR / step_dir.name
             if self.rank == 0:
-                print(f"{step_dir}: written by {saved_world} processes, resuming with {_world()[1]}: converting it "
-                      f"to DeepSpeed's universal format in {load_dir}", file=sys.stderr, flush=True)
                 try:
                     elastic.to_universal(ds_dir, load_dir / DS_TAG)
                 except Exception as exc:  # noqa: BLE001 - named, and an older checkpoint is tried
