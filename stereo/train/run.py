@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from stereo.config import Config, dump_yaml
+from stereo.config.errors import ConfigError
 from stereo.train.checkpoint import CONFIG_FILE, CheckpointManager, complete_steps, step_dir_name
 from stereo.train.elastic import Layout, keep_global_batch, read_layout
 from stereo.train.failures import ExitContext, agree_on_failure
@@ -63,12 +64,23 @@ def open_run_dir(cfg: Config, context: ExitContext) -> RunInfo:
         stored, where = stored_config(path)
         world_size = dist.get_world_size() if dist.is_initialized() else 1
         saved = read_layout(where.parent) if where is not None else None
+        unkept = None
         if saved is not None:
-            note = keep_global_batch(saved, cfg, world_size)
-            if note:
-                print(note, file=sys.stderr, flush=True)
+            try:
+                note = keep_global_batch(saved, cfg, world_size)
+                if note:
+                    print(note, file=sys.stderr, flush=True)
+            except ConfigError as exc:  # after the comparison, which names every other difference first
+                unkept = exc
         same_batch = saved is not None and saved.global_batch == Layout.of(cfg, world_size).global_batch
-        changes = check_resume_config(stored, cfg, where, same_global_batch=same_batch)
+        try:
+            changes = check_resume_config(stored, cfg, where, same_global_batch=same_batch)
+        except ConfigError as exc:
+            if unkept is None:
+                raise
+            raise ConfigError(exc.key, f"{exc.expected}. And {unkept.key}: {unkept.expected}") from None
+        if unkept is not None:
+            raise unkept
         return record_start(path, cfg), changes, cfg.train.grad_accum
 
     start, changes, cfg.train.grad_accum = agree_on_failure(context, prepare)
