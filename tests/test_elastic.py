@@ -123,3 +123,15 @@ def test_global_batch_kept_or_refused_with_the_split_that_keeps_it():
     assert info.value.exit_code == 2 and info.value.key == "train.grad_accum"
     with pytest.raises(ConfigError, match="4 processes cannot split it .* divides it: 1, 2, 3, 6"):
         keep_global_batch(saved, load_config("tiny", ["data.batch_size=1"]), 4)
+
+
+def test_config_comparison_accepts_a_new_split_of_the_same_global_batch(tmp_path):
+    from stereo.config import dump_yaml
+    from stereo.train.rundir import check_resume_config
+
+    stored = dump_yaml(load_config("tiny", ["data.batch_size=1", "train.grad_accum=3"]))
+    split = load_config("tiny", ["data.batch_size=2", "train.grad_accum=3", "slurm.nodes=2", "slurm.gpus_per_node=4"])
+    keys = [key for key, *_ in check_resume_config(stored, split, tmp_path, same_global_batch=True)]
+    assert keys == ["data.batch_size", "slurm.gpus_per_node", "slurm.nodes"]
+    with pytest.raises(ConfigError, match=r"1 key\(s\) differ: data.batch_size: 1 -> 2"):
+        check_resume_config(stored, split, tmp_path)  # another global batch

@@ -181,6 +181,10 @@ class TrainLoader:
         """This rank's own saved state, or the saved states of all ranks of an earlier start at another world size
         (each lane continues where it stopped, whichever rank owned it)."""
         states = state if isinstance(state, list) else [state]
+        if all(isinstance(saved, dict) and saved.get("version") == 1 for saved in states):
+            log.warning("data loader state: saved by an older version (per rank and worker, not per lane); the data "
+                        "order starts afresh from this checkpoint (samples may repeat within the current epoch)")
+            return
         for saved in states:
             if not isinstance(saved, dict) or saved.get("version") != STATE_VERSION:
                 raise ValueError(f"data loader state: expected a dict with version {STATE_VERSION}, got "
