@@ -125,7 +125,7 @@ class TrainLoader:
     and every worker count dividing that number keeps each lane on one worker.
 
     torch's DataLoader hands out items round-robin over its workers. The main process keeps, per lane, the state
-    that came with the last sample it *consumed*, and how many micro-batches it consumed; prefetched items never
+    that came with the last sample it *consumed*, and how many samples it consumed; prefetched items never
     consumed are produced again after a restore.
     """
 
@@ -146,7 +146,7 @@ class TrainLoader:
                         "data.batch_size x train.grad_accum = %d)", num_workers, self.workers,
                         lane_blocks * self.per_rank)
         self.lane_states: dict[int, dict] = {}
-        self.consumed = 0  # micro-batches
+        self.consumed = 0  # samples (items) consumed by this rank
 
     def lane_of(self, item: int) -> int:
         """The lane of this rank's item `item` (item = round x per_rank + slot)."""
@@ -154,7 +154,7 @@ class TrainLoader:
         return block * self.global_batch + self.rank * self.per_rank + item % self.per_rank
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        dataset = _LaneSamples(self, self.consumed * self.batch_size, self.workers)
+        dataset = _LaneSamples(self, self.consumed, self.workers)
         workers = self.workers if self.num_workers else 0
         items = iter(DataLoader(dataset, batch_size=None, num_workers=workers,
                                 prefetch_factor=2 * self.batch_size if workers else None))
@@ -165,7 +165,7 @@ class TrainLoader:
             batch["keys"] = [part["_key"] for part in parts]  # "data set/key" of each sample
             for part in parts:
                 self.lane_states[int(part["_lane"])] = part["_state"]
-            self.consumed += 1
+            self.consumed += self.batch_size
             yield batch
 
     def _identity(self) -> dict[str, Any]:
@@ -173,8 +173,7 @@ class TrainLoader:
 
     def state_dict(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, **self._identity(), "lanes": self.num_lanes, "rank": self.rank,
-                "world_size": self.world_size, "per_rank": self.per_rank, "batch_size": self.batch_size,
-                "consumed": self.consumed,
+                "world_size": self.world_size, "per_rank": self.per_rank, "consumed_samples": self.consumed,
                 "lane_states": {str(lane): state for lane, state in sorted(self.lane_states.items())}}
 
     def load_state_dict(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
@@ -188,8 +187,7 @@ class TrainLoader:
         for saved in states:
             if not isinstance(saved, dict) or saved.get("version") != STATE_VERSION:
                 raise ValueError(f"data loader state: expected a dict with version {STATE_VERSION}, got "
-                                 f"{saved.get('version') if isinstance(saved, dict) else type(saved).__name__} (a "
-                                 "checkpoint of an older version resumes only with its world size and workers)")
+                                 f"{saved.get('version') if isinstance(saved, dict) else type(saved).__name__}")
             for key, expected in (*self._identity().items(), ("lanes", self.num_lanes)):
                 if saved.get(key) != expected:
                     raise ValueError(f"data loader state: saved with {key}={saved.get(key)!r} but this run has "
@@ -201,13 +199,12 @@ class TrainLoader:
                             for lane, s in saved["lane_states"].items() if int(lane) in mine}
         first = states[0]
         if (first["world_size"], first["per_rank"]) == (self.world_size, self.per_rank):
-            self.consumed = int(next(s for s in states if s["rank"] == self.rank)["consumed"])
+            self.consumed = int(next(s for s in states if s["rank"] == self.rank)["consumed_samples"])
         else:
             # another layout starts at the round where the old one was (a round cut short by a dropped micro-batch
             # is started again: its lanes that already gave their sample give their next one, so no lane repeats
             # or skips a sample)
-            rounds = int(first["consumed"]) * first["batch_size"] // first["per_rank"]
-            self.consumed = rounds * self.grad_accum
+            self.consumed = int(first["consumed_samples"]) // first["per_rank"] * self.per_rank
 
     def epochs(self) -> dict[str, int]:
         """The epoch each data set has reached on this rank (the furthest of its lanes)."""
