@@ -331,7 +331,8 @@ class CheckpointManager:
                     path = trainer_state_path(step_dir, rank)
                     if not path.is_file():
                         return None, f"{path}: missing (the checkpoint's layout says {saved_world} processes)"
-                    states.append(torch.load(path, map_location="cpu", weights_only=False))
+                    # mapped, not read: every rank's state holds an EMA, and below ZeRO-3 only rank 0's is used
+                    states.append(torch.load(path, map_location="cpu", weights_only=False, mmap=True))
                 with elastic.universal_loading(engine) if partitioned else contextlib.nullcontext():
                     path, _ = engine.load_checkpoint(str(load_dir), tag=DS_TAG, load_optimizer_states=True,
                                                      load_lr_scheduler_states=False)
