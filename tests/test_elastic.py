@@ -34,6 +34,7 @@ STEPS = 6
 # Measured (docs/training.md#elastic-resume): the largest relative loss difference was ~1e-6 and the largest weight
 # difference ~1e-5 of the weights' own change over the run. The tolerances leave an order of magnitude of room.
 LOSS_RTOL = 1e-4
+ZERO3_WEIGHT_ATOL = 1e-3  # two steps after the move
 WEIGHT_TOL = 1e-2  # of the largest change any weight made over the run (Adam can turn a rounding difference in a
 # near-zero gradient into a full lr-sized step, so the bound is relative to what training itself moved)
 
@@ -135,3 +136,29 @@ def test_config_comparison_accepts_a_new_split_of_the_same_global_batch(tmp_path
     assert keys == ["data.batch_size", "slurm.gpus_per_node", "slurm.nodes"]
     with pytest.raises(ConfigError, match=r"1 key\(s\) differ: data.batch_size: 1 -> 2"):
         check_resume_config(stored, split, tmp_path)  # another global batch
+
+
+def test_zero3_moves_its_partitions_and_ema_shards(demo_shards, tmp_path):
+    """ZeRO-3 partitions the weights and the EMA too: 2 -> 1 process goes through the universal checkpoint's stage-3
+    path, the EMA shards are joined and re-split, and the run continues on the same samples and losses."""
+    zero = ("deepspeed.zero_stage=3", "train.grad_accum=3")
+    straight, moved = tmp_path / "straight", tmp_path / "moved"
+    start(straight, 2, 4, zero)
+    start(moved, 2, 2, zero)
+    log = start(moved, 1, 4, ("deepspeed.zero_stage=3",))
+    assert "converting it to DeepSpeed's universal format" in log and "train.grad_accum 1 -> 6" in log
+    assert read_sample_log(moved) == read_sample_log(straight)
+    want, got = losses(straight), losses(moved)
+    assert max(abs(got[s] - want[s]) / abs(want[s]) for s in want) <= LOSS_RTOL
+    from stereo.model import build_model
+    from stereo.train.export import load_checkpoint_weights
+
+    for use_ema in (False, True):  # gathered from the partitions as `export` does
+        weights = []
+        for run_dir in (straight, moved):
+            model = build_model(load_config(run_dir / "config.yaml").model)
+            load_checkpoint_weights(model, find_checkpoint(run_dir), use_ema)
+            weights.append(model.state_dict())
+        diff = max((weights[0][k].float() - weights[1][k].float()).abs().max().item() for k in weights[0])
+        print(f"ZeRO-3 2 -> 1 vs 2: max {'EMA' if use_ema else 'weight'} difference {diff:.2e}")
+        assert diff <= ZERO3_WEIGHT_ATOL
