@@ -267,7 +267,7 @@ def _wait_all(procs: list[subprocess.Popen]) -> None:
 
 
 def test_remote_exact_resume_after_kill9_at_world_size_2_with_2_workers(s3, tmp_path):
-    """4 roles on 3 shards (each split into 2 parts): both ranks killed with -9 mid-shard and resumed from their
+    """4 lanes on 3 shards (each split into 2 parts): both ranks killed with -9 mid-shard and resumed from their
     last saved state (remote reads restart at the saved byte offset; rank 1 also through the cache) give the
     batches of the uninterrupted run."""
     total, source, cache = 10, f"s3://{BUCKET}/set", str(tmp_path / "cache")
@@ -289,7 +289,7 @@ def test_remote_exact_resume_after_kill9_at_world_size_2_with_2_workers(s3, tmp_
     for rank in range(2):
         assert _digests(killed[rank]) == _digests(straight[rank]), f"rank {rank}, killed after {heads[rank]}"
     offsets = [c[4] for path in killed for line in path.read_text().splitlines()
-               for role in json.loads(line)["state"]["roles"].values() for c in role["cursors"].values()]
+               for lane in json.loads(line)["state"]["lane_states"].values() for c in lane["cursors"].values()]
     assert any(offsets), "remote cursors carry byte offsets"
     assert list(Path(cache).glob("*.tar"))
 
