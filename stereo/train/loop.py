@@ -59,6 +59,7 @@ def train(cfg: Config, overrides: list[str], context: ExitContext) -> int:
         initialise(model, cfg.model)
     clock.mark("model_build")
     engine = ds_engine.build_engine(model, cfg, env, precision)
+    engine.module.train()  # applies model.freeze_bn (a module starts in training mode without calling train())
     ema = EMA(engine.module, cfg.train.ema_decay) if cfg.train.ema_decay else None
     clock.mark("deepspeed_init")
     # the newest checkpoint that verifies, else an older one, saying why; moved here from another world size
