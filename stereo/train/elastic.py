@@ -116,17 +116,22 @@ def to_universal(ds_dir: Path, out_dir: Path) -> None:
 
 class universal_loading:
     """While active, engine.load_checkpoint reads DeepSpeed's universal format (the `checkpoint.load_universal`
-    setting, which DeepSpeed consults at load time only)."""
+    setting, which DeepSpeed consults at load time only). The param groups' hyperparameters (lr, peak_lr, betas,
+    weight decay: all from the config) are put back afterwards: DeepSpeed's stage-3 loader copies group 0's onto
+    every group, which would give the ViT group the main group's peak_lr."""
 
     def __init__(self, engine):
-        self.config = engine._config
+        self.config, self.optimizer = engine._config, engine.optimizer
 
     def __enter__(self) -> None:
         self.before = self.config.load_universal_checkpoint
         self.config.load_universal_checkpoint = True
+        self.groups = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
 
     def __exit__(self, *exc) -> None:
         self.config.load_universal_checkpoint = self.before
+        for group, saved in zip(self.optimizer.param_groups, self.groups):
+            group.update(saved)
 
 
 # ---- trainer state ------------------------------------------------------------------------------------------------
