@@ -36,12 +36,11 @@ COMMON = ["augment.crop=[64,64]", "data.batch_size=1", "model.train_iters=2", "m
           "train.val_every=1000", "data.val=[]", "logging.wandb=disabled", "schedule.warmup_steps=2",
           "logging.sample_keys=true", "model.freeze_bn=true", "optim.eps=1e-2"]
 STEPS = 6
-# Measured (docs/training.md#elastic-resume): the largest relative loss difference was ~1e-6 and the largest weight
-# difference ~1e-5 of the weights' own change over the run. The tolerances leave an order of magnitude of room.
+# Measured (docs/training.md#elastic-resume-another-number-of-gpus-or-nodes); the bounds leave about 10x room above
+# the measured rounding, while a lost optimizer moment or a partition loaded into the wrong rank changes every update
+# after the move by its whole size (a relative weight difference of order 1).
 LOSS_RTOL = 1e-4
-ZERO3_WEIGHT_ATOL = 1e-3  # two steps after the move
-WEIGHT_TOL = 1e-2  # of the largest change any weight made over the run (Adam can turn a rounding difference in a
-# near-zero gradient into a full lr-sized step, so the bound is relative to what training itself moved)
+WEIGHT_RTOL = 5e-2  # ||moved - straight|| / ||straight(end) - straight(first move)|| over the trainable parameters
 
 
 def start(run_dir: Path, nproc: int, steps: int, extra: tuple[str, ...] = (), make: bool = False, code: int = 0,
@@ -98,24 +97,30 @@ def test_moved_run_trains_on_the_same_samples(runs):
         assert find_checkpoint(moved).name == "step_00000006"
 
 
+def relative_difference(got: dict, want: dict, start: dict) -> float:
+    """||got - want|| / ||want - start|| over the trainable parameters: the difference as a share of what training
+    itself changed since `start`."""
+    diff = sum(((got[k].float() - want[k].float()) ** 2).sum() for k in want)
+    change = sum(((want[k].float() - start[k].float()) ** 2).sum() for k in want)
+    return float((diff / change).sqrt())
+
+
 def test_moved_run_stays_within_tolerance(runs):
     stage, straight, moved, _ = runs
     want, got = losses(straight), losses(moved)
     assert list(want) == list(got) == list(range(1, STEPS + 1))
     loss_diff = max(abs(got[s] - want[s]) / abs(want[s]) for s in want)
     (w_module, w_ema), (g_module, g_ema) = final_weights(straight), final_weights(moved)
-    initial = torch.load(find_checkpoint(straight, 2) / DS_TAG / "mp_rank_00_model_states.pt", map_location="cpu",
-                         weights_only=False)["module"]
-    trained = [k for k in w_ema]  # the trainable parameters (the EMA's keys); buffers are per rank, not reduced
-    moved_by_training = max((w_module[k].float() - initial[k].float()).abs().max().item() for k in trained)
-    weight_diff = max((w_module[k].float() - g_module[k].float()).abs().max().item() for k in trained)
-    ema_diff = max((w_ema[k] - g_ema[k]).abs().max().item() for k in w_ema)
-    print(f"ZeRO-{stage} 2 -> 1 -> 3 vs 2: max relative loss difference {loss_diff:.2e}, max weight difference "
-          f"{weight_diff:.2e} (training moved weights by up to {moved_by_training:.2e} since step 2), max EMA "
-          f"difference {ema_diff:.2e}")
+    step_dir = find_checkpoint(straight, 2)  # the first move happened here
+    s_module = torch.load(step_dir / DS_TAG / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    s_ema = torch.load(trainer_state_path(step_dir, 0), weights_only=False)["ema"]["shadow"]
+    trained = {k: w_module[k] for k in w_ema}  # the trainable parameters; buffers are per rank, never reduced
+    weight_diff = relative_difference(g_module, trained, s_module)
+    ema_diff = relative_difference(g_ema, w_ema, s_ema)
+    print(f"ZeRO-{stage} 2 -> 1 -> 3 vs 2: max relative loss difference {loss_diff:.2e}; weight difference "
+          f"{weight_diff:.2e} and EMA difference {ema_diff:.2e} of what training changed over steps 3-6")
     assert loss_diff <= LOSS_RTOL
-    assert weight_diff <= WEIGHT_TOL * moved_by_training
-    assert ema_diff <= WEIGHT_TOL * moved_by_training
+    assert weight_diff <= WEIGHT_RTOL and ema_diff <= WEIGHT_RTOL
 
 
 def test_global_batch_kept_or_refused_with_the_split_that_keeps_it():
@@ -159,12 +164,13 @@ def test_zero3_moves_its_partitions_and_ema_shards(demo_shards, tmp_path):
     from stereo.model import build_model
     from stereo.train.export import load_checkpoint_weights
 
-    for use_ema in (False, True):  # gathered from the partitions as `export` does
-        weights = []
-        for run_dir in (straight, moved):
-            model = build_model(load_config(run_dir / "config.yaml").model)
-            load_checkpoint_weights(model, find_checkpoint(run_dir), use_ema)
-            weights.append(model.state_dict())
-        diff = max((weights[0][k].float() - weights[1][k].float()).abs().max().item() for k in weights[0])
-        print(f"ZeRO-3 2 -> 1 vs 2: max {'EMA' if use_ema else 'weight'} difference {diff:.2e}")
-        assert diff <= ZERO3_WEIGHT_ATOL
+    def weights(run_dir: Path, step: int | None, use_ema: bool) -> dict[str, torch.Tensor]:
+        model = build_model(load_config(run_dir / "config.yaml").model)
+        load_checkpoint_weights(model, find_checkpoint(run_dir, step), use_ema)  # gathered as `export` does
+        return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    for use_ema in (False, True):
+        diff = relative_difference(weights(moved, None, use_ema), weights(straight, None, use_ema),
+                                   weights(straight, 2, use_ema))
+        print(f"ZeRO-3 2 -> 1 vs 2: {'EMA' if use_ema else 'weight'} difference {diff:.2e} of what training changed")
+        assert diff <= WEIGHT_RTOL
