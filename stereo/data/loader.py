@@ -163,6 +163,9 @@ class TrainLoader:
             batch: dict[str, Any] = {name: torch.cat([part[name] for part in parts])
                                      for name in ("left", "right", "disp", "valid")}
             batch["keys"] = [part["_key"] for part in parts]  # "data set/key" of each sample
+            # where the micro-batch sits in the job's order (its first sample's lane and draw): seeds the model's own
+            # randomness (dropout), so that it too is the same at any world size when data.batch_size is kept
+            batch["origin"] = (int(parts[0]["_lane"]), int(parts[0]["_state"]["draws"]))
             for part in parts:
                 self.lane_states[int(part["_lane"])] = part["_state"]
             self.consumed += self.batch_size

@@ -26,7 +26,7 @@ from stereo.train.ema import EMA
 from stereo.train.failures import ExitContext
 from stereo.train.logging import RunLogger
 from stereo.train.loss import stereo_loss
-from stereo.train.rng import rng_state, seed_everything, set_rng_state
+from stereo.train.rng import rng_state, seed_everything, seed_micro_batch, set_rng_state
 from stereo.train.sample_log import SampleLog
 from stereo.train.run import (RunState, StartupClock, Validator, Window, batches_forever, nan_injection_steps,
                               open_run_dir, started, training_panel)
@@ -100,6 +100,7 @@ def train(cfg: Config, overrides: list[str], context: ExitContext) -> int:
             wait_start = time.perf_counter()
             batch = next(batches)
             window.data_wait += time.perf_counter() - wait_start
+            seed_micro_batch(cfg.train.seed, batch["origin"])
             init_disp, preds = engine(batch["left"], batch["right"], iters=cfg.model.train_iters, test_mode=False)
             terms = stereo_loss(init_disp, preds, batch["disp"], batch["valid"], cfg.model.max_disp, cfg.loss)
             if nan_steps[state.step + 1] > 0:  # test hook (STEREO_TEST_NAN_STEPS): poison this rank's loss

@@ -38,3 +38,9 @@ def derived_state(seed: int, rank: int, step: int) -> dict:
     state = rng_state()
     set_rng_state(saved)
     return state
+
+
+def seed_micro_batch(seed: int, origin: tuple[int, int]) -> None:
+    """torch's generators for one micro-batch (dropout), from the seed and the micro-batch's place in the job's data
+    order (stereo.data.loader: its first sample's lane and draw), not from the rank that happens to compute it."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, *origin]).generate_state(1)[0]))
