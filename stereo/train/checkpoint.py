@@ -29,7 +29,6 @@ import torch
 import torch.distributed as dist
 
 from stereo.train import elastic
-from stereo.train.failures import CheckpointError
 
 COMPLETE = "COMPLETE"
 DS_TAG = "ds"
@@ -37,6 +36,10 @@ CONFIG_FILE = "config.yaml"  # the resolved config the checkpoint was trained wi
 UNIVERSAL_DIR = "universal"  # under checkpoints/: a checkpoint of another world size, converted for loading
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _CHUNK = 8 << 20
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint could be loaded, or a save failed; the message names the file and the cause."""
 
 
 def step_dir_name(step: int) -> str:
