@@ -341,6 +341,8 @@ class CheckpointManager:
                                                      load_lr_scheduler_states=False)
                 if path is None:
                     return None, f"{load_dir / DS_TAG}: DeepSpeed found no checkpoint there"
+                if partitioned:
+                    elastic.restore_outside_optimizer(engine, step_dir, DS_TAG)
                 restore_loss_scale(engine, states[0].get("loss_scale"))
                 return elastic.merge_trainer_states(states, self.rank, _world()[1], ema, seed), None
         except Exception as exc:  # noqa: BLE001 - as in _load

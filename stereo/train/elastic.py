@@ -134,6 +134,34 @@ class universal_loading:
             group.update(saved)
 
 
+def restore_outside_optimizer(engine, step_dir: Path, tag: str) -> None:
+    """Collective. The universal format restores what the optimizer holds (trainable weights and moments) and not
+    the module's buffers (BatchNorm statistics) nor its frozen parameters (a frozen ViT: on a resume nothing else
+    initialises them). Both are read from the checkpoint itself, consolidated by DeepSpeed's zero_to_fp32, and
+    written into the module (under ZeRO-3 through a gather of the frozen parameters)."""
+    import deepspeed
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    module = engine.module
+    frozen = [(name, p) for name, p in module.named_parameters() if not p.requires_grad]
+    buffers = [(name, b) for name, b in module.named_buffers() if b is not None]
+    if not frozen and not buffers:
+        return
+    saved = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=tag)
+    with torch.no_grad():
+        if engine.zero_optimization_partition_weights():
+            with deepspeed.zero.GatheredParameters([p for _, p in frozen], modifier_rank=0):
+                if engine.global_rank == 0:
+                    for name, p in frozen:
+                        p.copy_(saved[name].to(p.dtype))
+        else:
+            for name, p in frozen:
+                p.copy_(saved[name].to(p.dtype))
+        for name, b in buffers:
+            if name in saved:
+                b.copy_(saved[name].to(b.dtype))
+
+
 # ---- trainer state ------------------------------------------------------------------------------------------------
 
 def merge_trainer_states(states: list[dict], rank: int, world_size: int, ema, seed: int) -> dict:
