@@ -137,8 +137,8 @@ class universal_loading:
 def restore_outside_optimizer(engine, step_dir: Path, tag: str) -> None:
     """Collective. The universal format restores what the optimizer holds (trainable weights and moments) and not
     the module's buffers (BatchNorm statistics) nor its frozen parameters (a frozen ViT: on a resume nothing else
-    initialises them). Both are read from the checkpoint itself, consolidated by DeepSpeed's zero_to_fp32, and
-    written into the module (under ZeRO-3 through a gather of the frozen parameters)."""
+    initialises them). Both are read from the checkpoint itself (the model states file; under ZeRO-3 consolidated
+    by DeepSpeed's zero_to_fp32) and written into the module (under ZeRO-3 through a gather)."""
     import deepspeed
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -147,9 +147,14 @@ def restore_outside_optimizer(engine, step_dir: Path, tag: str) -> None:
     buffers = [(name, b) for name, b in module.named_buffers() if b is not None]
     if not frozen and not buffers:
         return
-    saved = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=tag)
+    zero3 = engine.zero_optimization_partition_weights()
+    if zero3:  # every parameter is partitioned: DeepSpeed consolidates them (frozen ones and buffers included)
+        saved = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=tag)
+    else:  # the module's whole state dict is in the model states file
+        saved = torch.load(Path(step_dir) / tag / "mp_rank_00_model_states.pt", map_location="cpu",
+                           weights_only=False)["module"]
     with torch.no_grad():
-        if engine.zero_optimization_partition_weights():
+        if zero3:
             with deepspeed.zero.GatheredParameters([p for _, p in frozen], modifier_rank=0):
                 if engine.global_rank == 0:
                     for name, p in frozen:
