@@ -7,22 +7,26 @@ of the loader after kill -9 at world size 2 with 2 workers per rank.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import logging
 import multiprocessing
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from s3server import FaultProxy, start_moto
+from s3server import Cut, FaultProxy, start_moto
 from stereo.data.codecs import encode_png, write_pfm
-from stereo.data.reader import FetchOptions, iter_streamed
+from stereo.data.reader import FetchOptions, ShardFailed, iter_streamed
+from stereo.data import remote
 from stereo.data.remote import RangeReader, RetryPolicy, ShardCache, s3_client
 from stereo.data.shardlist import ShardListError, resolve_shards
 from stereo.data.stream import BadDataError, DatasetSource, RoleState, RoleStream
@@ -164,6 +168,80 @@ def test_dropped_connections_resume_with_range_requests(s3):
         assert not any(proxy.cuts.values())  # every planned drop happened
 
 
+BIG_MEMBER = 500_000  # 9 samples of 500 KB: a 4.5 MB object, several times tarfile's 1 MiB read buffer
+STALL_TIMEOUT = RetryPolicy(retries=2, backoff_s=0.01, timeout_s=0.4)  # the proxy stalls 3 s: always caught
+
+
+@pytest.fixture(scope="module")
+def big_object(s3):
+    """A shard of incompressible members, uploaded, and its samples as an uncut read gives them."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for ident in range(9):
+            for ext in ("left.bin", "right.bin"):
+                data = np.random.default_rng([ident, len(ext)]).bytes(BIG_MEMBER // 2)
+                info = tarfile.TarInfo(f"{ident:03d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    body = buffer.getvalue()
+    s3_client().put_object(Bucket=BUCKET, Key="big/000000.tar", Body=body)
+    url = f"s3://{BUCKET}/big/000000.tar"
+    s3["proxy"].cuts = {}
+    uncut = list(iter_streamed(url, 0, FetchOptions(STALL_TIMEOUT)))
+    assert len(uncut) == 9 and all(isinstance(item, tuple) for item in uncut)
+    return {"url": url, "body": body, "uncut": uncut}
+
+
+PLANS = {  # bytes each connection delivers before its cut, below and above the 1 MiB buffer (0: none at all)
+    "reset": [300_000] * 6 + [1_100_000, 0, 1_048_577],
+    "stall": [300_000, 1_100_000, 0, 700_000],
+    "close": [300_000] * 6 + [1_500_000, 0, 200_000],
+}
+
+
+@pytest.mark.parametrize("how", sorted(PLANS))
+def test_cut_and_stalled_reads_resume_at_the_next_byte_bit_identically(s3, big_object, how, tmp_path, caplog,
+                                                                        monkeypatch):
+    """Each broken connection keeps the bytes it delivered and the read goes on from the next byte; retries run out
+    only after failures without progress (here 6 cuts in a row with a budget of 2 still get through), the stream of
+    samples and the cached copy equal the uncut read's, each reconnect is logged with the shard, byte and cause,
+    and counted."""
+    proxy, url, plan = s3["proxy"], big_object["url"], PLANS[how]
+    proxy.cuts = {"big/000000.tar": [Cut(at, how) for at in plan]}
+    before, retries = len(proxy.gets), []
+    options = FetchOptions(STALL_TIMEOUT, ShardCache(tmp_path, 10**8))
+    monkeypatch.setattr(remote, "RECONNECTS", remote._ReconnectLog())  # this process's log budget, fresh
+    with caplog.at_level(logging.WARNING, logger="stereo.data.remote"):
+        items = list(iter_streamed(url, 0, options, on_retry=lambda: retries.append(1)))
+    assert not proxy.cuts["big/000000.tar"], "every planned cut happened"
+    assert items == big_object["uncut"]
+    assert [p.read_bytes() for p in tmp_path.glob("*.tar")] == [big_object["body"]]
+    assert not list(tmp_path.glob("*.part"))
+    assert len(retries) == len(plan)
+    starts = [int(r.split("=")[1].rstrip("-")) for p, r in proxy.gets[before:] if p.endswith("big/000000.tar")]
+    assert len(starts) == len(plan) + 1 and starts == sorted(starts)
+    if how != "reset":  # a reset may also discard bytes still in the client's socket buffer: those are re-read
+        assert starts == [sum(plan[:i]) for i in range(len(plan) + 1)]
+    reconnects = [r.getMessage() for r in caplog.records if "reconnecting to" in r.getMessage()]
+    assert len(reconnects) == min(len(plan), remote.RECONNECT_LOG_FIRST)  # then one line a minute at most
+    assert reconnects and f"reconnecting to {url} at byte {starts[1]} (failure 1 in a row" in reconnects[0]
+    if how == "stall":
+        assert "stalled: no byte within the read timeout" in reconnects[0]
+    endpoint = os.environ["AWS_ENDPOINT_URL"].split("//")[1]
+    assert not [line for line in reconnects if endpoint in line]
+    proxy.cuts = {}
+
+
+def test_reads_without_progress_give_up_and_a_stall_before_any_byte_counts_as_one(s3, big_object):
+    """Failures in a row without a byte between them use up the budget (retries=2: the third gives up)."""
+    proxy, url = s3["proxy"], big_object["url"]
+    proxy.cuts = {"big/000000.tar": [Cut(2_000_000, "reset"), Cut(0, "stall"), Cut(0, "reset"), Cut(0, "close")]}
+    items = list(iter_streamed(url, 0, FetchOptions(STALL_TIMEOUT)))
+    assert items[:-1] == big_object["uncut"][:len(items) - 1] and 3 <= len(items) - 1 < 9
+    assert isinstance(items[-1], ShardFailed) and "gave up after 2 retries without progress" in items[-1].detail
+    proxy.cuts = {}
+
+
 def test_a_shard_that_keeps_failing_is_skipped_and_too_many_stop(s3, caplog):
     proxy, shards = s3["proxy"], resolve_shards(f"s3://{BUCKET}/set")
     fetch = FetchOptions(FAST_RETRY, max_failed_rate=0.4)
@@ -175,7 +253,7 @@ def test_a_shard_that_keeps_failing_is_skipped_and_too_many_stop(s3, caplog):
     assert len(idents) == len(set(idents))  # the samples read before the failure count once, and only once
     lost = set(range(8)) - set(idents)
     assert set(range(8, SAMPLES)) <= set(idents) and 0 < len(lost) < 8
-    assert "shard failed" in caplog.text and "000000.tar" in caplog.text and "gave up after 2 retries" in caplog.text
+    assert "shard failed" in caplog.text and "000000.tar" in caplog.text and "gave up after 2 retries without progress" in caplog.text
 
     proxy.cuts = {f"set/{i:06d}.tar": [0] * 10 for i in (0, 2)}
     with pytest.raises(BadDataError, match=r"2 of [23] shards opened by role 0 could not be read .*"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from functools import lru_cache
@@ -131,17 +131,18 @@ class FetchOptions:
 Streamed = Iterator[tuple[str, dict[str, bytes], int] | UnreadableSample]
 
 
-def iter_streamed(url: str, start: int, options: FetchOptions) -> Streamed:
+def iter_streamed(url: str, start: int, options: FetchOptions, on_retry: Callable[[], None] | None = None,
+                  ) -> Streamed:
     """Samples of a remote or `pipe:` shard in stream order (remote objects from byte `start`, pipes from their
     start). Damaged data ends with one UnreadableSample; a shard that cannot be fetched within the retry budget
-    ends with ShardFailed."""
+    ends with ShardFailed. `on_retry()` is called on each reconnect or re-run."""
     if url.startswith(PIPE_PREFIX):
-        yield from _iter_pipe(url, options.retry)
+        yield from _iter_pipe(url, options.retry, on_retry)
     else:
-        yield from _iter_remote(url, start, options)
+        yield from _iter_remote(url, start, options, on_retry)
 
 
-def _iter_remote(url: str, start: int, options: FetchOptions) -> Streamed:
+def _iter_remote(url: str, start: int, options: FetchOptions, on_retry: Callable[[], None] | None) -> Streamed:
     cache = options.cache
     handle = cache.open(url) if cache is not None else None
     writer = None
@@ -149,7 +150,7 @@ def _iter_remote(url: str, start: int, options: FetchOptions) -> Streamed:
         if handle is not None:
             handle.seek(start)
         else:
-            handle = RangeReader(url, start, options.retry)
+            handle = RangeReader(url, start, options.retry, on_retry)
             if cache is not None and start == 0:
                 writer = cache.writer(url, handle.size)
     except FetchError as exc:
@@ -190,7 +191,7 @@ class _PipeFailed(Exception):
     pass
 
 
-def _iter_pipe(url: str, retry: RetryPolicy) -> Streamed:
+def _iter_pipe(url: str, retry: RetryPolicy, on_retry: Callable[[], None] | None) -> Streamed:
     """A failed command (non-zero exit) is run again and the samples already delivered are skipped; a damaged
     tar from a command that succeeded is the data's fault and is not retried."""
     delivered, failures = 0, 0
@@ -210,6 +211,8 @@ def _iter_pipe(url: str, retry: RetryPolicy) -> Streamed:
             if failures > retry.retries:
                 yield ShardFailed(f"{url}: {exc} (gave up after {retry.retries} retries)")
                 return
+            if on_retry is not None:
+                on_retry()
             retry.wait(failures)
         except UnreadableSample as bad:
             yield bad
