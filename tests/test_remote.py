@@ -163,9 +163,10 @@ def test_dropped_connections_resume_with_range_requests(s3):
     for source in (f"s3://{BUCKET}/set", f"http://127.0.0.1:{proxy.port}/{BUCKET}/set/"):
         for index in range(3):
             proxy.cuts[f"set/{index:06d}.tar"] = [30000, 60000]
-        idents, _ = one_epoch(DatasetSource("cut", resolve_shards(source), 1.0, FetchOptions(FAST_RETRY)))
+        idents, stream = one_epoch(DatasetSource("cut", resolve_shards(source), 1.0, FetchOptions(FAST_RETRY)))
         assert sorted(idents) == list(range(SAMPLES)), source
         assert not any(proxy.cuts.values())  # every planned drop happened
+        assert stream.state.retries == 6 and stream.state.to_dict()["retries"] == 6  # counted, and saved
 
 
 BIG_MEMBER = 500_000  # 9 samples of 500 KB: a 4.5 MB object, several times tarfile's 1 MiB read buffer
@@ -376,15 +377,19 @@ def test_training_on_s3_shards_writes_no_endpoint_or_credentials(s3, tmp_path):
     """A real (tiny) training run streams its data from the S3 server; the secret key and the endpoint, given in
     the environment only, appear in no file of the run directory (config.yaml, metrics, wandb) nor in its log."""
     run_dir = tmp_path / "run"
-    overrides = ["augment.crop=[32,64]", "data.batch_size=1", "data.num_workers=1", "model.train_iters=1",
+    s3["proxy"].cuts = {f"set/{i:06d}.tar": [Cut(40_000, "reset")] for i in range(3)}  # the shard read first
+    overrides = ["data.retry_backoff_s=0.01", "augment.crop=[32,64]", "data.batch_size=1", "data.num_workers=1", "model.train_iters=1",
                  "model.valid_iters=1", "train.steps=2", "checkpoint.every=2", "logging.every=1",
                  "train.val_every=1000", "data.val=[]", "logging.wandb=offline", "schedule.warmup_steps=1",
                  f"data.train=[{{name: s3, shards: 's3://{BUCKET}/set'}}]", f"train.run_dir={run_dir}"]
     run = subprocess.run([sys.executable, "-m", "stereo", "train", "tiny", *overrides], cwd=REPO, capture_output=True,
                          text=True, timeout=600, env={**os.environ, "WANDB_MODE": "offline"})
     assert run.returncode == 0, run.stderr[-3000:]
-    steps = [json.loads(line).get("step") for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert 2 in steps
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert 2 in [r.get("step") for r in records]
+    assert [r["data/retries"] for r in records if "loss" in r][-1] == 1  # beside bad_samples/failed_shards
+    assert f"reconnecting to s3://{BUCKET}/set/" in run.stderr and "ConnectionResetError" in run.stderr
+    s3["proxy"].cuts = {}
     assert f"s3://{BUCKET}/set" in (run_dir / "config.yaml").read_text()
     endpoint = os.environ["AWS_ENDPOINT_URL"].split("//")[1]
     assert (run_dir / "wandb").is_dir()
