@@ -302,6 +302,52 @@ def test_cache_is_bounded_and_safe_with_concurrent_writers(s3, tmp_path):
     assert not stale.exists()
 
 
+PARTIAL_READ = r"""
+import os, sys
+from stereo.data.reader import FetchOptions, iter_streamed
+from stereo.data.remote import RetryPolicy, ShardCache
+items = iter_streamed(sys.argv[1], 0, FetchOptions(RetryPolicy(), ShardCache(sys.argv[2], 10**8)))
+next(items)  # one sample of nine, then the process ends as a DataLoader worker does at exit: nothing cleans up
+sys.stdout.flush()
+os._exit(0)
+"""
+
+
+def test_cache_parts_left_by_ended_processes_are_removed_and_parts_count_in_the_bound(s3, big_object, tmp_path):
+    url, size = big_object["url"], len(big_object["body"])
+    subprocess.run([sys.executable, "-c", PARTIAL_READ, url, str(tmp_path)], cwd=REPO, check=True, timeout=120)
+    left = list(tmp_path.glob("*.part"))
+    assert len(left) == 1 and 0 < left[0].stat().st_size < size
+    ShardCache(tmp_path, 10**8)  # the next run's cache
+    assert not list(tmp_path.glob("*.part"))
+
+    # another host's part: kept while it is being written, removed once untouched for STALE_PART_S
+    cache = ShardCache(tmp_path, 10**8)
+    other = tmp_path / f"{cache.path(url).stem}.other-node.example.org.42.part"
+    other.write_bytes(b"x" * 1000)
+    cache.evict()
+    assert other.exists()
+    old = time.time() - remote.STALE_PART_S - 10
+    os.utime(other, (old, old))
+    cache.evict()
+    assert not other.exists()
+
+    # a live writer's part counts: the copies make room for it, and for the copy about to be written
+    _read_through_cache([url], str(tmp_path), 10**8)
+    assert [p.read_bytes() for p in tmp_path.glob("*.tar")] == [big_object["body"]]
+    live = tmp_path / f"{'0' * 32}.{socket.gethostname()}.{os.getpid()}.part"
+    live.write_bytes(b"x" * 1000)
+    ShardCache(tmp_path, size + 999).evict()
+    assert live.exists() and not list(tmp_path.glob("*.tar"))
+    live.unlink()
+    small = ShardCache(tmp_path, size + 999)
+    _read_through_cache([url], str(tmp_path), size + 999)
+    writer = small.writer(f"s3://{BUCKET}/set/000000.tar", 1000)  # reserving 1000 bytes evicts the big copy
+    assert not list(tmp_path.glob("*.tar"))
+    writer.close(complete=False)
+    assert not list(tmp_path.glob("*.part"))
+
+
 LOADER_RUN = r"""
 import hashlib, json, os, sys
 from stereo.config.schema import AugmentConfig, DataConfig, DatasetSpec
@@ -371,6 +417,7 @@ def test_remote_exact_resume_after_kill9_at_world_size_2_with_2_workers(s3, tmp_
                for role in json.loads(line)["state"]["roles"].values() for c in role["cursors"].values()]
     assert any(offsets), "remote cursors carry byte offsets"
     assert list(Path(cache).glob("*.tar"))
+    assert not list(Path(cache).glob("*.part"))  # the killed rank's partial copies went with the next run's cache
 
 
 def test_training_on_s3_shards_writes_no_endpoint_or_credentials(s3, tmp_path):

@@ -346,17 +346,26 @@ def redact(url: str) -> str:
 # --- node-local cache -----------------------------------------------------------------------------------------
 
 
+STALE_PART_S = 3600.0  # a `.part` of another host untouched this long belongs to a writer that is gone
+
+
 class ShardCache:
-    """Whole remote objects kept in `directory`, at most `max_bytes` in all, least recently used evicted first.
+    """Whole remote objects kept in `directory`, at most `max_bytes` in all (copies being written included), least
+    recently used evicted first.
 
     Safe with many writers (workers, ranks) at once without coordination on the read path: each writer streams
-    into its own `.part` file and publishes it with an atomic rename (two writers of one shard publish the same
-    bytes); eviction runs under a file lock; a reader keeps a file it opened even when it is evicted meanwhile.
+    into its own `<hash>.<host>.<pid>.part` file and publishes it with an atomic rename (two writers of one shard
+    publish the same bytes); eviction runs under a file lock; a reader keeps a file it opened even when it is
+    evicted meanwhile. A writer that stops before the end removes its part; one that was killed (or whose process
+    ended without finishing the shard: DataLoader workers are killed at exit) leaves it, and the next cache opened on
+    the directory, and every eviction, removes it: of this host once its process is gone, of other hosts once
+    untouched for STALE_PART_S.
     """
 
     def __init__(self, directory: str | Path, max_bytes: int):
         self.directory, self.max_bytes = Path(directory), int(max_bytes)
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.evict()
 
     def path(self, url: str) -> Path:
         return self.directory / (hashlib.sha256(url.encode()).hexdigest()[:32] + ".tar")
@@ -374,6 +383,7 @@ class ShardCache:
     def writer(self, url: str, size: int | None) -> "_CacheWriter | None":
         if size is None or size > self.max_bytes:
             return None
+        self.evict(reserve=size)  # room for the whole copy before it is written
         part = self.path(url).with_name(f"{self.path(url).stem}.{socket.gethostname()}.{os.getpid()}.part")
         return _CacheWriter(self, url, part, size)
 
@@ -381,18 +391,20 @@ class ShardCache:
         os.replace(part, self.path(url))
         self.evict(keep=self.path(url))
 
-    def evict(self, keep: Path | None = None) -> None:
+    def evict(self, keep: Path | None = None, reserve: int = 0) -> None:
+        """Least recently used copies out until copies, parts being written and `reserve` fit the bound."""
         with open(self.directory / ".lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             self._remove_dead_parts()
-            files = []
-            for path in self.directory.glob("*.tar"):
+            files, total = [], reserve
+            for path in [*self.directory.glob("*.tar"), *self.directory.glob("*.part")]:
                 try:
                     stat = path.stat()
                 except FileNotFoundError:
                     continue
-                files.append((stat.st_mtime, stat.st_size, path))
-            total = sum(size for _, size, _ in files)
+                total += stat.st_size
+                if path.suffix == ".tar":
+                    files.append((stat.st_mtime, stat.st_size, path))
             for _, size, path in sorted(files):
                 if total <= self.max_bytes:
                     break
@@ -402,12 +414,26 @@ class ShardCache:
                 total -= size
 
     def _remove_dead_parts(self) -> None:
-        """`.part` files of processes of this host that died (kill -9) before publishing."""
+        """`.part` files of writers that are gone: of this host, their process ended; of others, untouched long."""
         host = socket.gethostname()
-        for part in self.directory.glob(f"*.{host}.*.part"):
-            pid = part.name.rsplit(".", 2)[1]
-            if pid.isdigit() and not _alive(int(pid)):
+        for part in self.directory.glob("*.part"):
+            part_host, pid = _host_pid(part.name)
+            try:
+                if part_host == host:
+                    dead = not (pid.isdigit() and _alive(int(pid)))
+                else:
+                    dead = time.time() - part.stat().st_mtime > STALE_PART_S
+            except FileNotFoundError:
+                continue
+            if dead:
                 part.unlink(missing_ok=True)
+
+
+def _host_pid(name: str) -> tuple[str, str]:
+    """`<hash>.<host>.<pid>.part` -> (host, pid); a host name may hold dots."""
+    middle = name[:-len(".part")].split(".", 1)[1] if name.count(".") >= 3 else ""
+    host, _, pid = middle.rpartition(".")
+    return host, pid
 
 
 def _alive(pid: int) -> bool:
