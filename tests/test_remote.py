@@ -243,6 +243,35 @@ def test_reads_without_progress_give_up_and_a_stall_before_any_byte_counts_as_on
     proxy.cuts = {}
 
 
+def test_missing_bucket_prefix_or_object_exits_2_before_the_run_directory_exists(s3, big_object, tmp_path):
+    """`train` and `submit` check remote sources like local ones (a manifest read or a listing each): exit 2 naming
+    each URL and what is missing; `submit --no-check-paths` leaves them to the compute nodes."""
+    sources = {"nobucket": "s3://no-such-bucket-29/set", "noprefix": f"s3://{BUCKET}/nothing",
+               "nomanifest": f"s3://{BUCKET}/big", "noobject": f"s3://{BUCKET}/set/{{000000..000004}}.tar"}
+    specs = ", ".join(f"{{name: {name}, shards: '{url}'}}" for name, url in sources.items())
+    overrides = [f"data.train=[{specs}]", f"train.run_dir={tmp_path}/run", f"slurm.folder={tmp_path}/slurm"]
+    expected = {"nobucket": "s3://no-such-bucket-29/set/manifest.json: NoSuchBucket (HTTP 404): the bucket does "
+                            "not exist",
+                "noprefix": f"nothing under s3://{BUCKET}/nothing/ (no such prefix)",
+                "nomanifest": f"no manifest.json under s3://{BUCKET}/big/ (it holds e.g. {big_object['url']})",
+                "noobject": f"2 of 5 shard objects do not exist (first: s3://{BUCKET}/set/000003.tar)"}
+    for command in (["train"], ["submit"]):
+        done = subprocess.run([sys.executable, "-m", "stereo", *command, "tiny", *overrides], cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2, done.stderr[-3000:]
+        message = done.stderr.strip().splitlines()[-1]
+        assert message.startswith("config error: data.train[0].shards: s3://no-such-bucket-29/set: "), message
+        for index, (name, what) in enumerate(expected.items()):
+            problem = message.split(f"data.train[{index}].shards: ", 1)[1]
+            assert problem.startswith(f"{sources[name]}: ") and what in problem.split("; data.")[0], (name, message)
+        assert "Traceback" not in done.stderr and SECRET not in done.stderr
+        assert not (tmp_path / "run").exists() and not (tmp_path / "slurm").exists()
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_CONF"}
+    done = subprocess.run([sys.executable, "-m", "stereo", "submit", "--no-check-paths", "tiny", *overrides],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 1 and "cannot reach Slurm" in done.stderr, done.stderr[-3000:]  # past the check
+
+
 def test_a_shard_that_keeps_failing_is_skipped_and_too_many_stop(s3, caplog):
     proxy, shards = s3["proxy"], resolve_shards(f"s3://{BUCKET}/set")
     fetch = FetchOptions(FAST_RETRY, max_failed_rate=0.4)

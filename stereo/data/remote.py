@@ -207,7 +207,8 @@ class RangeReader:
         self._failures += 1
         if error.permanent or self._failures > self.policy.retries:
             tries = "" if error.permanent else f" (gave up after {self.policy.retries} retries without progress)"
-            raise FetchError(f"{error} at byte {self.position}{tries}", error.permanent) from None
+            where = f" at byte {self.position}" if self.position or not error.permanent else ""
+            raise FetchError(f"{error}{where}{tries}", error.permanent) from None
         self.retried += 1
         RECONNECTS.note(self.url, self.position, str(error).removeprefix(f"{self.url}: "), self._failures)
         if self.on_retry is not None:
@@ -311,6 +312,20 @@ def missing_objects(urls: list[str]) -> list[str]:
             raise _classify(f"s3://{bucket}/{prefix}", exc) from None
         missing += [f"s3://{bucket}/{key}" for key in sorted(keys - found)]
     return missing
+
+
+def list_prefix(url: str, limit: int | None = None) -> list[str]:
+    """The object URLs under an s3:// prefix (at most `limit` of them)."""
+    bucket, prefix = split_s3(url)
+    found: list[str] = []
+    try:
+        for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            found += [f"s3://{bucket}/{item['Key']}" for item in page.get("Contents", [])]
+            if limit is not None and len(found) >= limit:
+                return found[:limit]
+    except _network_errors() as exc:
+        raise _classify(url, exc) from None
+    return found
 
 
 def upload_file(path: str | Path, url: str) -> None:
