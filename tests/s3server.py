@@ -75,12 +75,14 @@ class FaultProxy:
                 upstream.close()
                 cut = proxy._take_cut(self.command, self.path.split("?")[0], self.headers.get("Range", ""))
                 self.send_response(response.status)
+                head = self.command == "HEAD"  # its Content-Length is the object's, with no body
                 for key, value in response.getheaders():
-                    if key.lower() not in HOP_HEADERS and key.lower() != "content-length":
+                    if key.lower() not in HOP_HEADERS and (head or key.lower() != "content-length"):
                         self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
+                if not head:
+                    self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                if self.command == "HEAD":
+                if head:
                     return
                 if cut is None:
                     self.wfile.write(data)

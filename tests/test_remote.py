@@ -27,7 +27,7 @@ from s3server import Cut, FaultProxy, start_moto
 from stereo.data.codecs import encode_png, write_pfm
 from stereo.data.reader import FetchOptions, ShardFailed, iter_streamed
 from stereo.data import remote
-from stereo.data.remote import RangeReader, RetryPolicy, ShardCache, s3_client
+from stereo.data.remote import RangeReader, RetryPolicy, ShardCache, list_prefix, s3_client
 from stereo.data.shardlist import ShardListError, resolve_shards
 from stereo.data.stream import BadDataError, DatasetSource, RoleState, RoleStream
 
@@ -141,6 +141,66 @@ def test_make_shards_uploads_to_s3_and_the_loader_streams_them(s3):
                     "--out", f"s3://{BUCKET}/set", "--shard-size", SHARD_SIZE], cwd=REPO, check=True,
                    capture_output=True)
     assert not [path for path, _ in proxy.gets[before:] if path.endswith(".tar")]
+
+
+def _upload(src: Path, out: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", "-s", "shards-upload", f"PY={sys.executable}", f"SRC={src}", f"OUT={out}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_make_shards_upload_puts_built_shards_on_s3_and_checks_their_sizes(s3, monkeypatch):
+    """Shards built locally go up with their manifest (last); the loader streams them; a re-run uploads only what
+    is missing or differs; a source that does not match its manifest and a missing bucket exit 2; an object whose
+    size does not match after upload keeps the manifest from going up."""
+    local, out = s3["local"], f"s3://{BUCKET}/uploaded"
+    done = _upload(local, out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"{out}: 3 shards uploaded, 0 already there, sizes checked, manifest uploaded (24 samples)" in done.stderr
+    assert SECRET not in done.stdout + done.stderr
+    shards = resolve_shards(out)
+    assert [s.num_samples for s in shards] == [8, 8, 8]
+    for i in range(3):
+        body = s3_client().get_object(Bucket=BUCKET, Key=f"uploaded/{i:06d}.tar")["Body"].read()
+        assert body == (local / f"{i:06d}.tar").read_bytes()
+    idents, _ = one_epoch(DatasetSource("uploaded", shards, 1.0, FetchOptions(FAST_RETRY)))
+    assert sorted(idents) == list(range(SAMPLES))
+
+    # an object replaced by other bytes of the same size, or cut short, is uploaded again; the others are kept
+    size = (local / "000001.tar").stat().st_size
+    s3_client().put_object(Bucket=BUCKET, Key="uploaded/000001.tar", Body=b"x" * size)
+    s3_client().put_object(Bucket=BUCKET, Key="uploaded/000002.tar", Body=b"short")
+    done = _upload(local, out)
+    assert done.returncode == 0 and "2 shards uploaded, 1 already there" in done.stderr, done.stderr[-3000:]
+    for i in (1, 2):
+        assert s3_client().get_object(Bucket=BUCKET, Key=f"uploaded/{i:06d}.tar")["Body"].read() == \
+            (local / f"{i:06d}.tar").read_bytes()
+
+    done = _upload(local, "s3://no-such-bucket-29/x")
+    assert done.returncode == 2 and "s3://no-such-bucket-29/x/000000.tar: NoSuchBucket (HTTP 404): the bucket " \
+        "does not exist" in done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]
+    broken = s3["root"] / "broken"
+    broken.mkdir()
+    (broken / "manifest.json").write_text((local / "manifest.json").read_text())
+    for i in range(3):
+        (broken / f"{i:06d}.tar").write_bytes((local / f"{i:06d}.tar").read_bytes()[:-512 if i == 1 else None])
+    done = _upload(broken, f"s3://{BUCKET}/broken")
+    assert done.returncode == 2 and f"{broken}/000001.tar: the manifest lists {size} bytes but the file has " \
+        f"{size - 512} bytes" in done.stderr, done.stderr[-3000:]
+    assert not list_prefix(f"s3://{BUCKET}/broken/")
+
+    from stereo.data import upload
+
+    def truncating(path, url, metadata=None):  # a transfer that loses the file's end on the way
+        remote.upload_file(Path(path).with_name("short"), url, metadata)
+
+    (broken / "000001.tar").unlink()
+    (broken / "short").write_bytes(b"short")
+    (broken / "000001.tar").write_bytes((local / "000001.tar").read_bytes())
+    monkeypatch.setattr(upload, "upload_file", truncating)
+    with pytest.raises(upload.UploadError, match=rf"3 uploaded shards do not match their files \(s3://{BUCKET}/"
+                                                 r"broken/000000.tar: 5 bytes, expected \d+.*manifest was not "):
+        upload.upload_shards(broken, f"s3://{BUCKET}/broken", progress=False)
+    assert f"s3://{BUCKET}/broken/manifest.json" not in list_prefix(f"s3://{BUCKET}/broken/")
 
 
 def test_dropped_connections_resume_with_range_requests(s3):

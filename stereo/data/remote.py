@@ -328,26 +328,39 @@ def list_prefix(url: str, limit: int | None = None) -> list[str]:
     return found
 
 
-def upload_file(path: str | Path, url: str) -> None:
+def upload_file(path: str | Path, url: str, metadata: dict[str, str] | None = None) -> None:
     """A local file to s3://bucket/key (multipart for large files; S3 shows the object whole or not at all)."""
+    from boto3.exceptions import S3UploadFailedError
+
     bucket, key = split_s3(url)
     try:
-        s3_client().upload_file(str(path), bucket, key)
+        s3_client().upload_file(str(path), bucket, key, ExtraArgs={"Metadata": metadata} if metadata else None)
     except _network_errors() as exc:
         raise _classify(url, exc) from None
+    except S3UploadFailedError as exc:  # boto3's wrapper of the client error (no such bucket, access denied, ...)
+        raise _classify(url, exc.__context__ if isinstance(exc.__context__, Exception) else exc) from None
 
 
-def object_size(url: str) -> int | None:
-    """Bytes of s3://bucket/key, or None when it does not exist."""
+def object_head(url: str) -> dict[str, Any] | None:
+    """{"size", "sha256" (our metadata; "" when absent)} of s3://bucket/key, or None when it does not exist."""
     bucket, key = split_s3(url)
     import botocore.exceptions as boto
 
     try:
-        return int(s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
+        head = s3_client().head_object(Bucket=bucket, Key=key)
     except boto.ClientError as exc:
         if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
             return None
         raise _classify(url, exc) from None
+    except _network_errors() as exc:
+        raise _classify(url, exc) from None
+    return {"size": int(head["ContentLength"]), "sha256": head.get("Metadata", {}).get("sha256", "")}
+
+
+def object_size(url: str) -> int | None:
+    """Bytes of s3://bucket/key, or None when it does not exist."""
+    head = object_head(url)
+    return None if head is None else head["size"]
 
 
 def redact(url: str) -> str:
