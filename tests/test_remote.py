@@ -343,7 +343,8 @@ def test_a_shard_that_keeps_failing_is_skipped_and_too_many_stop(s3, caplog):
     assert len(idents) == len(set(idents))  # the samples read before the failure count once, and only once
     lost = set(range(8)) - set(idents)
     assert set(range(8, SAMPLES)) <= set(idents) and 0 < len(lost) < 8
-    assert "shard failed" in caplog.text and "000000.tar" in caplog.text and "gave up after 2 retries without progress" in caplog.text
+    assert "shard failed" in caplog.text and "000000.tar" in caplog.text
+    assert "gave up after 2 retries without progress" in caplog.text
 
     proxy.cuts = {f"set/{i:06d}.tar": [0] * 10 for i in (0, 2)}
     with pytest.raises(BadDataError, match=r"2 of [23] shards opened by role 0 could not be read .*"
@@ -514,7 +515,8 @@ def test_training_on_s3_shards_writes_no_endpoint_or_credentials(s3, tmp_path):
     the environment only, appear in no file of the run directory (config.yaml, metrics, wandb) nor in its log."""
     run_dir = tmp_path / "run"
     s3["proxy"].cuts = {f"set/{i:06d}.tar": [Cut(40_000, "reset")] for i in range(3)}  # the shard read first
-    overrides = ["data.retry_backoff_s=0.01", "augment.crop=[32,64]", "data.batch_size=1", "data.num_workers=1", "model.train_iters=1",
+    overrides = ["data.retry_backoff_s=0.01", "augment.crop=[32,64]", "data.batch_size=1", "data.num_workers=1",
+                 "model.train_iters=1",
                  "model.valid_iters=1", "train.steps=2", "checkpoint.every=2", "logging.every=1",
                  "train.val_every=1000", "data.val=[]", "logging.wandb=offline", "schedule.warmup_steps=1",
                  f"data.train=[{{name: s3, shards: 's3://{BUCKET}/set'}}]", f"train.run_dir={run_dir}"]

@@ -1,6 +1,6 @@
 """What a training config points at, checked before anything is created or queued: the data sets' shard sources
-(local and remote), the starting weights and the run directory. Each problem names the key and the path; all of them are reported at
-once."""
+(local and remote), the starting weights and the run directory. Each problem names the key and the path; all of
+them are reported at once."""
 
 from __future__ import annotations
 
