@@ -3,8 +3,9 @@
 The source is a shard folder with its manifest.json (`make shards`, `demo-data`). Each shard the manifest lists is
 checked against the manifest's size, then uploaded (multipart for large files; S3 shows an object whole or not at
 all) with its sha256 in the object's metadata, unless an object of the same size and sha256 is already there, so a
-re-run after an interruption uploads only the rest. Once every shard is up, each object's size is read back and compared with the local file; only then is
-the manifest uploaded, so a reader never sees a manifest that lists a missing or short object.
+re-run after an interruption uploads only the rest. Once every shard is up, each object's size is read back and
+compared with the local file; only then is the manifest uploaded, so a reader never sees a manifest that lists a
+missing or short object.
 """
 
 from __future__ import annotations
