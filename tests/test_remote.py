@@ -332,6 +332,16 @@ def test_missing_bucket_prefix_or_object_exits_2_before_the_run_directory_exists
     assert done.returncode == 1 and "cannot reach Slurm" in done.stderr, done.stderr[-3000:]  # past the check
 
 
+def test_read_timeout_is_a_validated_config_key_that_reaches_the_reader():
+    from stereo.config.errors import ConfigError
+    from stereo.config.schema import DataConfig
+    from stereo.data.loader import fetch_options
+
+    assert fetch_options(DataConfig(read_timeout_s=0.4)).retry == RetryPolicy(5, 1.0, 0.4)
+    with pytest.raises(ConfigError, match=r"data.read_timeout_s.*> 0 seconds, got 0"):
+        DataConfig(read_timeout_s=0).validate()
+
+
 def test_a_shard_that_keeps_failing_is_skipped_and_too_many_stop(s3, caplog):
     proxy, shards = s3["proxy"], resolve_shards(f"s3://{BUCKET}/set")
     fetch = FetchOptions(FAST_RETRY, max_failed_rate=0.4)
@@ -514,8 +524,8 @@ def test_training_on_s3_shards_writes_no_endpoint_or_credentials(s3, tmp_path):
     """A real (tiny) training run streams its data from the S3 server; the secret key and the endpoint, given in
     the environment only, appear in no file of the run directory (config.yaml, metrics, wandb) nor in its log."""
     run_dir = tmp_path / "run"
-    s3["proxy"].cuts = {f"set/{i:06d}.tar": [Cut(40_000, "reset")] for i in range(3)}  # the shard read first
-    overrides = ["data.retry_backoff_s=0.01", "augment.crop=[32,64]", "data.batch_size=1", "data.num_workers=1",
+    s3["proxy"].cuts = {f"set/{i:06d}.tar": [Cut(40_000, "stall")] for i in range(3)}  # the shard read first
+    overrides = ["data.retry_backoff_s=0.01", "data.read_timeout_s=1", "augment.crop=[32,64]", "data.batch_size=1", "data.num_workers=1",
                  "model.train_iters=1",
                  "model.valid_iters=1", "train.steps=2", "checkpoint.every=2", "logging.every=1",
                  "train.val_every=1000", "data.val=[]", "logging.wandb=offline", "schedule.warmup_steps=1",
@@ -526,7 +536,9 @@ def test_training_on_s3_shards_writes_no_endpoint_or_credentials(s3, tmp_path):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert 2 in [r.get("step") for r in records]
     assert [r["data/retries"] for r in records if "loss" in r][-1] == 1  # beside bad_samples/failed_shards
-    assert f"reconnecting to s3://{BUCKET}/set/" in run.stderr and "ConnectionResetError" in run.stderr
+    # the stall is noticed after data.read_timeout_s (the proxy would close it only after 3 s)
+    assert f"reconnecting to s3://{BUCKET}/set/" in run.stderr and "at byte 40000" in run.stderr
+    assert "stalled: no byte within the read timeout" in run.stderr
     s3["proxy"].cuts = {}
     assert f"s3://{BUCKET}/set" in (run_dir / "config.yaml").read_text()
     endpoint = os.environ["AWS_ENDPOINT_URL"].split("//")[1]
