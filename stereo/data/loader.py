@@ -171,7 +171,6 @@ class TrainLoader:
                 totals[reason] = totals.get(reason, 0) + count
         return totals
 
-
     def retries(self) -> int:
         """Reconnects of remote reads (and re-runs of pipe: commands) so far by the roles of this rank."""
         return sum(state.get("retries", 0) for state in self.role_states.values())
