@@ -399,7 +399,9 @@ def test_cache_is_bounded_and_safe_with_concurrent_writers(s3, tmp_path):
     stale = tmp_path / f"{cache.path(hit).stem}.{socket.gethostname()}.{dead.pid}.part"
     stale.write_bytes(b"left by a killed worker")
     cache.evict()
-    assert not stale.exists()
+    assert stale.exists()  # a partial copy, within the bound
+    ShardCache(tmp_path, 10)
+    assert not stale.exists() and not list(tmp_path.glob("*.tar"))  # over the bound: evicted like whole copies
 
 
 PARTIAL_READ = r"""
@@ -413,31 +415,63 @@ os._exit(0)
 """
 
 
-def test_cache_parts_left_by_ended_processes_are_removed_and_parts_count_in_the_bound(s3, big_object, tmp_path):
-    url, size = big_object["url"], len(big_object["body"])
-    subprocess.run([sys.executable, "-c", PARTIAL_READ, url, str(tmp_path)], cwd=REPO, check=True, timeout=120)
-    left = list(tmp_path.glob("*.part"))
-    assert len(left) == 1 and 0 < left[0].stat().st_size < size
-    ShardCache(tmp_path, 10**8)  # the next run's cache
+def _ranges(proxy: FaultProxy, before: int, key: str) -> list[str]:
+    return [r for path, r in proxy.gets[before:] if path.endswith(key)]
+
+
+def test_cache_resumes_partial_copies_left_by_ended_processes_and_counts_them_in_the_bound(s3, big_object,
+                                                                                          tmp_path):
+    """A process that ends mid-shard (as DataLoader workers do at exit) leaves a partial copy; the next read of
+    that shard from a byte it holds takes it over and fetches only the rest, ending bit-identical with a whole
+    copy; one that starts past it removes it. Partial copies count in the bound; a live writer's are kept."""
+    proxy, url, body, uncut = s3["proxy"], big_object["url"], big_object["body"], big_object["uncut"]
+    key = "big/000000.tar"
+
+    def leave_part() -> int:
+        for copy in tmp_path.glob("*.tar"):
+            copy.unlink()
+        subprocess.run([sys.executable, "-c", PARTIAL_READ, url, str(tmp_path)], cwd=REPO, check=True, timeout=120)
+        parts = list(tmp_path.glob("*.part"))
+        assert len(parts) == 1 and 0 < parts[0].stat().st_size < len(body)
+        return parts[0].stat().st_size
+
+    for start_sample in (0, 1):  # the next epoch reads it from the start; a resumed run from a sample's end
+        held = leave_part()
+        start = uncut[start_sample - 1][2] if start_sample else 0
+        assert start < held
+        before = len(proxy.gets)
+        items = list(iter_streamed(url, start, FetchOptions(STALL_TIMEOUT, ShardCache(tmp_path, 10**8))))
+        assert items == uncut[start_sample:]
+        assert _ranges(proxy, before, key)[-1] == f"bytes={held}-"  # only the rest came over the network
+        assert [p.read_bytes() for p in tmp_path.glob("*.tar")] == [body] and not list(tmp_path.glob("*.part"))
+
+    held = leave_part()
+    late = next(i for i, item in enumerate(uncut) if item[2] > held)  # a read that starts past the partial copy
+    items = list(iter_streamed(url, uncut[late][2], FetchOptions(STALL_TIMEOUT, ShardCache(tmp_path, 10**8))))
+    assert items == uncut[late + 1:] and not list(tmp_path.glob("*.part")) and not list(tmp_path.glob("*.tar"))
+
+    held = leave_part()
+    ShardCache(tmp_path, held - 1)  # the next run's cache, smaller: the partial copy is evicted
     assert not list(tmp_path.glob("*.part"))
 
-    # another host's part: kept while it is being written, removed once untouched for STALE_PART_S
+    # another host's part: kept while it is being written (and counted), a partial copy once untouched long
     cache = ShardCache(tmp_path, 10**8)
     other = tmp_path / f"{cache.path(url).stem}.other-node.example.org.42.part"
-    other.write_bytes(b"x" * 1000)
-    cache.evict()
+    other.write_bytes(body[:700_000])
+    ShardCache(tmp_path, 10)
     assert other.exists()
     old = time.time() - remote.STALE_PART_S - 10
     os.utime(other, (old, old))
-    cache.evict()
-    assert not other.exists()
+    before = len(proxy.gets)
+    items = list(iter_streamed(url, 0, FetchOptions(STALL_TIMEOUT, cache)))
+    assert items == uncut and _ranges(proxy, before, key)[-1] == "bytes=700000-"
+    assert not other.exists() and [p.read_bytes() for p in tmp_path.glob("*.tar")] == [body]
 
     # a live writer's part counts: the copies make room for it, and for the copy about to be written
-    _read_through_cache([url], str(tmp_path), 10**8)
-    assert [p.read_bytes() for p in tmp_path.glob("*.tar")] == [big_object["body"]]
+    size = len(body)
     live = tmp_path / f"{'0' * 32}.{socket.gethostname()}.{os.getpid()}.part"
     live.write_bytes(b"x" * 1000)
-    ShardCache(tmp_path, size + 999).evict()
+    ShardCache(tmp_path, size + 999)
     assert live.exists() and not list(tmp_path.glob("*.tar"))
     live.unlink()
     small = ShardCache(tmp_path, size + 999)
@@ -517,7 +551,6 @@ def test_remote_exact_resume_after_kill9_at_world_size_2_with_2_workers(s3, tmp_
                for role in json.loads(line)["state"]["roles"].values() for c in role["cursors"].values()]
     assert any(offsets), "remote cursors carry byte offsets"
     assert list(Path(cache).glob("*.tar"))
-    assert not list(Path(cache).glob("*.part"))  # the killed rank's partial copies went with the next run's cache
 
 
 def test_training_on_s3_shards_writes_no_endpoint_or_credentials(s3, tmp_path):

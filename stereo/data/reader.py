@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import BinaryIO
 
-from stereo.data.remote import FetchError, RangeReader, RetryPolicy, ShardCache, redact
+from stereo.data.remote import FetchError, RangeReader, RetryPolicy, ShardCache, CacheWriter, redact
 from stereo.data.shardlist import PIPE_PREFIX
 
 
@@ -151,12 +151,12 @@ def _iter_remote(url: str, start: int, options: FetchOptions, on_retry: Callable
             handle.seek(start)
         else:
             handle = RangeReader(url, start, options.retry, on_retry)
-            if cache is not None and start == 0:
-                writer = cache.writer(url, handle.size)
+            if cache is not None:
+                writer = cache.writer(url, handle.size, start)
     except FetchError as exc:
         yield ShardFailed(str(exc))
         return
-    source = _Tee(handle, writer) if writer is not None else handle
+    source = _Tee(handle, writer, start) if writer is not None else handle
     complete = False
     try:
         yield from iter_tar(source, start)
@@ -171,20 +171,41 @@ def _iter_remote(url: str, start: int, options: FetchOptions, on_retry: Callable
         yield ShardFailed(str(exc))
     finally:
         if writer is not None:
+            source.close()
             writer.close(complete)
         handle.close()
 
 
 class _Tee:
-    """Reads through to the cache writer."""
+    """Reads from byte `start` what the cache writer's partial copy holds already from that copy, and the rest from
+    the remote reader, through to the writer."""
 
-    def __init__(self, reader: RangeReader, writer):
+    def __init__(self, reader: RangeReader, writer: CacheWriter, start: int):
         self.reader, self.writer = reader, writer
+        self.local: BinaryIO | None = None
+        self.local_left = writer.written - start
+        if self.local_left > 0:
+            self.local = open(writer.part, "rb")
+            self.local.seek(start)
+            reader.skip_to(writer.written)
 
     def read(self, size: int = -1) -> bytes:
+        if self.local is not None:  # a short read: the tar stream asks again for the rest
+            data = self.local.read(self.local_left if size < 0 else min(size, self.local_left))
+            self.local_left -= len(data)
+            if self.local_left <= 0 or not data:
+                self.local.close()
+                self.local = None
+            if size >= 0 or self.local is not None:
+                return data
+            return data + self.read()
         data = self.reader.read(size)
         self.writer.write(data)
         return data
+
+    def close(self) -> None:
+        if self.local is not None:
+            self.local.close()
 
 
 class _PipeFailed(Exception):

@@ -245,6 +245,11 @@ class RangeReader:
             self._given_up = exc  # hand out what arrived (whole samples in it are kept), fail on the next read
         return b"".join(chunks)
 
+    def skip_to(self, position: int) -> None:
+        """Go on from `position` (>= the current one): the bytes between are had elsewhere (a partial copy)."""
+        self._close_body()
+        self.position = position
+
     def _close_body(self) -> None:
         if self._body is not None:
             try:
@@ -378,16 +383,16 @@ STALE_PART_S = 3600.0  # a `.part` of another host untouched this long belongs t
 
 
 class ShardCache:
-    """Whole remote objects kept in `directory`, at most `max_bytes` in all (copies being written included), least
+    """Whole remote objects kept in `directory`, at most `max_bytes` in all (partial copies included), least
     recently used evicted first.
 
     Safe with many writers (workers, ranks) at once without coordination on the read path: each writer streams
     into its own `<hash>.<host>.<pid>.part` file and publishes it with an atomic rename (two writers of one shard
-    publish the same bytes); eviction runs under a file lock; a reader keeps a file it opened even when it is
-    evicted meanwhile. A writer that stops before the end removes its part; one that was killed (or whose process
-    ended without finishing the shard: DataLoader workers are killed at exit) leaves it, and the next cache opened on
-    the directory, and every eviction, removes it: of this host once its process is gone, of other hosts once
-    untouched for STALE_PART_S.
+    publish the same bytes); a reader keeps a file it opened even when it is evicted meanwhile. A writer that stops
+    early on its own removes its part. A part whose writer is gone (killed, or a DataLoader worker ended at exit
+    mid-shard; of another host: untouched for STALE_PART_S) is a partial copy: the next reader of that shard from
+    a byte it holds takes it over (renamed under the lock) and fetches only the rest; until then it is evicted like
+    a whole copy. Eviction and take-overs run under a file lock.
     """
 
     def __init__(self, directory: str | Path, max_bytes: int):
@@ -408,53 +413,93 @@ class ShardCache:
         os.utime(path)  # recently used
         return handle
 
-    def writer(self, url: str, size: int | None) -> "_CacheWriter | None":
+    def writer(self, url: str, size: int | None, start: int = 0) -> "CacheWriter | None":
+        """Where a read of `url` (`size` bytes) from byte `start` keeps its copy: a partial copy of a gone writer
+        that holds at least `start` bytes, taken over, or a new one (only for a read from the start)."""
         if size is None or size > self.max_bytes:
             return None
-        self.evict(reserve=size)  # room for the whole copy before it is written
-        part = self.path(url).with_name(f"{self.path(url).stem}.{socket.gethostname()}.{os.getpid()}.part")
-        return _CacheWriter(self, url, part, size)
+        stem = self.path(url).stem
+        own = self.directory / f"{stem}.{socket.gethostname()}.{os.getpid()}.part"
+        with self._lock():
+            held = self._take_part(stem, own)
+            if held is not None and held < start:  # it ends before this read begins: no use
+                own.unlink(missing_ok=True)
+                held = None
+            if held is None and start > 0:
+                return None
+            self._evict(reserve=size - (held or 0))  # room for the whole copy before it is written
+        return CacheWriter(self, url, own, size, held or 0)
 
     def publish(self, part: Path, url: str) -> None:
         os.replace(part, self.path(url))
         self.evict(keep=self.path(url))
 
-    def evict(self, keep: Path | None = None, reserve: int = 0) -> None:
-        """Least recently used copies out until copies, parts being written and `reserve` fit the bound."""
-        with open(self.directory / ".lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            self._remove_dead_parts()
-            files, total = [], reserve
-            for path in [*self.directory.glob("*.tar"), *self.directory.glob("*.part")]:
-                try:
-                    stat = path.stat()
-                except FileNotFoundError:
-                    continue
-                total += stat.st_size
-                if path.suffix == ".tar":
-                    files.append((stat.st_mtime, stat.st_size, path))
-            for _, size, path in sorted(files):
-                if total <= self.max_bytes:
-                    break
-                if path == keep:
-                    continue
-                path.unlink(missing_ok=True)
-                total -= size
+    def evict(self, keep: Path | None = None) -> None:
+        with self._lock():
+            self._evict(keep=keep)
 
-    def _remove_dead_parts(self) -> None:
-        """`.part` files of writers that are gone: of this host, their process ended; of others, untouched long."""
-        host = socket.gethostname()
-        for part in self.directory.glob("*.part"):
-            part_host, pid = _host_pid(part.name)
+    def _lock(self) -> "_FileLock":
+        return _FileLock(self.directory / ".lock")
+
+    def _evict(self, keep: Path | None = None, reserve: int = 0) -> None:
+        """Least recently used whole and partial copies out until they, the parts being written and `reserve` fit
+        the bound."""
+        files, total = [], reserve
+        for path in [*self.directory.glob("*.tar"), *self.directory.glob("*.part")]:
             try:
-                if part_host == host:
-                    dead = not (pid.isdigit() and _alive(int(pid)))
-                else:
-                    dead = time.time() - part.stat().st_mtime > STALE_PART_S
+                stat = path.stat()
+                evictable = path.suffix == ".tar" or self._gone(path)
             except FileNotFoundError:
                 continue
-            if dead:
-                part.unlink(missing_ok=True)
+            total += stat.st_size
+            if evictable:
+                files.append((stat.st_mtime, stat.st_size, path))
+        for _, size, path in sorted(files):
+            if total <= self.max_bytes:
+                break
+            if path == keep:
+                continue
+            path.unlink(missing_ok=True)
+            total -= size
+
+    def _take_part(self, stem: str, own: Path) -> int | None:
+        """The largest partial copy of `stem` whose writer is gone, renamed to `own`, and its bytes; others of
+        `stem` whose writers are gone are removed."""
+        gone = []
+        for part in self.directory.glob(f"{stem}.*.part"):
+            try:
+                if self._gone(part):
+                    gone.append((part.stat().st_size, part))
+            except FileNotFoundError:
+                continue
+        if not gone:
+            return None
+        gone.sort()
+        held, best = gone.pop()
+        for _, part in gone:
+            part.unlink(missing_ok=True)
+        os.replace(best, own)
+        return held
+
+    @staticmethod
+    def _gone(part: Path) -> bool:
+        """Whether the writer of a `.part` is gone: of this host, its process ended; of others, untouched long."""
+        host, pid = _host_pid(part.name)
+        if host == socket.gethostname():
+            return not (pid.isdigit() and _alive(int(pid)))
+        return time.time() - part.stat().st_mtime > STALE_PART_S
+
+
+class _FileLock:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self) -> None:
+        self.handle = open(self.path, "a")
+        fcntl.flock(self.handle, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.close()  # releases the lock
 
 
 def _host_pid(name: str) -> tuple[str, str]:
@@ -474,13 +519,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
-class _CacheWriter:
-    """Receives the bytes of one object as they are read; publishes them once all `size` bytes arrived."""
+class CacheWriter:
+    """Receives the bytes of one object as they are read (after the `written` a partial copy held already);
+    publishes them once all `size` bytes arrived."""
 
-    def __init__(self, cache: ShardCache, url: str, part: Path, size: int):
+    def __init__(self, cache: ShardCache, url: str, part: Path, size: int, written: int = 0):
         self.cache, self.url, self.part, self.size = cache, url, part, size
-        self.handle = open(part, "wb")
-        self.written = 0
+        self.handle = open(part, "ab" if written else "wb")
+        self.written = written
 
     def write(self, data: bytes) -> None:
         self.handle.write(data)
