@@ -260,14 +260,18 @@ PLANS = {  # bytes each connection delivers before its cut, below and above the 
 }
 
 
-@pytest.mark.parametrize("how", sorted(PLANS))
-def test_cut_and_stalled_reads_resume_at_the_next_byte_bit_identically(s3, big_object, how, tmp_path, caplog,
-                                                                        monkeypatch):
+@pytest.mark.parametrize("how,scheme", [(how, "s3") for how in sorted(PLANS)] + [("reset", "http"),
+                                                                                   ("stall", "http")])
+def test_cut_and_stalled_reads_resume_at_the_next_byte_bit_identically(s3, big_object, how, scheme, tmp_path,
+                                                                        caplog, monkeypatch):
     """Each broken connection keeps the bytes it delivered and the read goes on from the next byte; retries run out
     only after failures without progress (here 6 cuts in a row with a budget of 2 still get through), the stream of
     samples and the cached copy equal the uncut read's, each reconnect is logged with the shard, byte and cause,
-    and counted."""
+    and counted. Over s3:// (boto3) and http:// (requests) alike."""
     proxy, url, plan = s3["proxy"], big_object["url"], PLANS[how]
+    if scheme == "http":
+        s3_client().put_object_acl(Bucket=BUCKET, Key="big/000000.tar", ACL="public-read")
+        url = f"http://127.0.0.1:{proxy.port}/{BUCKET}/big/000000.tar"
     proxy.cuts = {"big/000000.tar": [Cut(at, how) for at in plan]}
     before, retries = len(proxy.gets), []
     options = FetchOptions(STALL_TIMEOUT, ShardCache(tmp_path, 10**8))
@@ -289,7 +293,7 @@ def test_cut_and_stalled_reads_resume_at_the_next_byte_bit_identically(s3, big_o
     if how == "stall":
         assert "stalled: no byte within the read timeout" in reconnects[0]
     endpoint = os.environ["AWS_ENDPOINT_URL"].split("//")[1]
-    assert not [line for line in reconnects if endpoint in line]
+    assert not [line.split(url)[1] for line in reconnects if endpoint in line.split(url)[1]]  # only in an http URL
     proxy.cuts = {}
 
 
@@ -558,7 +562,8 @@ def test_training_on_s3_shards_writes_no_endpoint_or_credentials(s3, tmp_path):
     the environment only, appear in no file of the run directory (config.yaml, metrics, wandb) nor in its log."""
     run_dir = tmp_path / "run"
     s3["proxy"].cuts = {f"set/{i:06d}.tar": [Cut(40_000, "stall")] for i in range(3)}  # the shard read first
-    overrides = ["data.retry_backoff_s=0.01", "data.read_timeout_s=1", "augment.crop=[32,64]", "data.batch_size=1", "data.num_workers=1",
+    overrides = ["data.retry_backoff_s=0.01", "data.read_timeout_s=1", "augment.crop=[32,64]", "data.batch_size=1",
+                 "data.num_workers=1",
                  "model.train_iters=1",
                  "model.valid_iters=1", "train.steps=2", "checkpoint.every=2", "logging.every=1",
                  "train.val_every=1000", "data.val=[]", "logging.wandb=offline", "schedule.warmup_steps=1",
