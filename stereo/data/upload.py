@@ -64,8 +64,8 @@ def _already_there(url: str, entry: dict[str, Any]) -> bool:
 def upload_shards(src: str | Path, out: str, progress: bool = True) -> dict[str, int]:
     """Upload the shard folder `src` to the s3:// prefix `out`; returns counts of uploaded and kept shards."""
     src, out = Path(src), out.rstrip("/")
-    if not out.startswith("s3://") or not out[len("s3://"):].partition("/")[2]:
-        raise UploadError(f"{out}: expected s3://bucket/prefix")
+    if not out.startswith("s3://") or not out[len("s3://"):].partition("/")[0]:
+        raise UploadError(f"{out}: expected s3://bucket/prefix (or s3://bucket)")
     manifest, entries = _local_shards(src)
     uploaded = kept = 0
     for entry in track(entries, len(entries), f"upload {src} -> {out}", "shards", enabled=progress):
