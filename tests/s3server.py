@@ -5,11 +5,13 @@ stalled (the connection stays open and silent), as a dropped or hung connection 
 
 from __future__ import annotations
 
+import fcntl
 import http.client
 import socket
 import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 from dataclasses import dataclass
@@ -36,6 +38,15 @@ def start_moto() -> tuple[subprocess.Popen, int]:
     raise TimeoutError("the moto server did not listen within 60 s")
 
 
+def _wait_until_acknowledged(connection: socket.socket, timeout_s: float = 30.0) -> None:
+    """Until the peer's kernel has received every byte sent (the send queue is empty)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if struct.unpack("i", fcntl.ioctl(connection.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0] == 0:
+            return
+        time.sleep(0.005)
+
+
 @dataclass(frozen=True)
 class Cut:
     """A response cut after `at` body bytes: "close" (FIN), "reset" (RST) or "stall" (silent for stall_s, then
@@ -49,7 +60,7 @@ class FaultProxy:
     """Forwards every request to the upstream server. `cuts[suffix]` is a list of cuts (a Cut, or an int: closed
     after so many body bytes) consumed one per GET of a path ending in `suffix`."""
 
-    def __init__(self, upstream_port: int, stall_s: float = 3.0):
+    def __init__(self, upstream_port: int, stall_s: float = 6.0):
         self.upstream_port, self.stall_s = upstream_port, stall_s
         self.stopping = threading.Event()
         self.cuts: dict[str, list[int | Cut]] = {}
@@ -94,6 +105,7 @@ class FaultProxy:
                 if cut.how == "stall":  # hung: the client's read timeout must notice
                     proxy.stopping.wait(proxy.stall_s)
                 elif cut.how == "reset":  # SO_LINGER 0: close sends RST instead of FIN
+                    _wait_until_acknowledged(self.connection)  # else the RST drops bytes in flight: not the cut planned
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     self.connection.close()
                     return

@@ -230,7 +230,8 @@ def test_dropped_connections_resume_with_range_requests(s3):
 
 
 BIG_MEMBER = 500_000  # 9 samples of 500 KB: a 4.5 MB object, several times tarfile's 1 MiB read buffer
-STALL_TIMEOUT = RetryPolicy(retries=2, backoff_s=0.01, timeout_s=0.4)  # the proxy stalls 3 s: always caught
+# a stall is noticed after 2 s (the proxy stalls 6 s); long enough that a loaded CI machine does not stall by itself
+STALL_TIMEOUT = RetryPolicy(retries=2, backoff_s=0.01, timeout_s=2.0)
 
 
 @pytest.fixture(scope="module")
@@ -248,14 +249,14 @@ def big_object(s3):
     s3_client().put_object(Bucket=BUCKET, Key="big/000000.tar", Body=body)
     url = f"s3://{BUCKET}/big/000000.tar"
     s3["proxy"].cuts = {}
-    uncut = list(iter_streamed(url, 0, FetchOptions(STALL_TIMEOUT)))
+    uncut = list(iter_streamed(url, 0, FetchOptions(FAST_RETRY)))
     assert len(uncut) == 9 and all(isinstance(item, tuple) for item in uncut)
     return {"url": url, "body": body, "uncut": uncut}
 
 
 PLANS = {  # bytes each connection delivers before its cut, below and above the 1 MiB buffer (0: none at all)
     "reset": [300_000] * 6 + [1_100_000, 0, 1_048_577],
-    "stall": [300_000, 1_100_000, 0, 700_000],
+    "stall": [300_000, 1_100_000, 0],
     "close": [300_000] * 6 + [1_500_000, 0, 200_000],
 }
 
@@ -274,7 +275,7 @@ def test_cut_and_stalled_reads_resume_at_the_next_byte_bit_identically(s3, big_o
         url = f"http://127.0.0.1:{proxy.port}/{BUCKET}/big/000000.tar"
     proxy.cuts = {"big/000000.tar": [Cut(at, how) for at in plan]}
     before, retries = len(proxy.gets), []
-    options = FetchOptions(STALL_TIMEOUT, ShardCache(tmp_path, 10**8))
+    options = FetchOptions(STALL_TIMEOUT if how == "stall" else FAST_RETRY, ShardCache(tmp_path, 10**8))
     monkeypatch.setattr(remote, "RECONNECTS", remote._ReconnectLog())  # this process's log budget, fresh
     with caplog.at_level(logging.WARNING, logger="stereo.data.remote"):
         items = list(iter_streamed(url, 0, options, on_retry=lambda: retries.append(1)))
@@ -284,9 +285,7 @@ def test_cut_and_stalled_reads_resume_at_the_next_byte_bit_identically(s3, big_o
     assert not list(tmp_path.glob("*.part"))
     assert len(retries) == len(plan)
     starts = [int(r.split("=")[1].rstrip("-")) for p, r in proxy.gets[before:] if p.endswith("big/000000.tar")]
-    assert len(starts) == len(plan) + 1 and starts == sorted(starts)
-    if how != "reset":  # a reset may also discard bytes still in the client's socket buffer: those are re-read
-        assert starts == [sum(plan[:i]) for i in range(len(plan) + 1)]
+    assert starts == [sum(plan[:i]) for i in range(len(plan) + 1)]  # each from the next byte, none twice
     reconnects = [r.getMessage() for r in caplog.records if "reconnecting to" in r.getMessage()]
     assert len(reconnects) == min(len(plan), remote.RECONNECT_LOG_FIRST)  # then one line a minute at most
     assert reconnects and f"reconnecting to {url} at byte {starts[1]} (failure 1 in a row" in reconnects[0]
@@ -444,14 +443,14 @@ def test_cache_resumes_partial_copies_left_by_ended_processes_and_counts_them_in
         start = uncut[start_sample - 1][2] if start_sample else 0
         assert start < held
         before = len(proxy.gets)
-        items = list(iter_streamed(url, start, FetchOptions(STALL_TIMEOUT, ShardCache(tmp_path, 10**8))))
+        items = list(iter_streamed(url, start, FetchOptions(FAST_RETRY, ShardCache(tmp_path, 10**8))))
         assert items == uncut[start_sample:]
         assert _ranges(proxy, before, key)[-1] == f"bytes={held}-"  # only the rest came over the network
         assert [p.read_bytes() for p in tmp_path.glob("*.tar")] == [body] and not list(tmp_path.glob("*.part"))
 
     held = leave_part()
     late = next(i for i, item in enumerate(uncut) if item[2] > held)  # a read that starts past the partial copy
-    items = list(iter_streamed(url, uncut[late][2], FetchOptions(STALL_TIMEOUT, ShardCache(tmp_path, 10**8))))
+    items = list(iter_streamed(url, uncut[late][2], FetchOptions(FAST_RETRY, ShardCache(tmp_path, 10**8))))
     assert items == uncut[late + 1:] and not list(tmp_path.glob("*.part")) and not list(tmp_path.glob("*.tar"))
 
     held = leave_part()
@@ -467,7 +466,7 @@ def test_cache_resumes_partial_copies_left_by_ended_processes_and_counts_them_in
     old = time.time() - remote.STALE_PART_S - 10
     os.utime(other, (old, old))
     before = len(proxy.gets)
-    items = list(iter_streamed(url, 0, FetchOptions(STALL_TIMEOUT, cache)))
+    items = list(iter_streamed(url, 0, FetchOptions(FAST_RETRY, cache)))
     assert items == uncut and _ranges(proxy, before, key)[-1] == "bytes=700000-"
     assert not other.exists() and [p.read_bytes() for p in tmp_path.glob("*.tar")] == [body]
 
@@ -562,7 +561,7 @@ def test_training_on_s3_shards_writes_no_endpoint_or_credentials(s3, tmp_path):
     the environment only, appear in no file of the run directory (config.yaml, metrics, wandb) nor in its log."""
     run_dir = tmp_path / "run"
     s3["proxy"].cuts = {f"set/{i:06d}.tar": [Cut(40_000, "stall")] for i in range(3)}  # the shard read first
-    overrides = ["data.retry_backoff_s=0.01", "data.read_timeout_s=1", "augment.crop=[32,64]", "data.batch_size=1",
+    overrides = ["data.retry_backoff_s=0.01", "data.read_timeout_s=2", "augment.crop=[32,64]", "data.batch_size=1",
                  "data.num_workers=1",
                  "model.train_iters=1",
                  "model.valid_iters=1", "train.steps=2", "checkpoint.every=2", "logging.every=1",
@@ -573,8 +572,8 @@ def test_training_on_s3_shards_writes_no_endpoint_or_credentials(s3, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert 2 in [r.get("step") for r in records]
-    assert [r["data/retries"] for r in records if "loss" in r][-1] == 1  # beside bad_samples/failed_shards
-    # the stall is noticed after data.read_timeout_s (the proxy would close it only after 3 s)
+    assert [r["data/retries"] for r in records if "loss" in r][-1] >= 1  # beside bad_samples/failed_shards
+    # the stall is noticed after data.read_timeout_s (the proxy would close it only after 6 s)
     assert f"reconnecting to s3://{BUCKET}/set/" in run.stderr and "at byte 40000" in run.stderr
     assert "stalled: no byte within the read timeout" in run.stderr
     s3["proxy"].cuts = {}
