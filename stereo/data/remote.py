@@ -422,7 +422,7 @@ class ShardCache:
         own = self.directory / f"{stem}.{socket.gethostname()}.{os.getpid()}.part"
         with self._lock():
             held = self._take_part(stem, own)
-            if held is not None and held < start:  # it ends before this read begins: no use
+            if held is not None and not start <= held <= size:  # ends before this read begins, or not of this size
                 own.unlink(missing_ok=True)
                 held = None
             if held is None and start > 0:
