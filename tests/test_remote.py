@@ -388,7 +388,8 @@ def test_cache_is_bounded_and_safe_with_concurrent_writers(s3, tmp_path):
         assert proc.exitcode == 0
     cache = ShardCache(tmp_path, bound)
     cached = sorted(tmp_path.glob("*.tar"))
-    assert len(cached) == 2 and sum(p.stat().st_size for p in cached) <= bound
+    # room for two; one when the last copy was published while other writers' parts (counted in the bound) were open
+    assert 1 <= len(cached) <= 2 and sum(p.stat().st_size for p in cached) <= bound, [p.name for p in cached]
     assert not list(tmp_path.glob("*.part"))
     local = {hashlib.sha256((s3["local"] / f"{i:06d}.tar").read_bytes()).hexdigest() for i in range(3)}
     assert {hashlib.sha256(p.read_bytes()).hexdigest() for p in cached} <= local
