@@ -31,8 +31,9 @@ q = '$(subst ','\'',$(1))'
 missing = $(strip $(foreach v,$(1),$(if $($(v)),,$(v))))
 require = $(if $(call missing,$(1)),$(error make $@ needs $(call missing,$(1)), for example: $(2)))
 
-.PHONY: help setup test test-gpu gpu-check train resume demo-data demo-pair shards plan bench bench-data bench-restart eval \
-        compare infer export mlflow-upload submit status logs cancel sweep sweep-status slurm-up slurm-down docker docker-build \
+.PHONY: help setup test test-gpu gpu-check train resume demo-data demo-pair shards shards-upload plan bench bench-data \
+        bench-restart eval compare infer export mlflow-upload submit status logs cancel sweep sweep-status slurm-up \
+        slurm-down docker docker-build \
         docker-run docker-test config clean
 
 help: ## list the targets
@@ -78,6 +79,10 @@ config: ## print CONFIG fully resolved (validates it)
 
 shards: ## convert a data set: DATASET=kitti15 SRC=/data/KITTI OUT=shards/kitti15 (or s3://bucket/kitti15) [SHARD_SIZE=1GB]
 	$(PY) -m stereo shards --dataset $(DATASET) --src $(SRC) --out $(OUT) $(if $(SHARD_SIZE),--shard-size $(SHARD_SIZE))
+
+shards-upload: ## upload built shards: SRC=shards/kitti15 OUT=s3://bucket/kitti15 (endpoint, credentials: AWS_* env)
+	$(call require,SRC OUT,make shards-upload SRC=shards/kitti15 OUT=s3://bucket/kitti15)
+	$(PY) -m stereo shards-upload --src $(SRC) --out $(OUT)
 
 plan: ## per-GPU memory by part, largest batch, time floor of CONFIG [GPU=h100-80gb] [GPUS=n] (CPU; ~20 s a ViT-L plan)
 	$(PY) -m stereo plan $(CONFIG) $(OVERRIDES) $(if $(GPU),--gpu $(GPU)) $(if $(GPUS),--gpus $(GPUS))

@@ -15,6 +15,7 @@ from stereo.config.errors import ConfigError
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("stereo.train.cli", "train FoundationStereo (torchrun/Slurm launch it; CONFIG [a.b=value ...])"),
     "shards": ("stereo.data.cli", "convert a public stereo data set into WebDataset shards"),
+    "shards-upload": ("stereo.data.upload", "upload a folder of shards (with its manifest) to s3://, sizes checked"),
     "demo-data": ("stereo.data.demo", "write the procedurally generated demo shards"),
     "demo-pair": ("stereo.data.motorcycle", "write the Middlebury motorcycle pair bundled with scikit-image as PNGs"),
     "bench-data": ("stereo.data.bench", "measure data-loading throughput (decode + augmentation)"),

@@ -83,6 +83,7 @@ class DataConfig:
     # remote (s3://, http(s)://) and pipe: shards; endpoint and credentials come from the environment only
     shard_retries: int = 5  # failed reads in a row (without progress) before a shard counts as failed
     retry_backoff_s: float = 1.0  # wait before the first retry, doubled for each further one (at most 60 s)
+    read_timeout_s: float = 60.0  # a remote read that receives no byte for this long is stalled: reconnected
     max_failed_shard_rate: float = 0.05  # stop when more shards than this share (and more than one) failed
     cache_dir: str | None = None  # node-local copy of remote shards read once (None: no cache)
     cache_gb: float = 100.0  # the cache's size bound
@@ -102,6 +103,8 @@ class DataConfig:
             raise ConfigError("data.shard_retries", f">= 0, got {self.shard_retries}")
         if self.retry_backoff_s < 0:
             raise ConfigError("data.retry_backoff_s", f">= 0 seconds, got {self.retry_backoff_s}")
+        if self.read_timeout_s <= 0:
+            raise ConfigError("data.read_timeout_s", f"> 0 seconds, got {self.read_timeout_s}")
         if not 0.0 <= self.max_failed_shard_rate <= 1.0:
             raise ConfigError("data.max_failed_shard_rate", f"a rate in [0, 1], got {self.max_failed_shard_rate}")
         if self.cache_gb <= 0:

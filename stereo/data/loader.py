@@ -230,10 +230,14 @@ class TrainLoader:
                 totals[reason] = totals.get(reason, 0) + count
         return totals
 
+    def retries(self) -> int:
+        """Reconnects of remote reads (and re-runs of pipe: commands) so far by the roles of this rank."""
+        return sum(state.get("retries", 0) for state in self.role_states.values())
+
 
 def fetch_options(data_cfg: DataConfig) -> FetchOptions:
     cache = ShardCache(data_cfg.cache_dir, int(data_cfg.cache_gb * 1e9)) if data_cfg.cache_dir else None
-    return FetchOptions(RetryPolicy(data_cfg.shard_retries, data_cfg.retry_backoff_s), cache,
+    return FetchOptions(RetryPolicy(data_cfg.shard_retries, data_cfg.retry_backoff_s, data_cfg.read_timeout_s), cache,
                         data_cfg.max_failed_shard_rate)
 
 
