@@ -231,8 +231,8 @@ class TrainLoader:
         return totals
 
     def retries(self) -> int:
-        """Reconnects of remote reads (and re-runs of pipe: commands) so far by the roles of this rank."""
-        return sum(state.get("retries", 0) for state in self.role_states.values())
+        """Reconnects of remote reads (and re-runs of pipe: commands) so far by the lanes of this rank."""
+        return sum(state.get("retries", 0) for state in self.lane_states.values())
 
 
 def fetch_options(data_cfg: DataConfig) -> FetchOptions:
