@@ -188,6 +188,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
                         help="torch.compile the model (default backend inductor; aot_eager: the capture, no codegen)")
     parser.add_argument("--channels-last", action="store_true", help="NHWC weights and inputs for the 2-D convs")
+    parser.add_argument("--onnx", nargs="*", choices=SIZES, default=[],
+                        help="also onnxruntime vs PyTorch eager inference on the CPU for these sizes (stereo.deploy)")
     parser.add_argument("--out", type=Path, help="JSON file (default runs/bench/bench-<size>-<device>.json)")
 
 
@@ -272,6 +274,12 @@ def run(args: argparse.Namespace) -> int:
         report["infer"] = bench_infer(runner, args.infer_height, args.infer_width, args.infer_iters, bf16, device,
                                       args.steps, args.warmup, work, planned_peak_gib(cfg, work, False))
         print(json.dumps(report["infer"]), file=sys.stderr)
+    if args.onnx:
+        from stereo.deploy.timing import compare_cpu
+
+        report["onnx_cpu"] = [compare_cpu(model_config(size), args.infer_height // 32 * 32, args.infer_width // 32 * 32,
+                                          args.infer_iters, args.steps, args.warmup) for size in args.onnx]
+        print(json.dumps(report["onnx_cpu"]), file=sys.stderr)
     write_report(report, out)
     print(f"wrote {out}", file=sys.stderr)
     return 0

@@ -21,6 +21,32 @@ from stereo.model.precision import upcast
 POS_INTERPOLATE_OFFSET = 0.1
 
 
+CUBIC_A = -0.75  # torch's (and OpenCV's) bicubic kernel
+
+
+def bicubic_matrix(size: int, in_size: int, like: torch.Tensor) -> torch.Tensor:
+    """(size, in_size) weights of `F.interpolate(mode="bicubic", scale_factor=(size + 0.1) / in_size)` along one
+    axis: half-pixel source positions from that scale factor, four taps clamped at the borders. The same numbers as
+    the interpolation, built from tensors so that an ONNX export keeps `size` symbolic (F.interpolate's scale factor
+    would be baked in as a constant)."""
+    out = torch.arange(size, device=like.device, dtype=like.dtype)  # fp32 in an export: TensorRT has no fp64
+    count = out[-1:] + 1  # `size` as a tensor
+    real = (out + 0.5) * (in_size / (count + POS_INTERPOLATE_OFFSET)) - 0.5
+    first = torch.floor(real)
+    t = real - first
+
+    def near(x: torch.Tensor) -> torch.Tensor:  # |x| <= 1
+        return ((CUBIC_A + 2) * x - (CUBIC_A + 3)) * x * x + 1
+
+    def far(x: torch.Tensor) -> torch.Tensor:  # 1 < |x| < 2
+        return ((CUBIC_A * x - 5 * CUBIC_A) * x + 8 * CUBIC_A) * x - 4 * CUBIC_A
+
+    columns = torch.arange(in_size, device=like.device)
+    taps = ((far(t + 1), -1), (near(t), 0), (near(1 - t), 1), (far(2 - t), 2))
+    return sum(weight[:, None] * (columns == (first.long() + k).clamp(0, in_size - 1)[:, None]).to(like.dtype)
+               for weight, k in taps)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -102,12 +128,9 @@ class DinoVisionTransformer(nn.Module):
         if grid_h == m and grid_w == m:
             return pos
         pos = upcast(pos)
-        table = pos[:, 1:].reshape(1, m, m, -1).permute(0, 3, 1, 2)
-        scale = ((grid_h + POS_INTERPOLATE_OFFSET) / m, (grid_w + POS_INTERPOLATE_OFFSET) / m)
-        table = F.interpolate(table, scale_factor=scale, mode="bicubic", antialias=False)
-        if table.shape[-2:] != (grid_h, grid_w):
-            raise RuntimeError(f"pos_embed interpolation gave {tuple(table.shape[-2:])}, wanted {(grid_h, grid_w)}")
-        table = table.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)
+        table = pos[:, 1:].reshape(1, m, m, -1)
+        rows, cols = bicubic_matrix(grid_h, m, pos), bicubic_matrix(grid_w, m, pos)
+        table = torch.einsum("ia,nabc,jb->nijc", rows, table, cols).reshape(1, grid_h * grid_w, -1)
         return torch.cat((pos[:, :1], table), dim=1).to(dtype)
 
     def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,9 @@ def vit_input_size(h: int, w: int) -> tuple[int, int]:
     aspect ratio (rounded up), as the released `get_resize_keep_aspect_ratio`."""
 
     def up(x: float) -> int:
-        return int(math.ceil(x / VIT_SIDE_MULTIPLE) * VIT_SIDE_MULTIPLE)
+        if isinstance(x, float):
+            return int(math.ceil(x / VIT_SIDE_MULTIPLE) * VIT_SIDE_MULTIPLE)
+        return -(-x // VIT_SIDE_MULTIPLE) * VIT_SIDE_MULTIPLE  # integers: exact, and symbolic in an ONNX export
 
     rh, rw = up(h), up(w)
     if rh > VIT_MAX_SIDE or rw > VIT_MAX_SIDE:
