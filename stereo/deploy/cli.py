@@ -37,7 +37,7 @@ def resolve_source(source: Path) -> Path:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", type=Path, help="run directory, .pth/.safetensors, or released checkpoint folder")
-    parser.add_argument("--out", type=Path, required=True, help="the .onnx file (sidecar .json and .reference.npz beside)")
+    parser.add_argument("--out", type=Path, required=True, help="the .onnx file (.json, .reference.npz beside)")
     parser.add_argument("--iters", type=int, help="GRU iterations fixed in the graph (default: model.valid_iters)")
     parser.add_argument("--hierarchical", action="store_true",
                         help="half-resolution pass first, in the graph (sides then multiples of 64)")

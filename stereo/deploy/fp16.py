@@ -1,9 +1,9 @@
 """The fp16 variant of an exported graph: fp16 weights and activations, with the overflow-prone operations in fp32.
 
 What overflows or loses too much in half precision (fp16's largest value is 65504, its resolution 1/1024 of the value):
-- the model's own fp32 islands (`autocast_off` in stereo/model; here every node of FoundationStereo's own code): the group-wise correlation volume and its feature
-  normalisation (cost_volume.py), the geometry lookup with its all-pairs correlation (lookup.py), the soft-argmin
-  disparity regression (a softmax over up to 104 bins, then a sum of bin x probability: cost_volume.py) and the
+- the model's own fp32 islands (`autocast_off` in stereo/model; here every node of FoundationStereo's own code):
+  the group-wise correlation volume and its feature normalisation (cost_volume.py), the geometry lookup with its
+  all-pairs correlation (lookup.py), the soft-argmin disparity regression (a softmax over up to 104 bins, then a sum of bin x probability: cost_volume.py) and the
   convex upsampling's softmax and weighted sum (upsample.py). Disparities are hundreds of pixels, where fp16 steps
   by 0.25 px;
 - everywhere else, the operators whose intermediate values grow with the reduced size: normalisations (layer and
@@ -61,3 +61,32 @@ def convert_to_fp16(src: str | Path, dst: str | Path, external_data: bool = Fals
                     location=data.name if external_data else None)
     return [*FP32_OP_TYPES, f"{len(islands)} nodes of FoundationStereo's own code (cost volumes, lookup, soft-argmin, "
                             f"upsampling, disparity updates)"]
+
+
+def torch_fp16_disparity(model, left, right, iters: int, hierarchical: bool = False):
+    """The PyTorch model in half precision on the CPU, as a GPU runs it under fp16 autocast: CUDA's autocast rules
+    (norms, softmax, sums in fp32: `stereo.plan.simulate.cuda_autocast_policy`) plus the model's own fp32 islands.
+    Where onnxruntime has no fp16 kernel for an operator it computes it in fp32, so this is the check that the
+    half-precision arithmetic itself stays finite."""
+    import torch
+
+    from stereo.model.infer import predict
+    from stereo.plan.simulate import cuda_autocast_policy
+
+    with cuda_autocast_policy(), torch.autocast("cpu", dtype=torch.float16):
+        return predict(model, left, right, iters, hierarchical)
+
+
+def fp32_layer_names(src: str | Path) -> list[str]:
+    """The nodes of an fp32 export that the fp16 variant keeps in fp32 (TensorRT layers take the ONNX node names)."""
+    import onnx
+
+    model = onnx.load(str(src), load_external_data=False)
+    islands = set(island_nodes(model))
+    return [n.name for n in model.graph.node if n.name in islands or n.op_type in FP32_OP_TYPES]
+
+
+if __name__ == "__main__":  # `python -m stereo.deploy.fp16 model.onnx`: trtexec's --layerPrecisions for the fp32 graph
+    import sys
+
+    print(",".join(f"{name}:fp32" for name in fp32_layer_names(sys.argv[1])))

@@ -56,13 +56,13 @@ class ExportSpec:
         if self.iters < 1:
             raise ExportError(f"iterations must be at least 1, got {self.iters}")
         if self.opset < 17:
-            raise ExportError(f"opset 17 or newer (LayerNormalization is a standard operator from 17), got {self.opset}")
+            raise ExportError(f"opset 17 or newer (LayerNormalization is standard from 17), got {self.opset}")
         if self.precision not in ("fp32", "fp16"):
             raise ExportError(f"precision fp32 or fp16, got {self.precision!r}")
         for name, value in (("height", self.height), ("width", self.width)):
             if value % div:
-                raise ExportError(f"{name} {value} is not a multiple of {div}"
-                                  f"{' (hierarchical: the half-resolution pass needs multiples of 32)' if div == 64 else ''}")
+                why = " (hierarchical: the half-resolution pass needs multiples of 32)" if div == 64 else ""
+                raise ExportError(f"{name} {value} is not a multiple of {div}{why}")
             if not self.static and not (self.low <= value <= self.max_side):
                 raise ExportError(f"{name} {value} is outside the dynamic range {self.low}..{self.max_side}; "
                                   f"export a larger image with static=True (--static)")
