@@ -4,6 +4,7 @@ and the inference memory plan. Models are exported once per module (an export ta
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -132,22 +133,27 @@ def test_infer_with_the_onnx_engine_writes_what_the_pytorch_path_writes(tiny, tm
         main(["infer", "--ckpt", str(out), "--out", str(tmp_path / "x"), "--iters", "7", *common])
 
 
-def test_check_engine_passes_onnxruntime_and_fails_a_different_model(tiny, tmp_path, capsys):
+def test_check_engine_passes_onnxruntime_and_fails_a_wrong_output(tiny, tmp_path, capsys):
     _, out = tiny
     assert check_engine.main([str(out), "--onnx", str(out)]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["runner"] == "onnxruntime" and result["passed"] and result["max_abs"] < MAX_ABS_PX
-    # an engine built from other weights: the same graph file, but the reference of another model
-    other = tmp_path / "other.onnx"
-    export_onnx(build_model(tiny_cfg()).eval(), other, ExportSpec(iters=ITERS, height=96, width=160, static=True),
-                log=lambda _: None)
-    assert check_engine.main([str(other), "--onnx", str(out)]) == 1
+    # the same engine against a reference half a pixel off: what a broken engine would look like
+    copy = tmp_path / "copy.onnx"
+    shutil.copy(out, copy)
+    with np.load(out.with_suffix(".reference.npz")) as ref:
+        np.savez(copy.with_suffix(".reference.npz"), left=ref["left"], right=ref["right"],
+                 disparity=ref["disparity"] + 0.5)
+    meta = read_sidecar(out)
+    meta["reference"]["file"] = "copy.reference.npz"
+    meta["reference"]["sha256"] = hashlib.sha256(copy.with_suffix(".reference.npz").read_bytes()).hexdigest()
+    copy.with_suffix(".json").write_text(json.dumps(meta))
+    assert check_engine.main([str(out), "--onnx", str(copy)]) == 1
     assert "FAIL" in capsys.readouterr().err
     # a reference file that is not the one the sidecar names
-    meta = read_sidecar(other)
     meta["reference"]["sha256"] = "0" * 64
-    other.with_suffix(".json").write_text(json.dumps(meta))
-    assert check_engine.main([str(other), "--onnx", str(other)]) == 2
+    copy.with_suffix(".json").write_text(json.dumps(meta))
+    assert check_engine.main([str(out), "--onnx", str(copy)]) == 2
     assert "checksum" in capsys.readouterr().err
 
 
