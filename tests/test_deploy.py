@@ -180,6 +180,20 @@ def test_fp16_variant_keeps_islands_in_fp32_and_stays_finite_at_736x1280(tiny, t
     assert diff["mean_abs"] < 0.1 and diff["max_abs"] < 2.0
 
 
+def test_torch_float16_with_the_islands_stays_finite_at_736x1280(tiny):
+    """Where onnxruntime's CPU has no fp16 kernel it computes in fp32: the half-precision arithmetic itself is
+    checked with torch in float16 (CUDA's autocast rules and the model's fp32 islands)."""
+    from stereo.deploy.fp16 import torch_fp16_disparity
+
+    model, _ = tiny
+    left, right = pairs()["736x1280"]
+    tensors = [torch.from_numpy(x).permute(2, 0, 1)[None].float() for x in (left, right)]
+    half = torch_fp16_disparity(model, *tensors, ITERS)[0, 0].numpy()
+    diff = difference(half, torch_disparity(model, left, right))
+    print(f"torch fp16 vs fp32 at 736x1280: max {diff['max_abs']:.3f} px, mean {diff['mean_abs']:.4f} px")
+    assert diff["finite"] and diff["mean_abs"] < 0.1
+
+
 @pytest.fixture(scope="module")
 def hierarchical(tmp_path_factory):
     """A tiny released-layout folder (`model_best_bp2.pth` + `cfg.yaml`, no config inside) exported hierarchical,
