@@ -74,7 +74,7 @@ def render(plan: InferencePlan, max_disp: int) -> str:
     verdict = "fits" if plan.fits else "DOES NOT FIT"
     return "\n".join([
         f"inference: {plan.size}, {plan.width}x{plan.height} (padded {_pad32(plan.width)}x{_pad32(plan.height)}), "
-        f"{plan.iters} iterations, {plan.precision}, max_disp {max_disp}, batch 1",
+        f"{plan.iters} iterations, {plan.precision}, max_disp {max_disp}, batch 1 (sizes: width x height)",
         f"{gpu.name}: {gpu.memory_bytes / gib:.1f} GiB, {gpu.usable_bytes / gib:.1f} GiB usable",
         f"  {'weights (fp32)':<44}{plan.weights_bytes / gib:>8.2f}",
         f"  {'peak, default':<44}{plan.peak_bytes / gib:>8.2f}   {verdict}",
