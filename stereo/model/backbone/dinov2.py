@@ -24,14 +24,17 @@ POS_INTERPOLATE_OFFSET = 0.1
 CUBIC_A = -0.75  # torch's (and OpenCV's) bicubic kernel
 
 
-def bicubic_matrix(size: int, in_size: int, like: torch.Tensor) -> torch.Tensor:
-    """(size, in_size) weights of `F.interpolate(mode="bicubic", scale_factor=(size + 0.1) / in_size)` along one
-    axis: half-pixel source positions from that scale factor, four taps clamped at the borders. The same numbers as
-    the interpolation, built from tensors so that an ONNX export keeps `size` symbolic (F.interpolate's scale factor
-    would be baked in as a constant)."""
+def bicubic_matrix(size: int, in_size: int, like: torch.Tensor, offset: float | None = None) -> torch.Tensor:
+    """(size, in_size) weights of torch's bicubic interpolation (align_corners=False) along one axis: half-pixel
+    source positions, four taps clamped at the borders. The source step is in_size / size, or with `offset` the
+    inverse of DINOv2's scale factor (size + offset) / in_size. The same numbers as `F.interpolate`, built from tensors
+    so that an ONNX export keeps the sizes symbolic (F.interpolate's bicubic sizes and scale factors export as
+    constants, or as a Resize that onnxruntime rejects)."""
     out = torch.arange(size, device=like.device, dtype=like.dtype)  # fp32 in an export: TensorRT has no fp64
-    count = out[-1:] + 1  # `size` as a tensor
-    real = (out + 0.5) * (in_size / (count + POS_INTERPOLATE_OFFSET)) - 0.5
+    columns = torch.arange(in_size, device=like.device)
+    count = out[-1:] + 1  # the sizes as tensors
+    source = columns[-1:].to(like.dtype) + 1
+    real = (out + 0.5) * (source / (count + offset if offset is not None else count)) - 0.5
     first = torch.floor(real)
     t = real - first
 
@@ -41,10 +44,16 @@ def bicubic_matrix(size: int, in_size: int, like: torch.Tensor) -> torch.Tensor:
     def far(x: torch.Tensor) -> torch.Tensor:  # 1 < |x| < 2
         return ((CUBIC_A * x - 5 * CUBIC_A) * x + 8 * CUBIC_A) * x - 4 * CUBIC_A
 
-    columns = torch.arange(in_size, device=like.device)
     taps = ((far(t + 1), -1), (near(t), 0), (near(1 - t), 1), (far(2 - t), 2))
     return sum(weight[:, None] * (columns == (first.long() + k).clamp(0, in_size - 1)[:, None]).to(like.dtype)
                for weight, k in taps)
+
+
+def bicubic_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """`F.interpolate(x, size, mode="bicubic", align_corners=False)` of (N,C,H,W) as two matrix products."""
+    rows = bicubic_matrix(size[0], x.shape[-2], x)
+    cols = bicubic_matrix(size[1], x.shape[-1], x)
+    return torch.matmul(torch.matmul(rows, x), cols.t())
 
 
 class Attention(nn.Module):
@@ -129,7 +138,8 @@ class DinoVisionTransformer(nn.Module):
             return pos
         pos = upcast(pos)
         table = pos[:, 1:].reshape(1, m, m, -1)
-        rows, cols = bicubic_matrix(grid_h, m, pos), bicubic_matrix(grid_w, m, pos)
+        rows = bicubic_matrix(grid_h, m, pos, POS_INTERPOLATE_OFFSET)
+        cols = bicubic_matrix(grid_w, m, pos, POS_INTERPOLATE_OFFSET)
         table = torch.einsum("ia,nabc,jb->nijc", rows, table, cols).reshape(1, grid_h * grid_w, -1)
         return torch.cat((pos[:, :1], table), dim=1).to(dtype)
 

@@ -15,8 +15,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from stereo.model.backbone.dims import BackboneDims
-from stereo.model.backbone.dinov2 import DinoVisionTransformer
 from stereo.model.backbone.dpt import DepthAnything, DPTHead
+from stereo.model.backbone.dinov2 import DinoVisionTransformer, bicubic_resize
 from stereo.model.backbone.edgenext import edgenext_stages, edgenext_stem, init_edgenext_
 from stereo.model.layers import BasicConv, Conv2xIN, ResidualBlock
 
@@ -51,8 +51,7 @@ class DepthAnythingFeature(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = vit_input_size(*x.shape[-2:])
-        x = F.interpolate(x, size=size, mode="bicubic", align_corners=False)
-        return self.depth_anything(x)
+        return self.depth_anything(bicubic_resize(x, size))
 
 
 class Feature(nn.Module):
