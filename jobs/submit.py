@@ -25,7 +25,7 @@ from jobs.record import Submission
 from jobs.state import slurm_hint, slurm_problem
 from stereo import exitcodes
 from stereo.config import Config, dump_yaml, load_config
-from stereo.config.paths import path_problems, problems_error, unwritable
+from stereo.train.paths import path_problems, problems_error, unwritable
 from stereo.config.schema import SlurmConfig
 from stereo.plan import GPUS, check_fits
 

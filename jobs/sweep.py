@@ -25,7 +25,7 @@ from jobs.state import FINAL_STATES, query
 from jobs.record import Submission
 from jobs.submit import run_wandb_id, make_executor, submit_array
 from stereo.config import ConfigError, dump_yaml
-from stereo.eval.report import markdown_table
+from stereo.pictures import markdown_table
 from stereo.exitcodes import INTERNAL, RUN_DIR_BUSY
 from stereo.sweep.book import (COMPLETED, TRIAL_CONFIG, SweepBusy, SweepDir, TrialRecord, shown_state,
                                trial_progress)

@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench-data": ("stereo.data.bench", "measure data-loading throughput (decode + augmentation)"),
     "eval": ("stereo.eval.cli", "evaluate a checkpoint on a benchmark (KITTI, Middlebury, ETH3D, Scene Flow)"),
     "metrics": ("stereo.eval.metrics_cli", "EPE / BP-x / D1 for one prediction and ground truth, as JSON"),
-    "compare": ("stereo.eval.compare", "compare runs (or a sweep's trials, ranked): metrics, differences, plots"),
+    "compare": ("stereo.compare_cli", "compare runs (or a sweep's trials, ranked): metrics, differences, plots"),
     "infer": ("stereo.infer", "disparity (and depth) for one stereo pair"),
     "export": ("stereo.train.export", "write a run's weights in the released checkpoint format"),
     "export-onnx": ("stereo.deploy.cli", "export a run or checkpoint to ONNX (any image size) with a JSON sidecar"),

@@ -54,7 +54,7 @@ def describe(disp: np.ndarray) -> str:
 
 
 def write_outputs(disp: np.ndarray, out: Path, focal: float | None, baseline: float | None) -> list[Path]:
-    from stereo.eval.report import colorize_disparity, with_disparity_bar
+    from stereo.pictures import colorize_disparity, with_disparity_bar
 
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "disp.pfm", out / "disp.png", out / "disp_color.png"]

@@ -142,7 +142,7 @@ def test_kill_during_save_leaves_previous_checkpoint_loadable(engine, tmp_path):
 
 
 def test_damage_with_the_same_size_is_caught_by_the_checksum(engine, tmp_path):
-    from stereo.train.failures import CheckpointError
+    from stereo.train.checkpoint import CheckpointError
 
     manager = CheckpointManager(tmp_path, keep_last=2, keep_every=None, rank=0)
     manager.save(engine, 1, {"step": 1}, "name: x\n")

@@ -8,7 +8,7 @@ from PIL import Image
 
 import stereo.eval.compare as compare_module
 from stereo.cli import main
-from stereo.eval.compare import flatten
+from stereo.config.load import flatten
 
 VAL = "val/demo_val"  # a key with the validation set's name in it: the main metric is found without --metric
 

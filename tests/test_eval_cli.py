@@ -59,7 +59,7 @@ def test_metrics_cli_names_bad_files(tmp_path, capsys):
 
 
 def test_disparity_panel_shares_one_colour_scale_and_blacks_out_invalid():
-    from stereo.eval.report import disparity_tiles
+    from stereo.pictures import disparity_tiles
 
     gt = np.tile(np.linspace(1, 50, 8, dtype=np.float32), (4, 1))
     valid = np.ones_like(gt, bool)

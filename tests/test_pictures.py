@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stereo.eval.report import (PANEL_COLUMNS, disparity_panel, disparity_tiles, nice_ticks, summary_sheet, text_size,
+from stereo.pictures import (PANEL_COLUMNS, disparity_panel, disparity_tiles, nice_ticks, summary_sheet, text_size,
                                 turbo, with_disparity_bar)
 
 WHITE = 255

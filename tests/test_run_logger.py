@@ -82,7 +82,7 @@ IMAGE_SCRIPT = textwrap.dedent("""
     import sys
     import numpy as np
     from stereo.config import load_config
-    from stereo.eval.report import disparity_panel
+    from stereo.pictures import disparity_panel
     from stereo.train.logging import RunLogger
 
     logger = RunLogger(sys.argv[1], load_config("tiny", ["logging.wandb=offline"]), [], None, rank=0)

@@ -22,6 +22,7 @@ from stereo.exitcodes import PREEMPTED as EXIT_PREEMPTED
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+POISONED_TRAIN = str(REPO / "tests" / "poisoned_train.py")
 pytestmark = pytest.mark.usefixtures("demo_shards")
 FAST = ["augment.crop=[64,128]", "data.batch_size=1", "model.train_iters=2", "model.valid_iters=2",
         "train.steps=8", "checkpoint.every=3", "checkpoint.keep_last=2", "logging.every=1", "logging.image_every=4",
@@ -29,10 +30,13 @@ FAST = ["augment.crop=[64,128]", "data.batch_size=1", "model.train_iters=2", "mo
         "deepspeed.zero_stage=1"]
 
 
-def launch(run_dir: Path, nproc: int = 1, overrides: tuple[str, ...] = (), env: dict | None = None) -> subprocess.Popen:
+def launch(run_dir: Path, nproc: int = 1, overrides: tuple[str, ...] = (), env: dict | None = None,
+           poison: tuple[str, ...] = ()) -> subprocess.Popen:
+    """`poison`: the options of tests/poisoned_train.py (NaN losses at given steps), which then runs the trainer."""
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     log = open(run_dir.parent / f"{run_dir.name}.log", "a")
-    cmd = [TORCHRUN, "--standalone", "--nproc_per_node", str(nproc), "-m", "stereo", "train", "tiny",
+    entry = [POISONED_TRAIN, *poison] if poison else ["-m", "stereo"]
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node", str(nproc), *entry, "train", "tiny",
            f"train.run_dir={run_dir}", *FAST, *overrides]
     return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
                             start_new_session=True)
@@ -191,8 +195,7 @@ def worker_pid(proc: subprocess.Popen, rank: int) -> int:
 def nan_then_signal(tmp_path_factory):
     """World 2: rank 1's loss is NaN at step 2; later rank 1 alone gets SIGUSR1."""
     run_dir = tmp_path_factory.mktemp("nan_signal") / "run"
-    proc = launch(run_dir, 2, ("train.steps=50", "checkpoint.every=100"),
-                  env={"STEREO_TEST_NAN_STEPS": "2", "STEREO_TEST_NAN_RANK": "1"})
+    proc = launch(run_dir, 2, ("train.steps=50", "checkpoint.every=100"), poison=("--nan-steps", "2", "--nan-rank", "1"))
     wait_for_step(run_dir, 3, proc)
     os.kill(worker_pid(proc, 1), signal.SIGUSR1)
     code, log = finish(proc, run_dir)
@@ -223,9 +226,9 @@ def test_signal_on_one_rank_checkpoints_all_and_exits_75(nan_then_signal):
 
 def test_too_many_bad_steps_stop_and_keep_the_last_good_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "stereo", "train", "tiny", f"train.run_dir={run_dir}", *FAST,
+    cmd = [sys.executable, POISONED_TRAIN, "--nan-steps", "2,2,2", "train", "tiny", f"train.run_dir={run_dir}", *FAST,
            "checkpoint.every=1", "train.max_bad_steps=3"]
-    env = {**os.environ, "STEREO_TEST_NAN_STEPS": "2,2,2", "MASTER_PORT": str(free_port())}
+    env = {**os.environ, "MASTER_PORT": str(free_port())}
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 3, result.stderr[-3000:]
     assert "3 non-finite steps in a row at step 2" in result.stderr

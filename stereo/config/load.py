@@ -210,3 +210,13 @@ def to_dict(cfg: Config) -> dict:
 def dump_yaml(cfg: Config) -> str:
     """The fully resolved config, as written into run directories and checkpoints."""
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings -> {"a.b": value}; lists stay values."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out

@@ -1,2 +1,2 @@
 """Evaluation: the one metric definition (metrics), benchmark protocols (benchmarks), the runner shared with
-training validation (runner), pictures and tables (report), run comparison (compare)."""
+training validation (runner), run comparison (compare); the pictures and tables are stereo/pictures.py."""

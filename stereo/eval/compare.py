@@ -1,4 +1,4 @@
-"""`python -m stereo compare RUN_DIR... [--out DIR]` or `--sweep SWEEP`: compare training runs side by side.
+"""Compare training runs side by side (`python -m stereo compare RUN_DIR... [--out DIR]`, stereo/compare_cli.py).
 
 Reads each run's `metrics.jsonl` (one JSON object per logged line: `step`, `time`, `loss`, ..., and validation
 lines with `val/` keys) and `config.yaml`; writes `compare.md` and `loss.png`, `val.png` (curves vs step and vs
@@ -7,26 +7,22 @@ and ordered by the main metric (`--metric`, default `val/epe/pooled`, lower is b
 step 0 (every fine-tune validates its shared starting weights at step 0) comes first in the table, then the other
 pooled validation metrics; counters (images, pixels, seconds per image) and per-image means are left out.
 
-With `--sweep`, the sweep's trials are ranked by the sweep's metric (`ranking` in compare.md, one row per trial
-with its varied keys), `sweep.png` plots the best value against each varied key, and the table and curves
-cover the best few trials (`--best`).
+A sweep's trials (`--sweep`) are ranked by stereo/sweep/compare.py, which uses these pieces.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from stereo.config.errors import ConfigError
-from stereo.eval.report import markdown_table
+from stereo.config.load import flatten
+from stereo.pictures import markdown_table
 
 DEFAULT_METRIC = "val/epe/pooled"
 LOSS_KEYS = ("loss", "loss/init", "loss/seq")
@@ -96,16 +92,6 @@ def load_run(path: Path) -> Run:
     if not isinstance(config, dict):
         raise ValueError(f"{config_file}: expected a mapping, got {type(config).__name__}")
     return Run(path.name, path, records, config)
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested mappings -> {"a.b": value}; lists stay values."""
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
 
 
 def config_differences(runs: list[Run]) -> list[tuple[str, list[Any]]]:
@@ -250,36 +236,3 @@ def compare(run_dirs: list[Path], out_dir: Path, metric: str = DEFAULT_METRIC, d
     (out_dir / "compare.md").write_text(text)
     write_plots(runs, metric, out_dir)
     return text
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("runs", nargs="*", type=Path, help="run directories (each with metrics.jsonl, config.yaml)")
-    parser.add_argument("--sweep", help="compare a sweep's trials instead: its file or directory (runs/sweeps/NAME)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="output directory (default runs/compare, or the sweep's compare/)")
-    parser.add_argument("--metric", default=None, help=f"the main metric (default {DEFAULT_METRIC}, or the sweep's)")
-    parser.add_argument("--direction", choices=("min", "max"), default=None, help="min (default) or max is better")
-    parser.add_argument("--best", type=int, default=4, help="sweep: how many of the best trials get curves")
-
-
-def run(args: argparse.Namespace) -> int:
-    if bool(args.runs) == bool(args.sweep):
-        print("compare: give run directories (RUNS=\"runs/a runs/b\") or --sweep SWEEP, not both",
-              file=sys.stderr)
-        return 2
-    try:
-        if args.sweep:
-            from stereo.sweep.compare import compare_sweep
-
-            text, out = compare_sweep(args.sweep, args.out, args.metric, args.direction, args.best)
-        else:
-            out = args.out or Path("runs/compare")
-            text = compare(args.runs, out, args.metric or DEFAULT_METRIC, args.direction or "min")
-    except ConfigError:
-        raise  # a bad sweep file: exit 2 with the config error (stereo/cli.py)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"compare: {exc}", file=sys.stderr)
-        return 1
-    print(text)
-    print(f"wrote {out}/compare.md and plots", file=sys.stderr)
-    return 0

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from stereo.eval.metrics import MetricAccumulator
-from stereo.eval.report import disparity_panel, markdown_table, summary_sheet
+from stereo.pictures import disparity_panel, markdown_table, summary_sheet
 from stereo.model.infer import predict
 from stereo.progress import track
 

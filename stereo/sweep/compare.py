@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from stereo.eval.compare import Run, load_run, rank, report, show, write_plots
-from stereo.eval.report import markdown_table
+from stereo.pictures import markdown_table
 from stereo.sweep.book import SweepDir, TrialRecord, shown_state, trial_progress
 from stereo.sweep.spec import SweepSpec, load_sweep
 

@@ -35,7 +35,7 @@ import yaml
 
 from stereo.config import Config, ConfigError, load_config
 from stereo.config.load import CONFIG_DIR
-from stereo.eval.compare import flatten
+from stereo.config.load import flatten
 
 SWEEP_DIR = CONFIG_DIR / "sweeps"
 SWEEPS_ROOT = Path("runs/sweeps")  # where sweeps run: runs/sweeps/<name>/ (stereo/sweep/book.py)

@@ -24,13 +24,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from stereo.train.failures import CheckpointError
-
 COMPLETE = "COMPLETE"
 DS_TAG = "ds"
 CONFIG_FILE = "config.yaml"  # the resolved config the checkpoint was trained with (compared on resume)
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _CHUNK = 8 << 20
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint could be loaded, or a save failed; the message names the file and the cause."""
 
 
 def step_dir_name(step: int) -> str:

@@ -11,7 +11,7 @@ import os
 import torch
 
 from stereo.config import load_config
-from stereo.config.paths import check_paths
+from stereo.train.paths import check_paths
 
 
 def add_arguments(parser) -> None:

@@ -22,10 +22,6 @@ from stereo import exitcodes
 from stereo.config.errors import ConfigError
 
 
-class CheckpointError(RuntimeError):
-    """No checkpoint could be loaded, or a save failed; the message names the file and the cause."""
-
-
 class RunDirBusy(RuntimeError):
     """Another live trainer holds the run directory."""
 
@@ -44,6 +40,7 @@ def peer_lost(exc: BaseException) -> bool:
 
 def exit_code_for(exc: BaseException) -> int:
     from stereo.data.stream import BadDataError
+    from stereo.train.checkpoint import CheckpointError
 
     if isinstance(exc, PeerFailed):
         return exc.code

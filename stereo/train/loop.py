@@ -4,6 +4,7 @@ One optimizer step = `train.grad_accum` micro-batches. A micro-batch whose loss 
 dropped on every rank (no backward, no update, no EMA) and counted; `train.max_bad_steps` in a row stop the run.
 A step whose gradients are not finite is skipped and counted the same way (DeepSpeed's check under ZeRO and fp16,
 stereo.train.engine.GuardedAdamW at stage 0). Failures leave through stereo.train.failures (one exit path).
+What follows each step (log, image, validate, early stop, agree on signals, save, stop) is stereo.train.step_end.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from stereo import exitcodes
-from stereo.config import Config, dump_yaml
+from stereo.config import Config
 from stereo.model.precision import resolve_precision
 from stereo.progress import TrainProgress
 from stereo.train import engine as ds_engine
@@ -25,11 +26,15 @@ from stereo.train.ema import EMA
 from stereo.train.failures import ExitContext
 from stereo.train.logging import RunLogger
 from stereo.train.loss import stereo_loss
-from stereo.train.rng import rng_state, seed_everything, set_rng_state
-from stereo.train.run import (RunState, StartupClock, Validator, Window, batches_forever, nan_injection_steps,
-                              open_run_dir, started, training_panel)
+from stereo.train.batches import batches_forever, started
+from stereo.train.metrics_window import Window
+from stereo.train.rng import seed_everything, set_rng_state
+from stereo.train.run_state import RunState
 from stereo.train.schedules import lr_multiplier
 from stereo.train.signals import TrainerSignals
+from stereo.train.startup import StartupClock, open_run_dir
+from stereo.train.step_end import StepEnd
+from stereo.train.validation import Validator
 
 
 def train(cfg: Config, overrides: list[str], context: ExitContext) -> int:
@@ -81,10 +86,11 @@ def train(cfg: Config, overrides: list[str], context: ExitContext) -> int:
         set_rng_state(saved["rng"])
     clock.mark("loader_start")
 
-    nan_steps = nan_injection_steps(env.rank)
     progress = TrainProgress(cfg.train.steps, state.step, enabled=env.rank == 0)
     first_step = state.step + 1
     window = Window()
+    end_step = StepEnd(cfg, env.rank, run.git_revision, state, engine, loader, ema, window, log, progress, validator,
+                       early_stop, signals, ckpts)
     exit_code = exitcodes.OK
     while state.step < cfg.train.steps:
         lr = ds_engine.set_learning_rate(engine, lr_multiplier(state.step, cfg.train.steps, cfg.schedule))
@@ -95,9 +101,6 @@ def train(cfg: Config, overrides: list[str], context: ExitContext) -> int:
             window.data_wait += time.perf_counter() - wait_start
             init_disp, preds = engine(batch["left"], batch["right"], iters=cfg.model.train_iters, test_mode=False)
             terms = stereo_loss(init_disp, preds, batch["disp"], batch["valid"], cfg.model.max_disp, cfg.loss)
-            if nan_steps[state.step + 1] > 0:  # test hook (STEREO_TEST_NAN_STEPS): poison this rank's loss
-                nan_steps[state.step + 1] -= 1
-                terms["total"] = terms["total"] * float("nan")
             if signals.agree(~torch.isfinite(terms["total"].detach())).bad_loss:
                 state.count_bad_step(env.rank, "non-finite loss")
                 if state.bad_streak >= cfg.train.max_bad_steps:
@@ -124,30 +127,9 @@ def train(cfg: Config, overrides: list[str], context: ExitContext) -> int:
         if state.step == first_step:
             clock.mark("first_step")
             log.startup(state.step, clock.summary(run, resumed, loader.epochs()), clock.seconds)
-        if state.step % cfg.logging.every == 0 or state.step == cfg.train.steps:
-            scalars = window.flush(lr, ds_engine.grad_norm(engine), state.skipped_steps, loader)
-            log.log(state.step, scalars)
-            progress.log(scalars)
-        progress.update(1)
-        if cfg.logging.image_every and state.step % cfg.logging.image_every == 0:
-            log.log_image(state.step, "train/disparity", training_panel(batch, preds[-1]))
-        rung = None
-        if state.step % cfg.train.val_every == 0 and state.step < cfg.train.steps:
-            rung = early_stop.at(state.step, validator.run(state.step))
-        stopped_early = rung is not None and rung.stop
-        agreed = signals.agree()  # a signal during backward, the update or validation is saved at this step
-        if agreed.stop or agreed.checkpoint or stopped_early or state.step % cfg.checkpoint.every == 0 \
-                or state.step == cfg.train.steps:
-            ckpts.save(engine, state.step, state.trainer_state(loader, ema, rng_state(), engine, cfg, run.git_revision),
-                       dump_yaml(cfg))
-            signals.checkpoint_done()
-        if stopped_early:
-            log.stopped_early(rung, cfg.early_stop.metric)
-            break
-        if agreed.stop:
-            print(f"[rank {env.rank}] stopped by a signal: checkpointed at step {state.step}, exiting "
-                  f"{exitcodes.PREEMPTED} (start the same command again to resume)", file=sys.stderr, flush=True)
-            exit_code = exitcodes.PREEMPTED
+        stop = end_step(lr, batch, preds[-1])
+        if stop is not None:
+            exit_code = stop
             break
     progress.close()
     signals.uninstall()

@@ -1,4 +1,6 @@
-"""Pictures and tables of an evaluation: colour maps in numpy, the per-image panel, the summary sheet, markdown.
+"""Pictures and tables that training, evaluation, sweeps and inference show: colour maps in numpy, the labelled
+disparity panel, the summary sheet, markdown tables. A bottom-layer module (numpy and PIL only), so that every layer
+above can draw without importing another's code.
 
 `disparity_panel` is also what the trainer logs as training and validation images, so it stays cheap: numpy for the
 colours, PIL (its bundled font) for the labels and colour bars.
