@@ -32,8 +32,8 @@ def bicubic_matrix(size: int, in_size: int, like: torch.Tensor, offset: float | 
     constants, or as a Resize that onnxruntime rejects)."""
     out = torch.arange(size, device=like.device, dtype=like.dtype)  # fp32 in an export: TensorRT has no fp64
     columns = torch.arange(in_size, device=like.device)
-    count = out.amax() + 1  # the sizes as tensors
-    source = columns.amax().to(like.dtype) + 1
+    count = torch.ones_like(out).sum()  # the sizes as 0-d tensors (sums of ones export to every runtime)
+    source = torch.ones(in_size, device=like.device, dtype=like.dtype).sum()
     real = (out + 0.5) * (source / (count + offset if offset is not None else count)) - 0.5
     first = torch.floor(real)
     t = real - first
