@@ -31,7 +31,8 @@ def vit_input_size(h: int, w: int) -> tuple[int, int]:
     def up(x: float) -> int:
         if isinstance(x, float):
             return int(math.ceil(x / VIT_SIDE_MULTIPLE) * VIT_SIDE_MULTIPLE)
-        return -(-x // VIT_SIDE_MULTIPLE) * VIT_SIDE_MULTIPLE  # integers: exact, and symbolic in an ONNX export
+        # integers: exact, and symbolic in an ONNX export (no negative floor division: ONNX's Div truncates)
+        return (x + VIT_SIDE_MULTIPLE - 1) // VIT_SIDE_MULTIPLE * VIT_SIDE_MULTIPLE
 
     rh, rw = up(h), up(w)
     if rh > VIT_MAX_SIDE or rw > VIT_MAX_SIDE:
