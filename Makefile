@@ -1,4 +1,5 @@
-# The front door. Every target is a thin wrapper over `python -m stereo ...`; `make help` lists them.
+# The front door. Most targets are thin wrappers over `python -m stereo ...` (test: pytest; gpu-check and bench-restart:
+# their own modules; slurm-*, docker-*: scripts); `make help` lists them.
 SHELL := /bin/bash
 PY    ?= .venv/bin/python
 VENV  ?= .venv
@@ -24,16 +25,19 @@ $(error $(PY) not found: run `make setup` first)
 endif
 endif
 endif
+# $(call q,VALUE): one shell word, so that paths with spaces or quotes reach Python whole.
+q = '$(subst ','\'',$(1))'
 # $(call require,VARIABLES,example): stops a target before Python starts, naming what is missing.
 missing = $(strip $(foreach v,$(1),$(if $($(v)),,$(v))))
 require = $(if $(call missing,$(1)),$(error make $@ needs $(call missing,$(1)), for example: $(2)))
 
-.PHONY: help setup test test-vitl test-gpu gpu-check train demo-data demo-pair shards plan bench bench-data bench-restart eval \
-        compare infer export export-onnx submit status logs cancel sweep sweep-status slurm-up slurm-down docker docker-build \
+.PHONY: help setup test test-vitl test-gpu gpu-check train resume demo-data demo-pair shards shards-upload plan bench \
+        bench-data bench-restart eval compare infer export export-onnx mlflow-upload submit status logs cancel sweep \
+        sweep-status slurm-up slurm-down docker docker-build \
         docker-run docker-test config clean
 
 help: ## list the targets
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
 setup: $(VENV)/.setup-done ## build .venv with pinned versions (CPU or GPU machine) and the local Slurm packages
 	@bash slurm/local_cluster.sh install
@@ -43,7 +47,7 @@ $(VENV)/.setup-done: requirements.txt docker/install.sh pyproject.toml
 	$(PY) -c "from stereo.train.engine import prebuild_ops; prebuild_ops()"
 	touch $@
 
-test: ## run the test suite (CPU; real DeepSpeed, webdataset, Slurm, wandb offline)
+test: ## run the test suite (CPU; real DeepSpeed, webdataset, Slurm, wandb offline, an MLflow server)
 	$(PY) -m pytest -m "not gpu and not docker and not vitl" tests
 
 test-vitl: ## the ViT-L deployment checks (ONNX export and parity on the CPU; ~15 min, ~16 GB memory)
@@ -61,16 +65,27 @@ demo-data: ## write the procedurally generated demo shards to shards/demo
 demo-pair: ## write the Middlebury motorcycle pair bundled with scikit-image to shards/demo/motorcycle (for infer)
 	$(PY) -m stereo demo-pair --out $(PAIR)
 
-train: ## train CONFIG (default tiny: demo shards, CPU, a few minutes); overrides as a.b=value; NPROC=n: torchrun
+train: ## train CONFIG (default tiny: demo shards, CPU, ~3 min on 2 cores); overrides as a.b=value; NPROC=n: torchrun
 	@$(PY) -m stereo config --check $(CONFIG) $(OVERRIDES)
 	@$(DEMO_SHARDS)
 	$(if $(filter 1,$(NPROC)),$(PY),$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC)) -m stereo train $(CONFIG) $(OVERRIDES)
+
+# the newest run directory that a training run wrote (for `make resume` without RUN)
+LAST_RUN = $(patsubst %/config.yaml,%,$(firstword $(shell ls -t runs/*/config.yaml 2>/dev/null)))
+resume: ## continue a stopped run from its newest checkpoint: RUN=runs/x (default: the newest in runs/) [NPROC=n] [a.b=value]
+	$(if $(or $(RUN),$(LAST_RUN)),,$(error make resume: no run directory in runs/; name one: make resume RUN=runs/x))
+	$(if $(filter 1,$(NPROC)),$(PY),$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC)) -m stereo train \
+		$(call q,$(or $(RUN),$(LAST_RUN))/config.yaml) $(call q,train.run_dir=$(or $(RUN),$(LAST_RUN))) $(OVERRIDES)
 
 config: ## print CONFIG fully resolved (validates it)
 	$(PY) -m stereo config $(CONFIG) $(OVERRIDES)
 
 shards: ## convert a data set: DATASET=kitti15 SRC=/data/KITTI OUT=shards/kitti15 (or s3://bucket/kitti15) [SHARD_SIZE=1GB]
 	$(PY) -m stereo shards --dataset $(DATASET) --src $(SRC) --out $(OUT) $(if $(SHARD_SIZE),--shard-size $(SHARD_SIZE))
+
+shards-upload: ## upload built shards: SRC=shards/kitti15 OUT=s3://bucket/kitti15 (endpoint, credentials: AWS_* env)
+	$(call require,SRC OUT,make shards-upload SRC=shards/kitti15 OUT=s3://bucket/kitti15)
+	$(PY) -m stereo shards-upload --src $(SRC) --out $(OUT)
 
 plan: ## per-GPU memory by part, largest batch, time floor of CONFIG [GPU=h100-80gb] [GPUS=n] (CPU; ~20 s a ViT-L plan); INFER=HxW [PRECISION=bf16]: inference peak, largest image
 	$(PY) -m stereo plan $(CONFIG) $(OVERRIDES) $(if $(GPU),--gpu $(GPU)) $(if $(GPUS),--gpus $(GPUS)) \
@@ -87,21 +102,25 @@ bench-restart: ## requeue to first resumed step of a tiny Slurm job, and where t
 	$(PY) -m jobs.bench_restart $(OVERRIDES)
 
 eval: ## evaluate: CKPT=... BENCH=kitti15 DATA=/data/KITTI (BENCH=demo: the demo val shards) [SIZE=vitl] [ITERS=32] [OUT=dir] [HIERA=1]
-	$(call require,CKPT BENCH $(if $(filter demo,$(BENCH)),,DATA),make eval CKPT=runs/demo BENCH=demo or make eval CKPT=model.pth BENCH=kitti15 DATA=/data/KITTI)
-	$(PY) -m stereo eval --ckpt $(CKPT) --bench $(BENCH) $(if $(DATA),--data $(DATA)) $(if $(SIZE),--size $(SIZE)) \
-		$(if $(ITERS),--iters $(ITERS)) $(if $(OUT),--out $(OUT)) $(if $(HIERA),--hierarchical)
+	$(call require,CKPT BENCH $(if $(filter-out demo,$(BENCH)),DATA),make eval CKPT=runs/demo BENCH=demo or make eval CKPT=model.pth BENCH=kitti15 DATA=/data/KITTI)
+	$(PY) -m stereo eval --ckpt $(call q,$(CKPT)) --bench $(BENCH) $(if $(DATA),--data $(call q,$(DATA))) $(if $(SIZE),--size $(SIZE)) \
+		$(if $(ITERS),--iters $(ITERS)) $(if $(OUT),--out $(call q,$(OUT))) $(if $(HIERA),--hierarchical)
 
 compare: ## compare runs: RUNS="runs/a runs/b", or rank a sweep's trials: SWEEP=configs/sweeps/x.yaml
 	$(PY) -m stereo compare $(if $(SWEEP),--sweep $(SWEEP)) $(RUNS)
 
 infer: ## one pair: CKPT=... LEFT=... RIGHT=... OUT=... [HIERA=1 for large images] [ENGINE=onnx CKPT=model.onnx]
 	$(call require,CKPT LEFT RIGHT OUT,make infer CKPT=runs/demo LEFT=$(PAIR)/left.png RIGHT=$(PAIR)/right.png OUT=runs/demo/motorcycle)
-	$(PY) -m stereo infer --ckpt $(CKPT) --left $(LEFT) --right $(RIGHT) --out $(OUT) $(if $(HIERA),--hierarchical) \
+	$(PY) -m stereo infer --ckpt $(call q,$(CKPT)) --left $(call q,$(LEFT)) --right $(call q,$(RIGHT)) --out $(call q,$(OUT)) $(if $(HIERA),--hierarchical) \
 		$(if $(ENGINE),--engine $(ENGINE))
 
-export: ## released-format checkpoint from a run: RUN=runs/x OUT=model.pth
+export: ## released-format checkpoint from a run: RUN=runs/x OUT=model.pth [MLFLOW=1: attach it to the run's MLflow run]
 	$(call require,RUN OUT,make export RUN=runs/demo OUT=runs/demo/model.pth)
-	$(PY) -m stereo export $(RUN) --out $(OUT) --ema
+	$(PY) -m stereo export $(call q,$(RUN)) --out $(call q,$(OUT)) --ema $(if $(MLFLOW),--mlflow)
+
+mlflow-upload: ## send a run's metrics.jsonl, pictures, config to MLflow later: RUN=runs/x [URI=http://host:5000]
+	$(call require,RUN,make mlflow-upload RUN=runs/demo URI=http://127.0.0.1:5000)
+	$(PY) -m stereo mlflow-upload $(call q,$(RUN)) $(if $(URI),--tracking-uri $(call q,$(URI)))
 
 export-onnx: ## ONNX graph (any size, multiples of 32) + JSON sidecar: RUN=runs/x|model.pth|released-folder OUT=model.onnx [ITERS=n] [HIERA=1] [FP16=1] [ARGS=...]
 	$(call require,RUN OUT,make export-onnx RUN=runs/demo OUT=runs/demo/model.onnx)
@@ -113,13 +132,13 @@ submit: ## submit CONFIG to Slurm (config, paths and Slurm checked first; ARGS=-
 	$(PY) -m stereo submit $(CONFIG) $(OVERRIDES)
 
 status: ## Slurm state (pending reason), newest checkpoint and step of the last submitted run (or RUN=...)
-	$(PY) -m stereo status $(RUN)
+	$(PY) -m stereo status $(if $(RUN),$(call q,$(RUN)))
 
 logs: ## log of the last submitted run (or RUN=...)
-	$(PY) -m stereo logs $(RUN)
+	$(PY) -m stereo logs $(if $(RUN),$(call q,$(RUN)))
 
 cancel: ## cancel the last submitted run (or RUN=...)
-	$(PY) -m stereo cancel $(RUN)
+	$(PY) -m stereo cancel $(if $(RUN),$(call q,$(RUN)))
 
 sweep: ## hyper-parameter sweep as one Slurm job array: SWEEP=configs/sweeps/x.yaml [LOCAL=1: run here] [a.b=value]
 	@test -n "$(SWEEP)" || { echo "usage: make sweep SWEEP=configs/sweeps/<name>.yaml [LOCAL=1] [a.b=value ...]" >&2; exit 2; }

@@ -79,7 +79,7 @@ def time_one_restart(job_id: str, run_dir: Path, cycle: int) -> dict:
                if key.startswith("startup/") and key != "startup/total_s"}
     parts = {
         "finish the step and save": saved - signalled,
-        "trainer exit, requeue (wrapper, srun, batch shell)": times["SubmitTime"] - saved,
+        "trainer exit, requeue (wrapper, srun, batch shell)": seconds_until(times["SubmitTime"], saved),
         "requeue hold (cred_expire + 1 s)": times["EligibleTime"] - times["SubmitTime"],
         "scheduling": times["StartTime"] - times["EligibleTime"],
     }
@@ -91,6 +91,14 @@ def time_one_restart(job_id: str, run_dir: Path, cycle: int) -> dict:
         parts["job start to first step (wrapper and trainer)"] = resumed["time"] - times["StartTime"]
     return {"cycle": cycle, "total_s": resumed["time"] - signalled, "resumed_step": resumed["step"],
             "parts_s": {name: round(seconds, 2) for name, seconds in parts.items()}}
+
+
+def seconds_until(slurm_time: float, since: float) -> float:
+    """Seconds from `since` (our clock) to an event Slurm stamps in whole seconds: it happened within
+    [slurm_time, slurm_time + 1) and not before `since`; the middle of what remains of that second (a requeue
+    within the second of the save printed as a negative time)."""
+    low = max(slurm_time, since)
+    return (low + max(slurm_time + 1.0, low)) / 2 - since
 
 
 def first_record_after(metrics: Path, step: int) -> dict | None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from typing import NoReturn
 
 from jobs.rendezvous import trainer_env
 from stereo import exitcodes
+from stereo.train.run_files import read_latest
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 TRAINER_STOP = signal.SIGUSR1  # what the wrapper sends the trainer, whichever stop signal arrived
@@ -143,13 +145,12 @@ class TrainingJob:
         if restarts >= self.max_requeues:
             raise JobStopped(f"the trainer {how}, newest complete checkpoint {self._latest()}; not requeued: reached "
                              f"slurm.max_requeues={self.max_requeues} (SLURM_RESTART_COUNT={restarts}); submit again "
-                             f"with train.run_dir={self.run_dir} to continue")
+                             f"with {shlex.quote(f'train.run_dir={self.run_dir}')} to continue")
         log(f"the trainer {how}; newest complete checkpoint {self._latest()}")
         raise SystemExit(exitcodes.PREEMPTED)  # the batch shell requeues the job unless Slurm is ending it
 
     def _latest(self) -> str:
-        latest = Path(self.run_dir) / "checkpoints" / "latest"
-        return latest.read_text().strip() if latest.is_file() else "none"
+        return read_latest(Path(self.run_dir) / "checkpoints") or "none"
 
 
 def one_line_logs() -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from jobs.record import Submission
 from jobs.state import query, slurm_hint
+from stereo.train.run_files import read_latest
 
 
 def add_arguments(parser) -> None:
@@ -90,9 +91,8 @@ def cancel(submission: Submission, args) -> int:
 
 def checkpoint_summary(run_dir: Path) -> str:
     """The newest complete checkpoint and the last step logged in metrics.jsonl (with how long ago)."""
-    latest = run_dir / "checkpoints" / "latest"
-    name = latest.read_text().strip() if latest.is_file() else ""
-    text = f"{name} (step {int(name.rsplit('_', 1)[1])})" if name.startswith("step_") else "none yet"
+    name = read_latest(run_dir / "checkpoints")
+    text = f"{name} (step {int(name.rsplit('_', 1)[1])})" if name else "none yet"
     logged = last_logged_step(run_dir / "metrics.jsonl")
     if logged is not None:
         step, at = logged

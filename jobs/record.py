@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -23,7 +24,9 @@ class Submission:
 
     def save(self) -> None:
         path = Path(self.run_dir) / RECORD_NAME
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        partial = path.with_name(f".{RECORD_NAME}.partial")  # atomic: a reader sees the old record or the new
+        partial.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        os.replace(partial, path)
         LAST_SUBMIT.parent.mkdir(parents=True, exist_ok=True)
         LAST_SUBMIT.write_text(self.run_dir + "\n")
 
@@ -37,10 +40,13 @@ class Submission:
         path = Path(run) / RECORD_NAME
         if not path.is_file():
             raise FileNotFoundError(f"{path}: not a submitted run (expected the {RECORD_NAME} written by submit)")
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except ValueError as exc:  # cut short, not JSON, not UTF-8
+            raise ValueError(f"{path}: damaged submission record ({type(exc).__name__}: {exc})") from None
         names = {f.name for f in fields(cls)}
-        if set(data) != names:
-            raise ValueError(f"{path}: expected keys {sorted(names)}, got {sorted(data)}")
+        if not isinstance(data, dict) or set(data) != names:
+            raise ValueError(f"{path}: expected a JSON object with keys {sorted(names)}, got {str(data)[:200]}")
         return cls(**data)
 
     def log_path(self, task: int = 0) -> Path:

@@ -8,6 +8,7 @@ a timeout) says nothing about the job, which may well be running.
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +91,6 @@ def _last_line(text: str) -> str:
 def slurm_hint() -> str:
     """How to point the Slurm clients at a cluster: the local test cluster's SLURM_CONF, or a login node."""
     conf = Path(os.environ.get("STEREO_SLURM_DIR", "/tmp/stereo-slurm")) / "slurm.conf"
-    return (f"for the local test cluster run `make slurm-up` and `export SLURM_CONF={conf}`; on a real cluster, run "
-            "this on a login node (where `sinfo` works)")
+    return (f"for the local test cluster run `make slurm-up` and `export SLURM_CONF={shlex.quote(str(conf))}`; on a "
+            "real cluster, run this on a login node (where `sinfo` works)")
 

@@ -10,27 +10,29 @@ same wandb run.
 from __future__ import annotations
 
 import copy
-import secrets
 import shlex
 import shutil
-import string
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import submitit
 
 from jobs.job import TrainingJob
-from jobs.record import Submission
-from jobs.state import slurm_hint, slurm_problem
+from jobs.record import RECORD_NAME, Submission
+from jobs.state import query, slurm_hint, slurm_problem
 from stereo import exitcodes
 from stereo.config import Config, dump_yaml, load_config
 from stereo.train.paths import path_problems, problems_error, unwritable
 from stereo.config.schema import SlurmConfig
 from stereo.plan import GPUS, check_fits
+from stereo.progress import make_command
+from stereo.train.failures import RunDirBusy
+from stereo.train.rundir import LOCK_FILE, live_holder
+from stereo.train.run_files import wandb_run_id
 
 SUBMITTED_CONFIG = "submit_config.yaml"  # the fully resolved config every (re)start of the job trains with
-WANDB_ID_FILE = "wandb_id"  # docs/architecture.md: the trainer resumes the wandb run named in this file
 
 
 def add_arguments(parser) -> None:
@@ -62,6 +64,9 @@ def run(args) -> int:
         return 1
     try:
         submission = submit(cfg, config=args.config, overrides=args.overrides, tasks_per_node=args.tasks_per_node)
+    except RunDirBusy as exc:
+        print(f"submit: {exc}", file=sys.stderr)
+        return exitcodes.RUN_DIR_BUSY
     except submitit.core.utils.FailedJobError as exc:  # sbatch refused the job (bad partition, account, ...)
         print(f"sbatch refused the job; nothing was queued: {_last_line(str(exc))}", file=sys.stderr)
         return 1
@@ -81,6 +86,7 @@ def submit(cfg: Config, *, config: str, overrides: list[str], tasks_per_node: in
     """Queue `cfg` as one Slurm job and record it. `python_args` replaces the trainer (tests use a stand-in)."""
     cfg = copy.deepcopy(cfg)
     run_dir = _new_run_dir(cfg)
+    refuse_busy(run_dir)
     cfg.train.run_dir = str(run_dir)
     folder = Path(cfg.slurm.folder).resolve() / run_dir.name
     created = [path for path in (run_dir, folder) if not path.exists()]
@@ -88,7 +94,7 @@ def submit(cfg: Config, *, config: str, overrides: list[str], tasks_per_node: in
         run_dir.mkdir(parents=True, exist_ok=True)
         config_path = run_dir / SUBMITTED_CONFIG
         config_path.write_text(dump_yaml(cfg))
-        wandb_id = run_wandb_id(run_dir)
+        wandb_id = wandb_run_id(run_dir)
         cwd = Path.cwd()
         tasks = tasks_per_node or max(cfg.slurm.gpus_per_node, 1)
         executor = make_executor(cfg.slurm, folder=folder, job_name=run_dir.name, tasks_per_node=tasks,
@@ -110,6 +116,32 @@ def submit(cfg: Config, *, config: str, overrides: list[str], tasks_per_node: in
     return submission
 
 
+def refuse_busy(run_dir: Path) -> None:
+    """Raise RunDirBusy, before anything is queued or written, when the run directory is in use: by the job its
+    slurm_job.json names (queued, running or requeued; or Slurm cannot say), or by a live trainer holding its lock.
+    (A second job used to queue, overwrite that record and then stop with exit 6, hiding the running job from
+    `make status` and `make cancel`.)"""
+    record = run_dir / RECORD_NAME
+    what = None
+    if record.is_file():
+        try:
+            previous = Submission.load(str(run_dir))
+        except (OSError, ValueError) as exc:
+            raise RunDirBusy(f"{record}: unreadable ({exc}); it may name a running job, so nothing was queued. "
+                             "Check with squeue, then move the file away") from None
+        state = query(previous.job_id)
+        if state.state is None and not state.reachable:
+            what = f"job {previous.job_id} may still run (its state is unknown: {state.problem})"
+        elif state.state is not None and not state.final:
+            what = f"job {previous.job_id} is {state.describe()}"
+    holder = live_holder(run_dir)
+    if what is None and holder is not None:
+        what = f"a live trainer holds its lock {run_dir / LOCK_FILE} (pid {holder.get('pid')} on {holder.get('host')})"
+    if what is not None:
+        raise RunDirBusy(f"{run_dir} is in use: {what}; nothing was queued or written. Wait for it to end, stop it "
+                         f"({make_command('cancel', RUN=run_dir)}), or choose another train.run_dir")
+
+
 class TrainingExecutor(submitit.SlurmExecutor):
     """submitit's executor, with a batch script that survives every signal and requeues (`signal_safe`)."""
 
@@ -119,6 +151,30 @@ class TrainingExecutor(submitit.SlurmExecutor):
 
     def _make_submission_file_text(self, command: str, uid: str) -> str:
         return signal_safe(super()._make_submission_file_text(command, uid), self.max_requeues)
+
+    def _internal_process_submissions(self, delayed_submissions: list) -> list:
+        """submitit queues several jobs as one array through a plain SlurmExecutor of its own, whose batch script
+        has no requeue (a sweep trial stopped by a signal ended FAILED). Queue the array with this executor's script,
+        as a single job is queued."""
+        if len(delayed_submissions) == 1:
+            return super()._internal_process_submissions(delayed_submissions)
+        folder = submitit.core.utils.JobPaths.get_first_id_independent_folder(self.folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        pickles = []
+        for delayed in delayed_submissions:
+            pickles.append(folder / f"{uuid.uuid4().hex}.pkl")
+            delayed.set_timeout(self.parameters.get("time", 5), self.max_num_timeout)
+            delayed.dump(pickles[-1])
+        self.parameters["map_count"] = len(pickles)  # submitit's sbatch option for `--array=0-<n-1>%<parallelism>`
+        try:
+            first = self._submit_command(self._submitit_command_str)
+        finally:
+            del self.parameters["map_count"]
+        jobs = [submitit.SlurmJob(folder=self.folder, job_id=f"{first.job_id}_{index}",
+                                  tasks=list(range(first.num_tasks))) for index in range(len(pickles))]
+        for job, pickled in zip(jobs, pickles):
+            job.paths.move_temporary_file(pickled, "submitted_pickle")
+        return jobs
 
 
 # bash dies of USR1/USR2 and, waiting on a foreground srun, cannot act on any signal before srun exits. So srun runs
@@ -132,8 +188,12 @@ BATCH_SHELL = """\
 # jobs/submit.py: survive every signal, pass stop signals on, requeue a stopped job (docs/cluster.md, Signals)
 export SUBMITIT_LOG_LEVEL=WARNING
 say() {{ echo "[jobs] $(date +%H:%M:%S) $*" >&2; }}
+# An array task by <array>_<index>: its own numeric id may be the array's, which names every task of the array.
+job=${{SLURM_ARRAY_JOB_ID:+${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}}}
+job=${{job:-$SLURM_JOB_ID}}
 on_stop() {{
-    if scancel --signal=USR1 "$SLURM_JOB_ID" 2>/dev/null; then
+    # slurmctld 22.05 refuses to signal one task of an array that has pending tasks: then srun passes it on
+    if scancel --signal=USR1 "$job" 2>/dev/null || kill -USR1 "${{srun_pid:-}}" 2>/dev/null; then
         say "batch shell: SIG$1, passed on to the job's tasks as SIGUSR1"
     fi
 }}
@@ -144,14 +204,14 @@ while kill -0 "$srun_pid" 2>/dev/null; do wait "$srun_pid"; done
 wait "$srun_pid"
 status=$?
 if [ "$status" = {preempted} ] || [ "$status" -gt 128 ]; then
-    state=$(scontrol -o show job "$SLURM_JOB_ID" | grep -o 'JobState=[A-Z_]*')
+    state=$(scontrol -o show job "$job" | grep -o 'JobState=[A-Z_]*')
     restarts=${{SLURM_RESTART_COUNT:-0}}
     if [ "$state" != JobState=RUNNING ]; then
         state=${{state:-JobState=unknown (scontrol did not answer)}}
         say "job ${{state#JobState=}}: Slurm is ending or requeueing it; not requeued from here"
     elif [ "$restarts" -ge {max_requeues} ]; then
         say "not requeued: reached slurm.max_requeues={max_requeues}; submit again with the same train.run_dir"
-    elif (trap '' TERM; exec scontrol requeue "$SLURM_JOB_ID"); then  # the requeue's own SIGTERM reaches scontrol
+    elif (trap '' TERM; exec scontrol requeue "$job"); then  # the requeue's own SIGTERM reaches scontrol
         say "requeued (restart $((restarts + 1)) of at most {max_requeues})"
     fi
 fi
@@ -236,16 +296,6 @@ def _new_run_dir(cfg: Config) -> Path:
         n += 1
         path = base.with_name(f"{base.name}-{n}")
     return path
-
-
-def run_wandb_id(run_dir: Path) -> str:
-    """Reuse the run's wandb id (a resubmitted run continues its wandb run), else make one in wandb's format."""
-    path = run_dir / WANDB_ID_FILE
-    if path.is_file() and path.read_text().strip():
-        return path.read_text().strip()
-    wandb_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-    path.write_text(wandb_id + "\n")
-    return wandb_id
 
 
 def submit_array(executor: submitit.SlurmExecutor, jobs: list[TrainingJob], parallelism: int) -> list[str]:

@@ -23,10 +23,14 @@ import yaml
 from jobs.job import TrainingJob
 from jobs.state import FINAL_STATES, query
 from jobs.record import Submission
-from jobs.submit import run_wandb_id, make_executor, submit_array
+from jobs.submit import make_executor, refuse_busy, submit_array
 from stereo.config import ConfigError, dump_yaml
+from stereo.eval.metrics import with_unit
 from stereo.pictures import markdown_table
 from stereo.exitcodes import INTERNAL, RUN_DIR_BUSY
+from stereo.progress import make_command
+from stereo.train.failures import RunDirBusy
+from stereo.train.run_files import wandb_run_id
 from stereo.sweep.book import (COMPLETED, TRIAL_CONFIG, SweepBusy, SweepDir, TrialRecord, shown_state,
                                trial_progress)
 from stereo.sweep.local import run_trials
@@ -47,7 +51,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     try:
         return start(args) if args.action == "sweep" else status(args)
-    except SweepBusy as exc:
+    except (SweepBusy, RunDirBusy) as exc:
         print(f"sweep: {exc}", file=sys.stderr)
         return RUN_DIR_BUSY
 
@@ -81,9 +85,11 @@ def start(args) -> int:
         if todo and args.local:
             code = run_trials(todo, lambda: book.write(records))
         elif todo:
-            code = _submit(spec, book, todo, trials[0])
+            code = _submit(spec, book, todo, trials[0], active=[r for r in records if _on_slurm(r)])
             book.write(records)
     print(table(spec, records, book))
+    if args.local and all(r.state == COMPLETED for r in records):
+        print(f"next: make compare SWEEP={args.sweep}   # the trials ranked by {spec.metric}, with plots")
     return code
 
 
@@ -92,7 +98,7 @@ def status(args) -> int:
     book = SweepDir(spec.name)
     if not book.exists():
         print(f"sweep-status: {book.path} does not exist: the sweep was never started "
-              f"(make sweep SWEEP={args.sweep})", file=sys.stderr)
+              f"({make_command('sweep', SWEEP=args.sweep)})", file=sys.stderr)
         return INTERNAL
     spec, records = load_sweep(book.spec_file), book.read()
     for record in records:
@@ -112,7 +118,7 @@ def _require_same_sweep(spec: SweepSpec, stored: SweepSpec, book: SweepDir) -> N
     if changed:
         details = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
         raise ConfigError(changed[0], f"the sweep as started in {book.spec_file} ({details}); resume it with "
-                                      f"`make sweep SWEEP={book.path}`, or give a changed sweep a new name",
+                                      f"`{make_command('sweep', SWEEP=book.path)}`, or give a changed sweep a new name",
                           source=spec.source)
 
 
@@ -148,11 +154,29 @@ def _needs_run(record: TrialRecord) -> bool:
     return record.job_id is None or record.state == "lost" or record.state.upper() in FINAL_STATES
 
 
+def _on_slurm(record: TrialRecord) -> bool:
+    """Queued or running on Slurm (or its state unknown for now): it counts against `max_concurrent`."""
+    return record.job_id is not None and record.state != COMPLETED and not _needs_run(record)
+
+
+def array_limits(max_concurrent: int, active: list[str]) -> tuple[int, str | None]:
+    """(the new array's `%N`, its sbatch dependency) so that at most `max_concurrent` trials of the sweep run at once
+    across its arrays: the trials of earlier arrays still queued or running (`active`, their job ids) take their
+    share; when they take it all, the new array waits for them to end."""
+    if len(active) < max_concurrent:
+        return max_concurrent - len(active), None
+    return max_concurrent, "afterany:" + ":".join(active)
+
+
 def refresh(record: TrialRecord) -> None:
     """A Slurm trial's state: completed when its job returned (submitit's result file), else Slurm's state."""
     if record.job_id is None or record.state == COMPLETED:
         return
-    submission = Submission.load(record.run_dir)
+    try:
+        submission = Submission.load(record.run_dir)
+    except (OSError, ValueError) as exc:  # damaged: the trial keeps its last known state, and says why
+        record.note = str(exc)
+        return
     if submission.job_id != record.job_id:
         return
     result = submission.result_path()
@@ -179,21 +203,33 @@ def _relative(path: Path) -> Path:
     return path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
 
 
-def _submit(spec: SweepSpec, book: SweepDir, todo: list[TrialRecord], first: Trial) -> int:
-    """One job array of the trials in `todo` (all share the sweep's slurm section); records updated in place."""
+def _submit(spec: SweepSpec, book: SweepDir, todo: list[TrialRecord], first: Trial,
+            active: list[TrialRecord]) -> int:
+    """One job array of the trials in `todo` (all share the sweep's slurm section), sharing `max_concurrent` with
+    the `active` trials of earlier arrays; records updated in place."""
     slurm, cwd = first.cfg.slurm, Path.cwd()
     folder = (book.path / "slurm").resolve()
     executor = make_executor(slurm, folder=folder, job_name=spec.name, tasks_per_node=max(slurm.gpus_per_node, 1),
                              mounts=[cwd, book.path.resolve()])
+    parallelism, dependency = array_limits(spec.max_concurrent, [r.job_id for r in active])
+    if dependency:
+        extra = executor.parameters.get("additional_parameters", {})
+        executor.update_parameters(additional_parameters={**extra, "dependency": dependency})
+        print(f"{len(active)} trial(s) of an earlier array still queued or running: the new array starts when "
+              f"they end (max_concurrent={spec.max_concurrent})", flush=True)
+    elif active:
+        print(f"{len(active)} trial(s) of an earlier array still queued or running: the new array runs at most "
+              f"{parallelism} at once (max_concurrent={spec.max_concurrent} in all)", flush=True)
     jobs, wandb_ids = [], []
     for record in todo:
-        wandb_ids.append(run_wandb_id(Path(record.run_dir)))  # before the job starts: every start logs into one run
+        refuse_busy(Path(record.run_dir))  # a trial's directory that another job or trainer uses
+        wandb_ids.append(wandb_run_id(Path(record.run_dir)))  # before the job starts: every start logs into one run
         jobs.append(TrainingJob(python_args=["-m", "stereo", "train", str(Path(record.run_dir) / TRIAL_CONFIG),
                                              *record.overrides],  # repeated so that the wandb run is named by them
                                 cwd=str(cwd), run_dir=record.run_dir, max_requeues=slurm.max_requeues,
                                 save_timeout_s=0.75 * slurm.signal_delay_s))
     try:
-        job_ids = submit_array(executor, jobs, spec.max_concurrent)
+        job_ids = submit_array(executor, jobs, parallelism)
     except submitit.core.utils.FailedJobError as exc:
         print(f"sbatch refused the job array: {exc}", file=sys.stderr)
         return INTERNAL
@@ -208,7 +244,7 @@ def _submit(spec: SweepSpec, book: SweepDir, todo: list[TrialRecord], first: Tri
                    overrides=[*spec.fixed_overrides(), *record.overrides], submitted_at=submitted_at).save()
         record.job_id, record.state, record.note = job_id, "queued", ""
     array = job_ids[0].split("_")[0]
-    print(f"submitted job array {array}: {len(job_ids)} trials, at most {min(spec.max_concurrent, len(job_ids))} "
+    print(f"submitted job array {array}: {len(job_ids)} trials, at most {min(parallelism, len(job_ids))} "
           f"at once; logs in {folder}", flush=True)
     return 0
 
@@ -219,13 +255,13 @@ def table(spec: SweepSpec, records: list[TrialRecord], book: SweepDir) -> str:
     for record in records:
         progress = trial_progress(record.run_dir, spec.metric, spec.direction)
         steps = _configured_steps(Path(record.run_dir))
-        best = "-" if progress.best is None else f"{progress.best:.4g} (step {progress.best_step})"
+        best = "-" if progress.best is None else f"{progress.best:.3f} (step {progress.best_step})"
         state = shown_state(record, progress)
         rows.append([record.trial, " ".join(record.overrides), state,
                      f"{progress.step if progress.step is not None else '-'}/{steps}", best])
     header = f"sweep {spec.name}: {len(records)} trials, {spec.metric} ({spec.direction}), " \
              f"at most {spec.max_concurrent} at once ({book.path})\n\n"
-    return header + markdown_table(["trial", "overrides", "state", "step", f"best {spec.metric}"], rows)
+    return header + markdown_table(["trial", "overrides", "state", "step", f"best {with_unit(spec.metric)}"], rows)
 
 
 def _configured_steps(run_dir: Path) -> int | str:

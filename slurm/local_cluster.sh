@@ -3,7 +3,8 @@
 #
 # usage: slurm/local_cluster.sh install|up|down|status
 #   install  install the Debian packages when missing (quick when present; never fails without apt or root)
-#   up       start a private munged, slurmctld and one slurmd per node; wait until the nodes are idle
+#   up       start what is not running of a private munged, slurmctld and one slurmd per node, keeping the state
+#            and the running jobs; wait until the nodes answer
 #   down     stop the daemons that `up` started
 #   status   print whether the cluster is up, with sinfo/squeue
 #
@@ -159,8 +160,12 @@ PartitionName=urgent Nodes=$nodes MaxTime=INFINITE State=UP PriorityTier=2 Preem
 EOF
 }
 
+# Starts only what is not running and keeps the controller's state and the nodes' spools, so that running it while
+# jobs run (a daemon died; the status, cancel and submit hints suggest it) loses no job: a slurmd started again
+# finds its job steps, a slurmctld its queue. Only a new cluster (no config, or another node count, with every
+# daemon down) starts from empty state.
 cmd_up() {
-    local missing
+    local missing name started=()
     missing=$(missing_binaries)
     [ -z "$missing" ] || { log "missing: $missing (run: bash slurm/local_cluster.sh install)"; exit 1; }
     if all_alive; then
@@ -168,9 +173,7 @@ cmd_up() {
         echo "export SLURM_CONF=$CONF"
         return 0
     fi
-    cmd_down >/dev/null 2>&1 || true
     ensure_node_names
-    rm -rf "$STATE/ctld" "$STATE/spool"
     mkdir -p "$STATE"/{munge,ctld,spool,log}
     for name in $(node_names); do mkdir -p "$STATE/spool/$name"; done
     chmod 0700 "$STATE/munge"
@@ -178,25 +181,55 @@ cmd_up() {
         head -c 1024 /dev/urandom >"$STATE/munge/munge.key"
         chmod 0400 "$STATE/munge/munge.key"
     fi
-    "$(sbin munged)" --force --socket "$MUNGE_SOCKET" --key-file "$STATE/munge/munge.key" \
-        --pid-file "$STATE/munge/munged.pid" --log-file "$STATE/log/munged.log" --seed-file "$STATE/munge/munge.seed"
-    write_conf
+    if ! pid_alive "$STATE/munge/munged.pid"; then
+        "$(sbin munged)" --force --socket "$MUNGE_SOCKET" --key-file "$STATE/munge/munge.key" \
+            --pid-file "$STATE/munge/munged.pid" --log-file "$STATE/log/munged.log" --seed-file "$STATE/munge/munge.seed"
+        started+=(munged)
+    fi
+    if [ "$(grep -c '^NodeName=' "$CONF" 2>/dev/null)" != "$NODES" ]; then
+        if pid_alive "$STATE/slurmctld.pid" || any_slurmd_alive; then
+            log "running with another node count than STEREO_SLURM_NODES=$NODES; its jobs would be lost:" \
+                "run 'make slurm-down' first (it cancels them)"
+            exit 1
+        fi
+        rm -rf "$STATE/ctld" "$STATE/spool"  # another cluster's state
+        mkdir -p "$STATE/ctld"
+        for name in $(node_names); do mkdir -p "$STATE/spool/$name"; done
+        write_conf
+        log "new cluster: $NODES node(s), empty state"
+    fi
     export SLURM_CONF=$CONF
-    "$(sbin slurmctld)" -f "$CONF" -i
-    for name in $(node_names); do "$(sbin slurmd)" -f "$CONF" -N "$name"; done
-    local i states
-    for i in $(seq 1 60); do
+    if ! pid_alive "$STATE/slurmctld.pid"; then
+        "$(sbin slurmctld)" -f "$CONF" -i  # recovers the queue from $STATE/ctld
+        started+=(slurmctld)
+    fi
+    for name in $(node_names); do
+        if ! pid_alive "$STATE/slurmd-$name.pid"; then
+            "$(sbin slurmd)" -f "$CONF" -N "$name"
+            started+=("slurmd($name)")
+        fi
+    done
+    log "started ${started[*]:-nothing}; kept what was running and the state in $STATE"
+    local i states ready
+    for i in $(seq 1 120); do
         states=$(sinfo -h -N -p local -o '%T' 2>/dev/null | sort | uniq -c | xargs || true)
-        if [ "$states" = "$NODES idle" ]; then
-            log "up: $NODES node(s) idle: $(node_names | xargs) ($CONF)"
+        ready=$(sinfo -h -N -p local -o '%T' 2>/dev/null | grep -cxE 'idle|allocated|mixed|completing' || true)
+        if [ "$ready" = "$NODES" ]; then
+            log "up: $NODES node(s) ($states): $(node_names | xargs) ($CONF)"
             echo "export SLURM_CONF=$CONF"
             return 0
         fi
         sleep 0.5
     done
-    log "the nodes did not become idle within 30 s (states: ${states:-none}); logs in $STATE/log"
+    log "the nodes did not come up within 60 s (states: ${states:-none}); logs in $STATE/log"
     tail -n 20 "$STATE/log/"slurm*.log >&2 || true
     exit 1
+}
+
+any_slurmd_alive() {
+    local pidfile
+    for pidfile in "$STATE"/slurmd-*.pid; do pid_alive "$pidfile" && return 0; done
+    return 1
 }
 
 stop_pidfile() {

@@ -1,4 +1,5 @@
-"""`python -m stereo bench`: time a training step and inference; peak memory against the plan, and MFU, as JSON.
+"""`python -m stereo bench`: time a training step and inference, eager and compiled side by side; peak memory against
+the plan, and MFU. A table on stdout, every figure in the JSON file.
 
 Training step = train-mode forward + the paper loss + backward + AdamW (on a GPU: 320x736, 22 iterations, bf16
 autocast over fp32 weights, batch 2 and 4); inference = test-mode forward at 480x640 with 32 iterations. Which model
@@ -10,6 +11,11 @@ FLOPs, operators and the planned peak memory come from the planner's simulation 
 (`stereo.plan.simulate`, cached): FLOPs count convolutions, matmuls and attention (elementwise work is not counted,
 as usual for MFU), so MFU = counted FLOP/s over the GPU's dense bf16 peak; operators are the non-view operators
 dispatched, about one GPU kernel launch each in eager mode. Weights are random: speed does not depend on them.
+
+Runners: `eager`, and `compiled`, the trainer's `train.compile=regions` (the feature and context networks, one GRU
+iteration and the loss, each compiled; `--iteration-mode reduce-overhead` captures the iteration in CUDA graphs).
+A compiled row's compile seconds are dynamo's and Inductor's time in its first step. Other back ends add rows of
+their own through `RUNNERS`.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -123,10 +131,12 @@ def _result(timed: tuple[list[float], float], work: dict, samples: int, device: 
 
 
 def bench_train(model, max_disp: int, batch: int, height: int, width: int, iters: int, bf16: bool,
-                device: torch.device, steps: int, warmup: int, work: dict, planned_gib: float | None) -> dict:
+                device: torch.device, steps: int, warmup: int, work: dict, planned_gib: float | None,
+                loss_fn: Callable | None = None) -> dict:
     """Time forward + loss + backward + AdamW over the trainable parameters of `model` (ours or the released one)."""
     from stereo.train.loss import stereo_loss
 
+    loss_fn = loss_fn or stereo_loss
     left, right = _images(batch, height, width, device, seed=batch)
     gt = torch.rand(batch, 1, height, width, device=device) * (max_disp - 2) + 1
     valid = torch.ones_like(gt, dtype=torch.bool)
@@ -137,7 +147,7 @@ def bench_train(model, max_disp: int, batch: int, height: int, width: int, iters
     def step() -> None:
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
             init_disp, preds = model(left, right, iters=iters)
-        loss = stereo_loss(init_disp, preds, gt, valid, max_disp, loss_cfg)["total"]
+        loss = loss_fn(init_disp, preds, gt, valid, max_disp, loss_cfg)["total"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -185,8 +195,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-infer", action="store_true", help="time training only")
     parser.add_argument("--steps", type=int, help="timed steps per configuration, the median is kept (GPU 10, CPU 3)")
     parser.add_argument("--warmup", type=int, help="untimed steps first: allocator, cuDNN, compile (GPU 3, CPU 1)")
-    parser.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
-                        help="torch.compile the model (default backend inductor; aot_eager: the capture, no codegen)")
+    parser.add_argument("--runners", nargs="+", default=["eager", "compiled"],
+                        help="what to time, side by side (default: eager compiled; see RUNNERS)")
+    parser.add_argument("--backend", default="inductor",
+                        help="the compiled runner's torch.compile backend (aot_eager: the capture, no code generation)")
+    parser.add_argument("--iteration-mode", choices=["default", "reduce-overhead"], default="default",
+                        help="the compiled GRU iteration's mode; reduce-overhead: CUDA graphs (GPU)")
     parser.add_argument("--channels-last", action="store_true", help="NHWC weights and inputs for the 2-D convs")
     parser.add_argument("--onnx", nargs="*", choices=SIZES, default=[],
                         help="also onnxruntime vs PyTorch eager inference on the CPU for these sizes (stereo.deploy)")
@@ -236,53 +250,145 @@ def _choose(args: argparse.Namespace, device: torch.device, bf16: bool) -> tuple
     return cfg, [], why
 
 
+@dataclass
+class Runner:
+    """A row group of the table: `prepare(model, args)` readies the model (or wraps it) and returns what to time:
+    (the callable `model(left, right, iters=..)`-like, the loss function or None). `train`: whether it trains."""
+
+    name: str
+    prepare: Callable
+    train: bool = True
+
+
+def _eager(model, args):
+    model.compiled = {}
+    return model, None
+
+
+def _compiled(model, args):
+    from stereo.train.loss import stereo_loss
+
+    torch._dynamo.reset()  # every compiled runner starts cold in this process (Inductor's disk cache still counts)
+    mode = None if args.iteration_mode == "default" else args.iteration_mode
+    model.compile_regions(iteration_mode=mode, backend=args.backend)
+    return model, torch.compile(stereo_loss, dynamic=False, backend=args.backend)
+
+
+# Runners by name; an inference back end of its own (e.g. ONNX Runtime in stereo/deploy) adds one with train=False.
+RUNNERS: dict[str, Runner] = {"eager": Runner("eager", _eager), "compiled": Runner("compiled", _compiled)}
+
+
+def _compile_seconds() -> float:
+    from torch._dynamo.utils import compilation_time_metrics
+
+    return sum(sum(v) for k, v in compilation_time_metrics.items() if k.endswith("compile_inner"))
+
+
+def _timed_row(runner: str, fn: Callable[[], dict]) -> dict:
+    before = _compile_seconds()
+    row = fn()
+    return {"runner": runner, **row, "compile_s": _compile_seconds() - before}
+
+
 def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     bf16 = resolve_precision(args.precision or "auto", device, "--precision") == "bf16"
     _fill_shapes(args, device)
+    unknown = [r for r in args.runners if r not in RUNNERS]
+    if unknown:
+        raise SystemExit(f"--runners: unknown {', '.join(unknown)} (known: {', '.join(RUNNERS)})")
     cfg, batches, why = _choose(args, device, bf16)
     print("bench: " + "; ".join(why), file=sys.stderr)
     from stereo.model import build_model
 
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
-    runner = torch.compile(model, backend=args.compile) if args.compile else model
     report: dict = {
         "size": cfg.size, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
         else platform.processor() or platform.machine(), "precision": "bf16" if bf16 else "fp32",
-        "compile": args.compile, "channels_last": args.channels_last, "max_disp": cfg.max_disp,
+        "runners": args.runners, "backend": args.backend, "iteration_mode": args.iteration_mode,
+        "channels_last": args.channels_last, "max_disp": cfg.max_disp,
         "torch": torch.__version__, "threads": torch.get_num_threads(), "chosen": why,
         "peak_bf16_tflops": peak_bf16_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None,
         "memory": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "process peak RSS",
-        "released_h100": RELEASED_H100, "train": [],
+        "released_h100": RELEASED_H100, "train": [], "infer": [],
     }
     out = args.out or Path("runs/bench") / f"bench-{cfg.size}-{device.type}.json"
-    for batch in [] if args.no_train else batches:
-        work = simulated_work(cfg, batch, args.height, args.width, args.iters, True, bf16, device)
-        try:
-            result = bench_train(runner, cfg.max_disp, batch, args.height, args.width, args.iters, bf16, device,
-                                 args.steps, args.warmup, work, planned_peak_gib(cfg, work, True))
-        except torch.cuda.OutOfMemoryError:
-            result = {"batch": batch, "oom": True, "planned_peak_gib": planned_peak_gib(cfg, work, True)}
-            torch.cuda.empty_cache()
-        report["train"].append(result)
-        print(json.dumps(result), file=sys.stderr)
-        write_report(report, out)  # after each configuration: a run stopped by a time limit keeps what it measured
-    if not args.no_infer:
-        padded = (-(-args.infer_height // 32) * 32, -(-args.infer_width // 32) * 32)  # predict pads to 32
-        work = simulated_work(cfg, 1, *padded, args.infer_iters, False, bf16, device)
-        report["infer"] = bench_infer(runner, args.infer_height, args.infer_width, args.infer_iters, bf16, device,
-                                      args.steps, args.warmup, work, planned_peak_gib(cfg, work, False))
-        print(json.dumps(report["infer"]), file=sys.stderr)
+    train_work = {b: simulated_work(cfg, b, args.height, args.width, args.iters, True, bf16, device) for b in batches}
+    padded = (-(-args.infer_height // 32) * 32, -(-args.infer_width // 32) * 32)  # predict pads to 32
+    infer_work = simulated_work(cfg, 1, *padded, args.infer_iters, False, bf16, device)
+    for name in args.runners:
+        runner = RUNNERS[name]
+        timed, loss_fn = runner.prepare(model, args)
+        for batch in [] if args.no_train or not runner.train else batches:
+            work = train_work[batch]
+            try:
+                result = _timed_row(name, lambda: bench_train(
+                    timed, cfg.max_disp, batch, args.height, args.width, args.iters, bf16, device, args.steps,
+                    args.warmup, work, planned_peak_gib(cfg, work, True), loss_fn))
+            except torch.cuda.OutOfMemoryError:
+                result = {"runner": name, "batch": batch, "oom": True,
+                          "planned_peak_gib": planned_peak_gib(cfg, train_work[batch], True)}
+                torch.cuda.empty_cache()
+            report["train"].append(result)
+            write_report(report, out)  # after each row: a run stopped by a time limit keeps what it measured
+        if not args.no_infer:
+            report["infer"].append(_timed_row(name, lambda: bench_infer(
+                timed, args.infer_height, args.infer_width, args.infer_iters, bf16, device, args.steps, args.warmup,
+                infer_work, planned_peak_gib(cfg, infer_work, False))))
+            write_report(report, out)
     if args.onnx:
         from stereo.deploy.timing import compare_cpu
 
-        report["onnx_cpu"] = [compare_cpu(model_config(size), args.infer_height // 32 * 32, args.infer_width // 32 * 32,
-                                          args.infer_iters, args.steps, args.warmup) for size in args.onnx]
-        print(json.dumps(report["onnx_cpu"]), file=sys.stderr)
-    write_report(report, out)
+        height, width = args.infer_height // 32 * 32, args.infer_width // 32 * 32
+        report["onnx_cpu"] = [compare_cpu(model_config(size), height, width, args.infer_iters, args.steps,
+                                          args.warmup) for size in args.onnx]
+        write_report(report, out)
+    print(render(report, args))
     print(f"wrote {out}", file=sys.stderr)
     return 0
+
+
+def _verdict(row: dict, on_gpu: bool) -> str:
+    """Measured against planned peak memory: the plan counts torch's tensors, which a GPU's allocator measures; a
+    CPU's figure is the process's resident set (interpreter, libraries, and every row before), no check of it."""
+    if row.get("oom"):
+        return "out of memory"
+    if not on_gpu:
+        return "n/a (CPU: resident set)"
+    error = row["plan_error"]
+    return f"{'as planned' if abs(error) <= 0.10 else 'OFF PLAN'} ({error:+.0%})"
+
+
+def render(report: dict, args: argparse.Namespace) -> str:
+    """The table: one row per runner and configuration, rounded; the JSON file has every figure."""
+    on_gpu = report["memory"].startswith("torch.cuda")
+    head = (f"{report['size']} on {report['device']} ({report['threads']} threads), {report['precision']}; "
+            f"training {args.height}x{args.width}, {args.iters} iterations; inference {args.infer_height}x"
+            f"{args.infer_width}, {args.infer_iters} iterations; compiled: {report['backend']}"
+            + (f", iteration {report['iteration_mode']}" if report["iteration_mode"] != "default" else ""))
+    cols = f"  {'step':<14}{'runner':<11}{'median ms':>10}{'samples/s':>11}{'first s':>9}{'compile s':>11}" \
+           f"{'peak GiB':>10}{'plan GiB':>10}  memory vs plan"
+    lines = [head, "", cols]
+    rows = [(f"train batch {r['batch']}", r) for r in report["train"]] + [("inference", r) for r in report["infer"]]
+    for label, r in rows:
+        if r.get("oom"):
+            lines.append(f"  {label:<14}{r['runner']:<11}{'':>61}  {_verdict(r, on_gpu)}")
+            continue
+        lines.append(f"  {label:<14}{r['runner']:<11}{r['median_ms']:>10.0f}{r['samples_per_s']:>11.2f}"
+                     f"{r['first_step_ms'] / 1000:>9.1f}{r['compile_s']:>11.1f}{r['peak_mem_gib']:>10.2f}"
+                     f"{r['planned_peak_gib']:>10.2f}  {_verdict(r, on_gpu)}")
+    for label, kind in (("training", report["train"]), ("inference", report["infer"])):
+        base = {r["batch"]: r for r in kind if r["runner"] == "eager" and not r.get("oom")}
+        for r in kind:
+            if r["runner"] != "eager" and not r.get("oom") and r["batch"] in base:
+                lines.append(f"{r['runner']} {label} (batch {r['batch']}): "
+                             f"{base[r['batch']]['median_ms'] / r['median_ms']:.2f}x eager")
+    if on_gpu:
+        lines.append(f"released implementation on one H100: training batch 2 "
+                     f"{RELEASED_H100['train_batch2']['median_ms']:.0f} ms, inference "
+                     f"{RELEASED_H100['infer']['median_ms']:.0f} ms")
+    return "\n".join(lines)
 
 
 def write_report(report: dict, out: Path) -> None:

@@ -17,13 +17,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from stereo import exitcodes
 from stereo.config.errors import ConfigError
 from stereo.data.codecs import CodecError, encode_png, read_image, write_pfm
-from stereo.model.precision import autocast_to, resolve_precision
-from stereo.model.pretrained import WeightMismatchError
+from stereo.eval.model_args import add_model_arguments, device_name, missing_path
+
+# torch and the model are imported once the arguments are checked: a missing file is named at once, not after them
 
 PNG_SCALE = 256.0
 
@@ -80,8 +80,6 @@ def read_pair(left_path: Path, right_path: Path) -> tuple[np.ndarray, np.ndarray
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from stereo.eval.cli import add_model_arguments
-
     add_model_arguments(parser)
     parser.add_argument("--left", type=Path, required=True, help="left image (PNG/JPEG)")
     parser.add_argument("--right", type=Path, required=True, help="right image, same size")
@@ -111,12 +109,19 @@ def run_onnx(args: argparse.Namespace, left: np.ndarray, right: np.ndarray) -> n
 
 
 def run(args: argparse.Namespace) -> int:
-    from stereo.eval.cli import load_model
-    from stereo.model.infer import predict
-
     if (args.focal is None) != (args.baseline is None):
         raise ConfigError("--focal/--baseline", "both (depth needs the focal length and the baseline) or neither")
-    device = torch.device(args.device)
+    if missing := missing_path(args, ("left", "right", "ckpt")):
+        print(f"infer: {missing}", file=sys.stderr)
+        return exitcodes.CONFIG
+    import torch
+
+    from stereo.eval.cli import load_model
+    from stereo.model.infer import predict
+    from stereo.model.precision import autocast_to, resolve_precision
+    from stereo.model.pretrained import WeightMismatchError
+
+    device = torch.device(device_name(args))
     precision = resolve_precision(args.precision, device, "--precision")
     try:
         left, right = read_pair(args.left, args.right)
@@ -139,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"infer: {description}, {left.shape[1]}x{left.shape[0]}, {iters} iterations on {device} ({precision})",
           file=sys.stderr)
 
-    def tensor(image: np.ndarray) -> torch.Tensor:
+    def tensor(image: np.ndarray) -> "torch.Tensor":
         return torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float().to(device)
 
     with autocast_to(precision, device):

@@ -107,6 +107,18 @@ def disparity_panel(left: np.ndarray, gt: np.ndarray, pred: np.ndarray, valid: n
     return np.asarray(canvas)
 
 
+def with_caption(image: np.ndarray, caption: str) -> np.ndarray:
+    """`image` under a white band holding `caption` (what a logged picture shows: its name, step, EPE), so that the
+    picture says it without its file name."""
+    height, width = image.shape[:2]
+    size = text_size(width // 3)
+    band = size + 2 * max(2, size // 3)
+    canvas = Image.new("RGB", (width, band + height), (255, 255, 255))
+    canvas.paste(Image.fromarray(image), (0, band))
+    _text(ImageDraw.Draw(canvas), (width / 2, band / 2), caption, size, (0, width))
+    return np.asarray(canvas)
+
+
 def with_disparity_bar(rgb: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
     """A colourised disparity map with its colour bar (px) in a band below: the legend of `infer`'s colour PNG."""
     height, width = rgb.shape[:2]

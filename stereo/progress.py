@@ -7,6 +7,7 @@ and what to run next); `track` wraps any other iteration (evaluation, validation
 
 from __future__ import annotations
 
+import shlex
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -43,6 +44,7 @@ class TrainProgress:
         self.start = self.printed_at = time.monotonic()
         self.printed_step = initial
         self.fields: dict[str, str] = {}
+        self.fields_step = initial
         self.bar = (tqdm(total=total, initial=initial, desc="train", unit="step", file=self.stream,
                          dynamic_ncols=True, mininterval=2.0)
                     if enabled and is_terminal(self.stream) else None)
@@ -53,10 +55,12 @@ class TrainProgress:
             self.bar.update(steps)
         self._maybe_print()
 
-    def log(self, scalars: dict[str, float]) -> None:
-        """The logged window's loss, learning rate and throughput, shown beside the bar or in the next line."""
+    def log(self, scalars: dict[str, float], step: int | None = None) -> None:
+        """The logged window's loss, learning rate and throughput (of `step`, default the current one), shown
+        beside the bar or in the next line."""
         self.fields = {"loss": f"{scalars['loss']:.3f}", "lr": f"{scalars['lr']:.2e}",
                        "samples/s": f"{scalars['samples_per_s']:.2f}"}
+        self.fields_step = self.step if step is None else step
         if self.bar is not None:
             self.bar.set_postfix(self.fields, refresh=False)
         elif self.enabled and self.printed_step == self.initial:  # the first numbers: show at once that it moves
@@ -84,23 +88,44 @@ class TrainProgress:
         left = f", ~{duration(elapsed / done * (self.total - self.step))} left" if 0 < done and self.step < self.total \
             else ""
         fields = "".join(f"  {k} {v}" for k, v in self.fields.items())
+        if fields and self.fields_step < self.step:  # a stop between two logged steps: say whose numbers they are
+            fields += f" (logged at step {self.fields_step})"
         print(f"train step {self.step}/{self.total} ({100 * self.step // max(self.total, 1)}%){fields}  "
               f"[{duration(elapsed)}{left}]", file=self.stream, flush=True)
         self.printed_at, self.printed_step = now, self.step
+
+
+def make_var(name: str, value: object) -> str:
+    """`NAME=value` as one shell word, for the commands we print (a run directory may hold spaces or quotes)."""
+    return shlex.quote(f"{name}={value}")
+
+
+def make_command(target: str, **variables: object) -> str:
+    """`make TARGET NAME=value ...`, each assignment one shell word."""
+    return " ".join(["make", target, *(make_var(name, value) for name, value in variables.items())])
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that continues a stopped run in its own directory (`make resume` reads RUN_DIR/config.yaml)."""
+    return make_command("resume", RUN=run_dir)
 
 
 def next_steps(run_dir: Path, checkpoint: Path | None, cfg: Any, seconds: float) -> str:
     run = str(run_dir)
     demo = any(str(spec.shards).startswith(DEMO_SHARDS) for spec in cfg.data.val)
     bench = "BENCH=demo" if demo else "BENCH=<kitti15|middeval3|eth3d|...> DATA=<its directory>"
-    lines = [f"done in {duration(seconds)}: checkpoint {checkpoint if checkpoint is not None else '(none)'}",
+    done = f"done in {duration(seconds)}: checkpoint {checkpoint if checkpoint is not None else '(none)'}"
+    if any(tag.startswith("sweep:") for tag in cfg.logging.tags):  # a sweep's trial: the sweep says what next, once
+        return done
+    lines = [done,
              "next:",
-             f"  make eval CKPT={run} {bench} OUT={run}/eval" + ("   # the demo validation set, as scored above"
-                                                                  if demo else ""),
-             f"  make demo-pair && make infer CKPT={run} LEFT={DEMO_PAIR}/left.png RIGHT={DEMO_PAIR}/right.png "
-             f"OUT={run}/motorcycle",
-             f"  make export RUN={run} OUT={run}/model.pth   # released-format weights (EMA)",
-             f'  make compare RUNS="{run} runs/<another run>"']
+             f"  make eval {make_var('CKPT', run)} {bench} {make_var('OUT', run + '/eval')}"
+             + ("   # the demo validation set, as scored above" if demo else ""),
+             f"  make demo-pair && make infer {make_var('CKPT', run)} LEFT={DEMO_PAIR}/left.png "
+             f"RIGHT={DEMO_PAIR}/right.png {make_var('OUT', run + '/motorcycle')}",
+             f"  make export {make_var('RUN', run)} {make_var('OUT', run + '/model.pth')}   # released-format "
+             "weights (EMA)",
+             f"  make compare {make_var('RUNS', run + ' runs/<another run>')}"]
     return "\n".join(lines)
 
 

@@ -210,3 +210,52 @@ def test_zero_stage_0_reports_the_grad_norm_and_skips_a_non_finite_gradient(engi
     stage0.step()
     assert not stage0.was_step_applied() and grad_norm(stage0) == float("inf")
     assert all(torch.equal(before[k], v) for k, v in _weights(stage0).items())
+
+
+@pytest.mark.parametrize("manifest", [b"", b'{"step": 2, "fi', b"\xff\xfe\x00", b"{}"])
+def test_unreadable_manifest_is_a_damaged_checkpoint_never_the_older_format(engine, tmp_path, capsys, manifest):
+    """An empty COMPLETE (what a crash can leave) used to turn the checksum check off, and a damaged file then
+    loaded silently (issue 22): the checkpoint is named as damaged and the older one is used."""
+    from stereo.train.checkpoint import CheckpointError
+
+    manager = CheckpointManager(tmp_path, keep_last=2, keep_every=None, rank=0)
+    manager.save(engine, 1, {"step": 1}, "name: x\n")
+    manager.save(engine, 2, {"step": 2}, "name: x\n")
+    newest = tmp_path / "checkpoints" / step_dir_name(2)
+    (newest / COMPLETE).write_bytes(manifest)
+    states = newest / "ds" / "mp_rank_00_model_states.pt"
+    states.write_bytes(states.read_bytes()[:-16])  # damaged too: without the check it would load
+    with pytest.raises(CheckpointError, match=f"{newest / COMPLETE}: (damaged|unreadable) manifest"):
+        find_checkpoint(tmp_path)
+    step_dir, state = manager.resume(engine)
+    assert step_dir.name == step_dir_name(1) and state == {"step": 1}
+    err = capsys.readouterr().err
+    assert f"checkpoint {newest} is unusable: {newest / COMPLETE}: " in err
+    assert f"resuming from the older checkpoint {tmp_path / 'checkpoints' / step_dir_name(1)} instead" in err
+
+
+def test_checkpoint_of_the_older_format_still_loads(engine, tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=2, keep_every=None, rank=0)
+    manager.save(engine, 3, {"step": 3}, "name: x\n")
+    (tmp_path / "checkpoints" / step_dir_name(3) / COMPLETE).write_text("3\n")  # before manifests existed
+    assert manager.resume(engine)[1] == {"step": 3}
+
+
+def test_latest_pointer_with_bytes_that_are_not_utf8_is_rewritten_and_read_as_missing(engine, tmp_path):
+    """`latest` holding non-UTF-8 bytes made every restart exit 1 (issue 22); the readers of the pointer (the
+    trainer's tidy, the Slurm job wrapper's log line, `make status`) treat it as missing."""
+    from jobs.job import TrainingJob
+    from jobs.manage import checkpoint_summary
+    from stereo.train.run_files import read_latest
+
+    manager = CheckpointManager(tmp_path, keep_last=2, keep_every=None, rank=0)
+    manager.save(engine, 1, {"step": 1}, "name: x\n")
+    latest = tmp_path / "checkpoints" / "latest"
+    for junk in (b"\xff\xfe\xfa\n", b"", b"step_0000"):
+        latest.write_bytes(junk)
+        assert read_latest(tmp_path / "checkpoints") is None
+        assert checkpoint_summary(tmp_path).startswith("none yet")
+        job = TrainingJob(python_args=[], cwd=str(tmp_path), run_dir=str(tmp_path), max_requeues=1, save_timeout_s=1)
+        assert job._latest() == "none"
+        manager.tidy()
+        assert latest.read_text() == step_dir_name(1) + "\n"

@@ -22,8 +22,10 @@ def _write_run(path, lr, speed, epe_scale, time_offset=0.0, steps=30):
     for step in range(10, 31, 10):
         lines.append({"step": step, "time": time_offset + step / speed, "loss": 10.0 / step, "loss/init": 4.0 / step,
                       "loss/seq": 6.0 / step, "lr": lr, "samples_per_s": speed})
-        lines.append({"step": step, "time": time_offset + step / speed + 1, f"{VAL}/epe/pooled": epe_scale * (40 - step),
+        lines.append({"step": step, "time": time_offset + step / speed + 1,
+                      f"{VAL}/epe/pooled": epe_scale * (40 - step),
                       f"{VAL}/epe/mean_image": 1.0, f"{VAL}/bp_2/pooled": 50.0, f"{VAL}/bp_4/pooled": 40.0,
+                      f"{VAL}/bp_3/pooled": 45.0, f"{VAL}/d1/pooled": 45.0,
                       f"{VAL}/images": 9.0, f"{VAL}/pixels": 98451.0, f"{VAL}/pixels_noc": 0.0,
                       f"{VAL}/seconds_per_image": 0.7})
     (path / "metrics.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
@@ -52,15 +54,18 @@ def test_compare_main_metric_first_counters_dropped_runs_named_by_differences(tm
     assert lines[0] == "|  | optim.lr=0.0002 | optim.lr=0.001 |"
     # the main metric first: best after step 0 (the step-0 value 5.0 is every run's start) and its step
     assert [line.split("|")[1].strip() for line in lines[1:4]] == [
-        f"best {VAL}/epe/pooled", f"step of best {VAL}/epe/pooled", f"final {VAL}/epe/pooled"]
+        f"best {VAL}/epe/pooled (px)", f"step of best {VAL}/epe/pooled", f"final {VAL}/epe/pooled (px)"]
     rows = _rows(text)
-    assert rows[f"best {VAL}/epe/pooled"] == ["10.000", "20.000"]
+    assert rows[f"best {VAL}/epe/pooled (px)"] == ["10.000", "20.000"]
     assert rows[f"step of best {VAL}/epe/pooled"] == ["30", "30"]
-    assert rows[f"final {VAL}/bp_2/pooled"] == ["50.000", "50.000"]
+    assert rows[f"final {VAL}/bp_2/pooled (%)"] == ["50.000", "50.000"]
+    # bp_3 equal to D1 in every run (all ground truth under 60 px) is one column, said so under the table
+    assert rows[f"final {VAL}/d1/pooled (%)"] == ["45.000", "45.000"] and not [k for k in rows if "bp_3" in k]
+    assert f"{VAL}/bp_3/pooled left out: equal to D1 in every run" in text
     assert not [key for key in rows if any(part in key for part in ("images", "pixels", "seconds", "mean_image"))]
     assert rows["last step"] == ["30", "30"]
     # b: timestamps, made relative to its first line (16 s); a: 30 / 4 + 1 = 8.5 s since start
-    assert rows["wall time (min)"] == [f"{16 / 60:.3f}", f"{8.5 / 60:.3f}"]
+    assert rows["wall time (m:ss)"] == ["0:16", "0:08"]
     assert rows["median samples/s"] == ["2.000", "4.000"]
     assert rows["final loss"] == ["0.333", "0.333"]
     assert rows["optim.lr"] == ["0.0002", "0.001"]  # the only config difference (the run directory is not one)
@@ -69,7 +74,7 @@ def test_compare_main_metric_first_counters_dropped_runs_named_by_differences(tm
     # plots: legends name the difference; validation panels start with the main metric, no counters
     assert plotted[0] == ("loss.png", ["optim.lr=0.0002", "optim.lr=0.001"], ["loss", "loss/init", "loss/seq"])
     assert plotted[1] == ("val.png", ["optim.lr=0.0002", "optim.lr=0.001"],
-                          [f"{VAL}/epe/pooled", f"{VAL}/bp_2/pooled"])
+                          [f"{VAL}/epe/pooled", f"{VAL}/bp_2/pooled", f"{VAL}/d1/pooled"])
     for name in ("loss.png", "val.png"):
         with Image.open(out / name) as image:
             assert image.width > 500 and image.height > 200
@@ -82,7 +87,7 @@ def test_compare_direction_max_and_identical_configs(tmp_path, capsys):
                  "--metric", f"{VAL}/epe/pooled", "--direction", "max"]) == 0
     text = capsys.readouterr().out
     assert [line for line in text.splitlines() if line.startswith("| ")][0] == "|  | b | a |"  # names: directories
-    assert _rows(text)[f"best {VAL}/epe/pooled"] == ["60.000", "30.000"]  # max, still after step 0
+    assert _rows(text)[f"best {VAL}/epe/pooled (px)"] == ["60.000", "30.000"]  # max, still after step 0
     assert "The configs are identical." in text
 
 

@@ -81,8 +81,32 @@ def test_overrides_are_typed():
     ("optim.grad_clip=-1", "optim.grad_clip", ">= 0"),
     ("optim.betas=[0.9,1.0]", "optim.betas", "in [0, 1)"),
     ("augment.crop=[1,2", "augment.crop", "a YAML value"),
+    # accepted before issue 22: a negative warmup (the cosine started at 0.8x the peak), zero nodes (sbatch refused)
+    ("schedule.warmup_steps=-5", "schedule.warmup_steps", ">= 0"),
+    ("slurm.nodes=0", "slurm.nodes", ">= 1"),
+    ("schedule.kind=onecycle", None, None),
+    ("schedule.pct_start=1", "schedule.pct_start", "in (0, 1)"),
+    ("schedule.min_ratio=-0.1", "schedule.min_ratio", "in [0, 1]"),
+    ("schedule.decay_at=2", "schedule.decay_at", "in [0, 1]"),
+    ("schedule.decay_factor=-1", "schedule.decay_factor", ">= 0"),
+    ("loss.gamma=0", "loss.gamma", "in (0, 1]"),
+    ("loss.init_weight=-1", "loss.init_weight", ">= 0"),
+    ("slurm.gpus_per_node=-1", "slurm.gpus_per_node", ">= 0"),
+    ("slurm.cpus_per_task=0", "slurm.cpus_per_task", ">= 1"),
+    ("slurm.time_min=0", "slurm.time_min", ">= 1"),
+    ("slurm.max_requeues=-1", "slurm.max_requeues", ">= 0"),
+    ("slurm.mem_gb=0", "slurm.mem_gb", ">= 1 or null"),
+    ("slurm.signal_delay_s=7200", "slurm.signal_delay_s", "less than slurm.time_min"),
+    ("deepspeed.fp16_loss_scale_window=0", "deepspeed.fp16_loss_scale_window", ">= 1"),
+    ("augment.yjitter=-1", "augment.yjitter", ">= 0"),
+    ("augment.hue=0.9", "augment.hue", "in [0, 0.5]"),
+    ("augment.scale=[0.4,-0.2]", "augment.scale", "low <= high"),
+    ("eval.iters=0", "eval.iters", ">= 1 or null"),
 ])
 def test_bad_values_name_the_key(override, key, expected):
+    if key is None:  # a valid value next to the refused ones
+        load_config("tiny", [override])
+        return
     with pytest.raises(ConfigError) as info:
         load_config("tiny", [override])
     assert info.value.key == key

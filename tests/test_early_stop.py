@@ -107,3 +107,16 @@ def test_a_metric_validation_does_not_log_stops_the_run_before_it_trains(tmp_pat
     assert code != 0 and "(config error, exit code 2)" in log, log[-3000:]  # torchrun itself exits 1
     assert "early_stop.metric: a metric validation logs (" in log and "got 'val/epe_pooled'" in log
     assert losses(run_dir) == {}  # the check ran at the validation before training
+
+
+def test_a_damaged_ledger_entry_is_named_and_left_out(tmp_path, capsys):
+    """The ledger is read back by every trial at every rung: an empty or garbled entry (a crash, a stray write)
+    must not stop the trials with a traceback."""
+    assert not decide(tmp_path, "a", 10, 1.0, eta=2, direction="min").stop
+    (tmp_path / "00000010" / "b.json").write_bytes(b"")
+    (tmp_path / "00000010" / "c.json").write_bytes(b"\xff{")
+    rung = decide(tmp_path, "c", 10, 0.5, eta=2, direction="min")  # its own damaged record: decided again
+    assert (rung.rank, rung.of, rung.stop) == (1, 2, False)
+    err = capsys.readouterr().err
+    assert f"{tmp_path}/00000010/b.json: damaged early-stopping record, left out" in err
+    assert decide(tmp_path, "c", 10, 9.0, eta=2, direction="min") == rung  # now recorded: its answer again

@@ -117,7 +117,7 @@ def test_eval_cli_writes_json_table_and_pictures(tmp_path, demo_checkpoint, caps
     assert results["summary"]["images"] == 2 and len(results["images"]) == 2
     assert 0.0 <= results["summary"]["d1/pooled"] <= 100.0
     table = (out / "results.md").read_text()
-    assert "| d1/pooled |" in table and "000001_10" in table
+    assert "| d1/pooled (%) |" in table and "| epe/pooled (px) |" in table and "000001_10" in table
     panels = sorted((out / "images").glob("*.png"))
     assert len(panels) == 2
     with Image.open(panels[0]) as panel:  # left | gt | prediction | error, with headers and colour bars

@@ -59,6 +59,29 @@ def no_process_mentions(text: str) -> bool:
     return True
 
 
+# The closing paragraph of each exit code (docs/training.md, "Exit codes"): its first line.
+CLOSING = {0: "done in ", 1: "training stopped (internal error, exit code 1)", 2: "config error: ",
+           3: "non-finite steps in a row", 4: "training stopped (data error, exit code 4)",
+           5: "training stopped (checkpoint error, exit code 5)",
+           6: "training stopped (run directory in use, exit code 6)", 75: "stopped by a signal: checkpointed at step",
+           130: "training stopped (interrupted, exit code 130)"}
+
+
+def assert_clean_exit(code: int, log: str, run_dir: Path, expected: int) -> list[str]:
+    """The run ended with `expected`, its output ending in that code's one closing paragraph (at most 6 lines, no
+    traceback: only exit 1, a bug, prints one, before it), and no process of the run is left. Returns the
+    paragraph."""
+    assert code == expected, log[-3000:]
+    lines = log.rstrip().splitlines()
+    start = max(i for i, line in enumerate(lines) if CLOSING[expected] in line)
+    paragraph = lines[start:]
+    assert len(paragraph) <= 6, "\n".join(paragraph)
+    assert log.count("Traceback") == (expected == 1), log[-3000:]
+    assert not any(line.startswith(("Traceback", "  File ", "Exception in thread")) for line in paragraph)
+    assert no_process_mentions(f"train.run_dir={run_dir}"), "a trainer or loader worker outlived the run"
+    return paragraph
+
+
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory) -> Path:
     """4 steps, checkpoints at steps 2 and 4; started over leftovers of a checkpoint-less earlier start."""
@@ -66,7 +89,7 @@ def base_run(tmp_path_factory) -> Path:
     run_dir.mkdir(parents=True)
     (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 99.0}\n{"step": 2, "loss": 98.0}\n')
     code, log = finish(trainer(run_dir, "train.steps=4", "checkpoint.every=2"), run_dir)
-    assert code == 0, log[-3000:]
+    assert_clean_exit(code, log, run_dir, 0)
     return run_dir
 
 
@@ -98,7 +121,10 @@ def test_exception_on_one_rank_ends_all_ranks_and_workers_promptly(tmp_path):
     assert code != 0
     assert "[rank 0] training stopped (internal error, exit code 1): IsADirectoryError" in out
     assert f"[rank 0] no checkpoint was written yet in {run_dir}" in out
-    assert "[rank 1] stopping: another rank stopped" in out
+    # rank 1 promised "its report is above" even when its peer was killed without one, and named no checkpoint
+    assert "[rank 1] stopping: another rank's process is gone (its report is above, unless it was killed" in out
+    assert f"[rank 1] no checkpoint was written yet in {run_dir}" in out
+    assert no_process_mentions(f"train.run_dir={run_dir}"), "a trainer or loader worker outlived the run"
     assert elapsed < EXIT_BOUND_S + 60, f"{elapsed:.0f} s"
     assert no_process_mentions(f"train.run_dir={run_dir}"), "a trainer or loader worker outlived the run"
 
@@ -151,6 +177,9 @@ def test_no_usable_checkpoint_stops_with_exit_5_and_deletes_nothing(base_run, tm
     assert "step_00000004: " in log and "ds/mp_rank_00_model_states.pt: missing" in log
     assert f"step_00000002: {trainer_state}: 100 bytes, expected" in log
     assert complete_steps(run_dir / "checkpoints") == [2, 4]
+    paragraph = assert_clean_exit(code, log, run_dir, 5)
+    # the newest complete checkpoint is named, never called "intact" (it was the damaged one, issue 22)
+    assert paragraph[-1] == f"[rank 0] the newest complete checkpoint is {run_dir}/checkpoints/step_00000004 (step 4)"
 
 
 # ---- 4. disk full while saving -----------------------------------------------------------------------------------
@@ -200,7 +229,10 @@ def test_second_trainer_on_a_run_directory_is_refused_and_the_first_is_unharmed(
     assert first.poll() is None, "the first trainer must not be disturbed"
     first.send_signal(signal.SIGTERM)
     code, log = finish(first, run_dir)
-    assert code == 75, log[-3000:]
+    assert_clean_exit(code, log, run_dir, 75)
+    # "no run directory was created" before, of a directory that exists
+    assert assert_clean_exit(second.returncode, second.stderr, run_dir, 6)[-1] \
+        == f"[rank 0] nothing in {run_dir} was changed: it belongs to the trainer that holds its lock"
     assert not (run_dir / "trainer.lock").exists(), "the lock is released on exit"
     steps = [r["step"] for r in strict_metrics(run_dir) if "loss" in r]
     assert steps == sorted(set(steps)), "the refused trainer wrote into the run"
@@ -258,6 +290,7 @@ def test_missing_shards_are_refused_before_the_run_directory_exists(tmp_path):
     assert done.stderr.strip().splitlines()[-1].startswith("config error: data.train[0].shards: ")
     assert f"{tmp_path}/nowhere" in done.stderr
     assert not run_dir.exists()
+    assert_clean_exit(done.returncode, done.stderr, run_dir, 2)
 
 
 def test_base_run_logs_strict_json_with_a_grad_norm_and_drops_checkpointless_leftovers(base_run):
@@ -285,6 +318,127 @@ def test_ctrl_c_saves_the_step_in_progress_and_exits_cleanly(tmp_path):
     assert len(saved) == 1 and saved[0] in (last_logged, last_logged + 1), (last_logged, saved)
     assert f"checkpointed at step {saved[0]}" in log
     assert "Ctrl-C again to stop without saving" in log
-    assert "Traceback" not in log and "KeyboardInterrupt" not in log
-    assert no_process_mentions(f"train.run_dir={run_dir}")
+    assert "KeyboardInterrupt" not in log
+    assert assert_clean_exit(code, log, run_dir, 75)[0].endswith("exiting 75 (start the same command again to resume)")
     assert (run_dir / "checkpoints" / f"step_{saved[0]:08d}" / COMPLETE).is_file()
+
+
+# ---- the rest of the exit-code table (issue 22) ---------------------------------------------------------------------
+
+def test_internal_error_exit_1_prints_one_traceback_then_the_paragraph(tmp_path):
+    """One process (torchrun adds a traceback of its own, test above)."""
+    run_dir = tmp_path / "run"
+    (run_dir / "metrics.jsonl").mkdir(parents=True)  # the first log line fails: not a failure we name
+    code, log = finish(trainer(run_dir, "train.steps=3", "data.num_workers=0"), run_dir)
+    paragraph = assert_clean_exit(code, log, run_dir, 1)
+    assert paragraph == ["[rank 0] training stopped (internal error, exit code 1): IsADirectoryError: [Errno 21] Is a "
+                         f"directory: '{run_dir}/metrics.jsonl'", f"[rank 0] no checkpoint was written yet in {run_dir}"]
+
+
+def test_non_finite_steps_in_a_row_exit_3_naming_the_checkpoint(tmp_path):
+    """A learning rate of 1e30 makes every loss after the first update non-finite: no test hook needed."""
+    run_dir = tmp_path / "run"
+    code, log = finish(trainer(run_dir, "optim.lr=1e30", "optim.grad_clip=0", "train.max_bad_steps=2",
+                               "train.steps=6", "checkpoint.every=1", "data.num_workers=0"), run_dir)
+    paragraph = assert_clean_exit(code, log, run_dir, 3)
+    assert paragraph[0] == (f"[rank 0] stopping: 2 non-finite steps in a row at step 2 (train.max_bad_steps=2); the newest "
+                    f"checkpoint is {run_dir}/checkpoints/step_00000001")
+
+
+def test_shards_deleted_under_live_loader_workers_exit_4_without_a_traceback(tmp_path):
+    """Killing the workers on the way out set off torch's SIGCHLD handler: exit 1 and a 25-line traceback after
+    the right paragraph (issue 22)."""
+    import tarfile
+
+    # the demo's first shard as one shard per sample: the deletion is felt at the next sample, not 12 later
+    shards, entries = tmp_path / "shards", []
+    shards.mkdir()
+    with tarfile.open(REPO / "shards/demo/train/000000.tar") as demo:
+        members = demo.getmembers()
+        for key in dict.fromkeys(m.name.split(".", 1)[0] for m in members):
+            path = shards / f"{len(entries):06d}.tar"
+            with tarfile.open(path, "w") as tar:
+                for member in (m for m in members if m.name.split(".", 1)[0] == key):
+                    tar.addfile(member, demo.extractfile(member))
+            entries.append({"name": path.name, "num_samples": 1, "bytes": path.stat().st_size, "sha256": ""})
+    (shards / "manifest.json").write_text(json.dumps({"dataset": "one_per_shard", "shards": entries}))
+    run_dir = tmp_path / "run"
+    proc = trainer(run_dir, f"data.train=[{{name: demo, shards: {shards}}}]", "data.num_workers=1",
+                   "data.shard_retries=0", "data.retry_backoff_s=0", "train.steps=500", "checkpoint.every=1000")
+    wait_for_step(run_dir, 1, proc)
+    for tar in shards.glob("*.tar"):
+        tar.unlink()  # with the loader worker alive
+    code, log = finish(proc, run_dir, timeout=EXIT_BOUND_S + 200)
+    paragraph = assert_clean_exit(code, log, run_dir, 4)
+    assert str(shards) in paragraph[0] and paragraph[-1] == f"[rank 0] no checkpoint was written yet in {run_dir}"
+
+
+@pytest.fixture
+def read_only_later(tmp_path):
+    """A run directory on a bind mount that the test can make read-only (root ignores file permissions)."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    done = subprocess.run(["mount", "--bind", str(run_dir), str(run_dir)], capture_output=True, text=True)
+    assert done.returncode == 0, f"this test bind-mounts the run directory (needs root): {done.stderr}"
+    yield run_dir
+    subprocess.run(["umount", "-l", str(run_dir)], check=True)
+
+
+def test_run_directory_made_read_only_mid_run_is_a_checkpoint_error_naming_the_path(read_only_later):
+    """It was "internal error", exit 1, two tracebacks and a trainer.lock left behind (issue 22)."""
+    run_dir = read_only_later
+    proc = trainer(run_dir, "train.steps=500", "checkpoint.every=1000", "data.num_workers=0")
+    wait_for_step(run_dir, 1, proc)
+    subprocess.run(["mount", "-o", "remount,bind,ro", str(run_dir)], check=True)
+    code, log = finish(proc, run_dir, timeout=EXIT_BOUND_S + 200)
+    paragraph = assert_clean_exit(code, log, run_dir, 5)
+    assert f"cannot write {run_dir}/" in paragraph[0] and "read-only file system" in paragraph[0]
+    # the lock cannot go (read-only); it says so, and the next trainer takes over the dead holder's lock
+    assert f"could not remove the lock {run_dir}/trainer.lock (Read-only file system)" in log
+    subprocess.run(["mount", "-o", "remount,bind,rw", str(run_dir)], check=True)
+    code, log = finish(trainer(run_dir, "train.steps=1", "checkpoint.every=1000", "data.num_workers=0"), run_dir)
+    assert_clean_exit(code, log, run_dir, 0)
+
+
+def test_second_ctrl_c_stops_at_once_with_130(tmp_path):
+    """The second Ctrl-C counts after the trainer's debounce (a terminal may deliver one press twice): slow steps
+    (12 GRU iterations on larger crops) keep the step in progress past it."""
+    from stereo.train.signals import INTERRUPT_DEBOUNCE_S
+
+    run_dir = tmp_path / "run"
+    proc = trainer(run_dir, "train.steps=500", "checkpoint.every=1000", "data.num_workers=0", "model.train_iters=12",
+                   "augment.crop=[128,256]")
+    wait_for_step(run_dir, 1, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(INTERRUPT_DEBOUNCE_S + 0.3)
+    os.killpg(proc.pid, signal.SIGINT)
+    code, log = finish(proc, run_dir)
+    paragraph = assert_clean_exit(code, log, run_dir, 130)
+    assert "interrupted again: stopped without saving the step in progress" in paragraph[0]
+    assert not (run_dir / "trainer.lock").exists()
+
+
+# code -> the test above whose run ends with it (each checks its closing paragraph with assert_clean_exit)
+EXIT_CASES = {0: "base_run",
+              1: "test_internal_error_exit_1_prints_one_traceback_then_the_paragraph",
+              2: "test_missing_shards_are_refused_before_the_run_directory_exists",
+              3: "test_non_finite_steps_in_a_row_exit_3_naming_the_checkpoint",
+              4: "test_shards_deleted_under_live_loader_workers_exit_4_without_a_traceback",
+              5: "test_no_usable_checkpoint_stops_with_exit_5_and_deletes_nothing",
+              6: "test_second_trainer_on_a_run_directory_is_refused_and_the_first_is_unharmed",
+              75: "test_ctrl_c_saves_the_step_in_progress_and_exits_cleanly",
+              130: "test_second_ctrl_c_stops_at_once_with_130"}
+
+
+def test_every_row_of_the_exit_code_table_has_a_case():
+    import re
+
+    from stereo.exitcodes import MEANING
+
+    text = (REPO / "docs" / "training.md").read_text().split("## Exit codes", 1)[1].split("\n## ", 1)[0]
+    documented = [int(code) for code in re.findall(r"^\| (\d+) \|", text, re.M)]
+    assert sorted(documented) == sorted(MEANING) == sorted(EXIT_CASES)
+    module = Path(__file__).read_text()
+    for name in EXIT_CASES.values():
+        body = re.split(r"\n(?:def |@)", module.split(f"\ndef {name}(", 1)[1], maxsplit=1)[0]
+        assert "assert_clean_exit(" in body, name

@@ -71,11 +71,12 @@ def test_make_keeps_upper_case_variables_and_dotted_overrides_apart():
 
 
 @pytest.mark.parametrize("target, args, missing, example", [
-    ("eval", [], "CKPT BENCH DATA", "make eval CKPT=runs/demo BENCH=demo"),
+    ("eval", [], "CKPT BENCH", "make eval CKPT=runs/demo BENCH=demo"),  # DATA only once BENCH says it needs one
     ("eval", ["BENCH=demo"], "CKPT", "make eval CKPT=runs/demo BENCH=demo"),
     ("eval", ["CKPT=runs/x", "BENCH=kitti15"], "DATA", "DATA=/data/KITTI"),
     ("infer", ["CKPT=runs/x"], "LEFT RIGHT OUT", "LEFT=shards/demo/motorcycle/left.png"),
     ("export", [], "RUN OUT", "make export RUN=runs/demo OUT=runs/demo/model.pth"),
+    ("mlflow-upload", [], "RUN", "make mlflow-upload RUN=runs/demo"),
 ])
 def test_missing_arguments_fail_in_make_before_python(target, args, missing, example):
     proc = make(target, *args)
@@ -92,3 +93,22 @@ def test_fresh_clone_without_venv_says_run_make_setup(tmp_path):
     (line,) = proc.stderr.splitlines()
     assert line.endswith(".venv/bin/python not found: run `make setup` first.  Stop.")
     assert make("help", cwd=tmp_path).returncode == 0  # targets without Python still work
+
+
+def test_make_resume_continues_the_named_or_the_newest_run(tmp_path):
+    shutil.copy(REPO / "Makefile", tmp_path / "Makefile")
+    for name in ("older", "newer"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "config.yaml").write_text("name: tiny\n")
+        os.utime(tmp_path / "runs" / name / "config.yaml", (1e9, 1e9 if name == "older" else 2e9))
+    python = f"PY={sys.executable}"
+
+    def command(*args: str) -> str:  # the recipe line, its continuation joined
+        return " ".join(make("-n", "resume", python, *args, cwd=tmp_path).stdout.replace("\\\n", " ").split())
+
+    assert f"{sys.executable} -m stereo train runs/newer/config.yaml 'train.run_dir=runs/newer'" in command()
+    assert "runs/older/config.yaml 'train.run_dir=runs/older' 'train.steps=20'" in command("RUN=runs/older",
+                                                                                          "train.steps=20")
+    shutil.rmtree(tmp_path / "runs")
+    none = make("resume", python, cwd=tmp_path)
+    assert none.returncode == 2 and "no run directory in runs/" in none.stderr

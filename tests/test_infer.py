@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -131,3 +134,12 @@ def test_infer_precision(checkpoint_and_pair, capsys):
     assert bf16.dtype == np.float32 and 0 < np.abs(bf16 - fp32).max() < 0.05 * np.abs(fp32).max()
     assert main(args + ["--out", str(root / "fp16"), "--precision", "fp16"]) == 2
     assert "--precision: fp32 or bf16 on the CPU (fp16 needs a GPU)" in capsys.readouterr().err
+
+
+def test_infer_names_a_missing_file_before_importing_torch(tmp_path):
+    args = ["infer", "--ckpt", str(tmp_path), "--left", f"{tmp_path}/l.png", "--right", f"{tmp_path}/r.png",
+            "--out", f"{tmp_path}/out"]
+    script = f"import sys; from stereo.cli import main; code = main({args!r}); print(code, 'torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["2", "False"], done.stderr
+    assert done.stderr.strip() == f"infer: --left {tmp_path}/l.png: no such file or directory"

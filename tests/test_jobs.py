@@ -23,6 +23,7 @@ from jobs.rendezvous import expand_hostlist, master_port, trainer_env
 from jobs.submit import make_executor
 from stereo import exitcodes
 from stereo.config import load_config
+from stereo.sweep.spec import build_trials, load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -205,6 +206,73 @@ def test_container_runtimes_wrap_the_job(tmp_path):
     assert "apptainer exec --nv --bind" in srun_line and "/images/stereo.sif python -u -m submitit" in srun_line
 
 
+@pytest.fixture
+def sbatch_keeper(tmp_path, monkeypatch) -> Path:
+    """An `sbatch` first on PATH that keeps each script it is given (kept/1.sh, 2.sh, ...) and answers as sbatch
+    does: how submitit's array path writes its script is checked here without a cluster (test_slurm runs it)."""
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (tmp_path / "bin").mkdir()
+    sbatch = tmp_path / "bin" / "sbatch"
+    sbatch.write_text(f"#!/bin/bash\nn=$(( $(ls {kept} | wc -l) + 1 ))\ncp \"$1\" {kept}/$n.sh\n"
+                      "echo \"Submitted batch job $((4240 + n))\"\n")
+    sbatch.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{sbatch.parent}:{os.environ['PATH']}")
+    return kept
+
+
+def test_job_array_gets_the_signal_safe_batch_script_of_a_single_job(tmp_path, sbatch_keeper):
+    """submitit queues an array through a plain executor of its own: a sweep trial stopped by a signal was never
+    requeued (issue 22). The array's script is the single job's, with the array line added."""
+    from jobs.submit import submit_array
+
+    cfg = load_config("tiny", [])
+    jobs = [TrainingJob(python_args=["-c", "pass"], cwd=str(tmp_path), run_dir=str(tmp_path / f"t{i}"),
+                        max_requeues=5, save_timeout_s=10) for i in range(3)]
+    executor = make_executor(cfg.slurm, folder=tmp_path / "slurm", job_name="tiny-test", tasks_per_node=1,
+                             mounts=[tmp_path])
+    single = executor._make_submission_file_text(executor._submitit_command_str, "uid")
+    assert submit_array(executor, jobs, 2) == ["4241_0", "4241_1", "4241_2"]
+    array = (sbatch_keeper / "1.sh").read_text()
+    assert "#SBATCH --array=0-2%2\n" in array
+    assert "--array" not in single and "map_count" not in executor.parameters
+    # the same script, but for the array line and the log names (array id and index for the job id)
+    assert [line.replace("%A_%a", "%j") for line in array.splitlines() if "--array" not in line] \
+        == single.splitlines()
+    assert 'elif (trap \'\' TERM; exec scontrol requeue "$job"); then' in array
+    # a task's own numeric id may be the array's (every task): the shell names the task as <array>_<index>
+    assert 'job=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}' in array
+
+
+def test_sweep_arrays_share_max_concurrent(tmp_path, sbatch_keeper, monkeypatch, demo_shards):
+    """A sweep run again while trials of its earlier array still run: the new array takes only what is left of
+    max_concurrent, or waits for the earlier trials (3 trials ran at once with max_concurrent 2, issue 22)."""
+    from jobs.sweep import _submit, array_limits
+    from stereo.sweep.book import SweepDir, TrialRecord
+
+    assert array_limits(2, []) == (2, None)
+    assert array_limits(3, ["7_1"]) == (2, None)
+    assert array_limits(2, ["7_1", "7_3"]) == (2, "afterany:7_1:7_3")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "demo").symlink_to(demo_shards)
+    spec = load_sweep("tiny").with_overrides(["slurm.cpus_per_task=1"])
+    book = SweepDir(spec.name)
+    trials = build_trials(spec, book.path)
+    todo = [TrialRecord(t.id, t.overrides, t.cfg.train.run_dir) for t in trials[:3]]
+    for record in todo:
+        Path(record.run_dir).mkdir(parents=True)
+    running = [TrialRecord("t03", [], str(tmp_path / "t03"), job_id="9_3", state="running")]
+    assert _submit(spec, book, todo, trials[0], active=running) == 0
+    assert "#SBATCH --array=0-2%1\n" in (sbatch_keeper / "1.sh").read_text()
+    running.append(TrialRecord("t04", [], str(tmp_path / "t04"), job_id="9_4", state="queued"))
+    for record in todo:  # as if the first array had ended (no Slurm here to ask)
+        (Path(record.run_dir) / "slurm_job.json").unlink()
+    assert _submit(spec, book, todo, trials[0], active=running) == 0
+    second = (sbatch_keeper / "2.sh").read_text()
+    assert "#SBATCH --array=0-2%2\n" in second and "#SBATCH --dependency=afterany:9_3:9_4\n" in second
+
+
 def test_make_passes_overrides_with_spaces_and_quotes_as_one_word_each():
     env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
     done = subprocess.run(["make", "--no-print-directory", "config", "CONFIG=tiny",
@@ -241,7 +309,8 @@ def test_submit_names_every_path_that_does_not_resolve_and_writes_nothing(tmp_pa
                       ("model.pretrained.edgenext", "e.pth"), ("slurm.container_image", "stereo.sif"),
                       ("train.run_dir", f"{tmp_path}/afile is a file")]:
         assert f"{key}: " in message and path in message.split(f"{key}: ", 1)[1], (key, path, message)
-    assert "data.train[1]" not in message and "data.train[2]" not in message  # pipe: and URLs: not here
+    assert "data.train[1]" not in message  # pipe: commands run on the compute nodes only
+    assert "data.train[2].shards: s3://b/x.tar: " in message  # URLs are checked (test_remote: why they fail)
     assert not (tmp_path / "slurm").exists()
 
 
@@ -255,6 +324,25 @@ def test_submit_without_slurm_says_how_to_reach_one_and_leaves_nothing(tmp_path)
     assert "make slurm-up" in done.stderr and "export SLURM_CONF=" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 2, done.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "slurm").exists()
+
+
+def test_submit_refuses_a_run_directory_that_a_live_trainer_holds(tmp_path):
+    """Refused before anything is queued (the record of a running job is in test_slurm)."""
+    from jobs.submit import refuse_busy
+    from stereo.train.failures import RunDirBusy
+    from stereo.train.rundir import RunDirLock
+
+    run_dir = tmp_path / "my run"
+    lock = RunDirLock(run_dir).acquire()
+    try:
+        with pytest.raises(RunDirBusy) as refused:
+            refuse_busy(run_dir)
+        assert f"a live trainer holds its lock {run_dir}/trainer.lock (pid {os.getpid()}" in str(refused.value)
+        assert f"make cancel 'RUN={run_dir}'" in str(refused.value)
+    finally:
+        lock.release()
+    refuse_busy(run_dir)  # released: free again
+    assert sorted(p.name for p in run_dir.iterdir()) == []
 
 
 # --- the job, driving a real trainer process ----------------------------------------------------------------------
@@ -364,6 +452,14 @@ def test_job_past_max_requeues_refuses_to_train(tmp_path, slurm_task_env, monkey
     assert not (Path(job.run_dir) / "starts.jsonl").exists()
 
 
+def test_bench_restart_times_against_whole_second_slurm_stamps_are_never_negative():
+    from jobs.bench_restart import seconds_until
+
+    assert seconds_until(100.0, 100.7) == pytest.approx(0.15)  # requeued within the second of the save
+    assert seconds_until(100.0, 100.0) == pytest.approx(0.5)
+    assert seconds_until(103.0, 100.25) == pytest.approx(3.25)
+
+
 def test_bench_restart_reads_the_first_resumed_step_with_its_startup_record(tmp_path):
     """The trainer logs its start-up breakdown as a record of its own at the first step of a start."""
     metrics = tmp_path / "metrics.jsonl"
@@ -386,3 +482,33 @@ def test_handles_signal_reads_the_installed_handlers():
         assert handles_signal(os.getpid(), signal.SIGUSR1)
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+def test_wandb_id_read_back_by_submit_and_trainer_replaces_a_damaged_one(tmp_path, capsys):
+    """One reader for RUN_DIR/wandb_id (submit, sweep and the trainer): bytes that are not UTF-8 made submit end
+    in a traceback; a damaged id is replaced with a warning, a good one kept."""
+    from stereo.train.run_files import wandb_run_id
+
+    first = wandb_run_id(tmp_path)
+    assert len(first) == 8 and wandb_run_id(tmp_path) == first
+    (tmp_path / "wandb_id").write_bytes(b"\xff\xfe\n")
+    second = wandb_run_id(tmp_path)
+    assert second != first and (tmp_path / "wandb_id").read_text() == second + "\n"
+    assert f"{tmp_path}/wandb_id: not a wandb run id" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("junk", [b"", b"\xff\xfe", b"[1]", b'{"job_id": "1"'])
+def test_damaged_slurm_job_json_is_named_by_status_and_blocks_a_new_submit(tmp_path, junk):
+    """slurm_job.json is read back by status, logs, cancel, the sweep and submit's busy check: damaged, it is
+    named (no traceback), and submit refuses to queue over what may be a running job's record."""
+    from jobs.submit import refuse_busy
+    from stereo.train.failures import RunDirBusy
+
+    (tmp_path / "slurm_job.json").write_bytes(junk)
+    with pytest.raises(ValueError, match=f"{tmp_path}/slurm_job.json: "):
+        Submission.load(str(tmp_path))
+    done = subprocess.run([sys.executable, "-m", "stereo", "status", str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert done.returncode != 0 and f"{tmp_path}/slurm_job.json: " in done.stderr and "Traceback" not in done.stderr
+    with pytest.raises(RunDirBusy, match="unreadable"):
+        refuse_busy(tmp_path)

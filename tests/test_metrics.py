@@ -90,3 +90,11 @@ def test_shape_mismatch_is_a_clear_error():
         image_metrics(np.zeros((2, 3)), np.zeros((3, 2)))
     with pytest.raises(ValueError, match="valid mask shape"):
         image_metrics(np.zeros((2, 3)), np.ones((2, 3)), valid=np.ones((3, 3), bool))
+
+
+def test_every_metric_key_names_its_unit():
+    from stereo.eval.metrics import unit, with_unit
+
+    assert [unit(k) for k in ("epe", "val/demo_val/epe_noc/pooled", "bp_0.5/mean_image", "val/d1/pooled")] == \
+        ["px", "px", "%", "%"]
+    assert unit("loss") == "" and with_unit("loss") == "loss" and with_unit("d1/pooled") == "d1/pooled (%)"

@@ -15,7 +15,7 @@ from stereo.model.cli import manifest_rows
 from stereo.model.cost_volume import concat_volume, gwc_volume, soft_argmin
 from stereo.model.filtering import DisparityAttention, MultiheadSelfAttention
 from stereo.model.foundation_stereo import UNUSED_MODULES
-from stereo.model.lookup import GeometryLookup
+from stereo.model.lookup import build_pyramid, lookup
 from stereo.model.upsample import context_upsample
 
 MANIFESTS = Path(__file__).resolve().parents[1] / "stereo" / "model" / "manifests"
@@ -221,8 +221,7 @@ def test_geometry_lookup_matches_grid_sample():
     volume = torch.randn(2, 3, 12, 2, 10, generator=g)
     left, right = torch.randn(2, 6, 2, 10, generator=g), torch.randn(2, 6, 2, 10, generator=g)
     disp = torch.rand(2, 1, 2, 10, generator=g) * 14 - 1  # also outside [0, D-1]: zero padding
-    lookup = GeometryLookup(volume, left, right, levels=2, radius=2)
-    out = lookup(disp)
+    out = lookup(build_pyramid(volume, left, right, levels=2), disp, radius=2)
     assert out.shape == (2, 2 * 5 * (3 + 1), 2, 10)
     torch.testing.assert_close(out, _grid_sample_lookup(volume, left, right, disp, 2, 2), rtol=1e-5, atol=1e-5)
 

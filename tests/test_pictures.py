@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from stereo.pictures import (PANEL_COLUMNS, disparity_panel, disparity_tiles, nice_ticks, summary_sheet, text_size,
-                                turbo, with_disparity_bar)
+                             turbo, with_caption, with_disparity_bar)
 
 WHITE = 255
 
@@ -94,3 +94,14 @@ def test_infer_colour_picture_has_a_colour_bar_below():
     band = legend[120:]
     assert any(coloured(band[r]).mean() > 0.5 for r in range(band.shape[0]))
     assert dark(band) > 30  # "disparity" and the tick values
+
+
+def test_a_logged_picture_carries_its_caption_above():
+    """Validation pictures say their name, step and EPE in the picture (RunLogger.log_image), not only in the file
+    name."""
+    panel = disparity_panel(*sample())
+    captioned = with_caption(panel, "val/disparity_0 at step 300, motorcycle: EPE 12.66 px")
+    band = captioned.shape[0] - panel.shape[0]
+    assert captioned.shape[1] == panel.shape[1] and band >= text_size(panel.shape[1] // 3)
+    assert (captioned[band:] == panel).all()
+    assert dark(captioned[:band]) > 50 and (captioned[:band] >= 110).mean() > 0.8  # dark text on a white band

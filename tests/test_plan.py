@@ -139,6 +139,8 @@ def test_plan_command_prints_each_part_the_largest_batch_and_a_time_floor(capsys
     for line in ("optimizer states", "activations per sample", "largest batch per GPU that fits:", "time floor"):
         assert line in text
     assert f"largest batch per GPU that fits: {plan['max_batch']}" in text and "host memory" not in text
+    assert "(the step's simulation read from ~/.cache/stereo/plans, where a plan made it in" in text
+    assert "+ 1.86 GiB of ZeRO-2's reduce bucket, 500,000,000 elements whatever the model's size)" in text  # fp32
 
     assert main(args[:3] + ["deepspeed.offload_optimizer=true"] + args[3:] + ["--json"]) == 0  # the fp32 partition moves to the host
     offloaded = json.loads(capsys.readouterr().out)

@@ -80,4 +80,50 @@ def test_end_of_run_names_the_checkpoint_and_what_to_run_next(config, bench):
     assert text.splitlines()[0] == "done in 2 min 41 s: checkpoint runs/x/checkpoints/step_00000300"
     assert f"make eval CKPT=runs/x {bench}" in text
     assert "make demo-pair && make infer CKPT=runs/x LEFT=shards/demo/motorcycle/left.png" in text
-    assert "make export RUN=runs/x OUT=runs/x/model.pth" in text and 'make compare RUNS="runs/x ' in text
+    assert "make export RUN=runs/x OUT=runs/x/model.pth" in text and "make compare 'RUNS=runs/x " in text
+
+
+def test_printed_commands_keep_a_run_directory_with_spaces_and_quotes_whole(tmp_path):
+    """`make export RUN=runs/my run` was `make: *** No rule to make target 'run'` (issue 22)."""
+    run = tmp_path / "my run's dir"
+    run.mkdir()
+    text = next_steps(run, None, load_config("tiny"), 1.0)
+    export = next(line for line in text.splitlines() if "make export" in line).split("   #")[0].strip()
+    done = subprocess.run(["bash", "-c", export.replace("make ", "make --no-print-directory ", 1)], cwd=REPO,
+                          capture_output=True, text=True)
+    assert "No rule to make target" not in done.stderr and done.returncode != 0
+    assert str(run) in done.stderr, done.stderr
+
+
+def test_a_stop_between_logged_steps_says_whose_loss_the_last_line_shows():
+    stream = io.StringIO()
+    progress = TrainProgress(100, 0, stream=stream, interval_s=3600.0)
+    for step in range(1, 8):  # logged every 5 steps, stopped at step 7
+        if step % 5 == 0:
+            progress.log(SCALARS, step)
+        progress.update()
+    progress.close()
+    assert stream.getvalue().splitlines()[-1].startswith(
+        "train step 7/100 (7%)  loss 1.500  lr 1.00e-03  samples/s 3.25 (logged at step 5)  [")
+
+
+def test_resume_command_names_the_run_directory():
+    from stereo.progress import resume_command
+
+    assert resume_command(Path("runs/tiny-20261207-040000")) == "make resume RUN=runs/tiny-20261207-040000"
+    assert resume_command(Path("runs/my run")) == "make resume 'RUN=runs/my run'"
+
+
+def test_a_sweep_trial_ends_with_its_checkpoint_only():
+    """The sweep prints what next once, for all its trials (make compare SWEEP=...)."""
+    text = next_steps(Path("runs/sweeps/tiny/t00"), Path("runs/sweeps/tiny/t00/checkpoints/step_00000100"),
+                      load_config("tiny", ["logging.tags=[sweep:tiny]"]), 61.0)
+    assert text == "done in 1 min 01 s: checkpoint runs/sweeps/tiny/t00/checkpoints/step_00000100"
+
+
+def test_numbers_of_the_step_being_finished_carry_no_label():
+    """The loop logs a step's numbers before its update(): the first line shows them as they are."""
+    stream = io.StringIO()
+    progress = TrainProgress(8, 3, stream=stream, interval_s=3600.0)
+    progress.log(SCALARS, 4)
+    assert "logged at" not in stream.getvalue() and "loss 1.500" in stream.getvalue()

@@ -42,12 +42,14 @@ def test_wandb_service_killed_mid_run_does_not_stop_logging(tmp_path):
 
 
 MODES = textwrap.dedent("""
-    import json, os, sys
+    import json, os, sys, time
     from stereo.config import load_config
     from stereo.train.logging import RunLogger
 
     run_dir, overrides = sys.argv[1], sys.argv[2:]
+    started = time.monotonic()
     logger = RunLogger(run_dir, load_config("tiny", overrides), [], None, rank=0)
+    print(f"start-up: {time.monotonic() - started:.2f} s")
     logger.log(1, {"loss": 1.0, "grad_norm": float("nan")})
     mode = logger.wandb_run.settings.mode if logger.wandb_run is not None else None
     logger.finish()
@@ -99,3 +101,21 @@ def test_validation_panels_reach_wandb(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "images/val_disparity_0_00000007.png").is_file()
     assert list(tmp_path.glob("wandb/offline-run-*/files/media/images/val/disparity_0_*.png"))
+
+
+def test_wandb_init_timeout_bounds_the_whole_start(tmp_path):
+    """A server that accepts and never answers (no network): wandb's own init_timeout left out its service's start
+    and first requests, 14 s at 5 (issue 22); logging.wandb_init_timeout_s bounds the whole wait."""
+    import re
+    import socket
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)  # connections complete in the kernel; nothing is ever read or answered
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        done = run_logger(tmp_path, ["logging.wandb=online", "logging.wandb_init_timeout_s=3"],
+                          {"WANDB_API_KEY": "0" * 40, "WANDB_BASE_URL": url})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "mode: None" in done.stdout
+    assert "wandb did not start (TimeoutError: not started within logging.wandb_init_timeout_s=3 s)" in done.stderr
+    assert 3.0 <= float(re.search(r"start-up: ([\d.]+) s", done.stdout).group(1)) < 3.8

@@ -127,3 +127,19 @@ def test_a_checkpoint_from_before_a_key_existed_resumes_unless_the_key_is_set(tm
     assert check_resume_config(stored, load_config("tiny"), tmp_path) == []
     with pytest.raises(ConfigError, match=r"early_stop.eta: 2 -> 3"):
         check_resume_config(stored, load_config("tiny", ["early_stop.eta=3"]), tmp_path)
+
+
+@pytest.mark.parametrize("junk", [b"", b"\xff\xfe", b"[1, 2]", b'{"host": "x"}'])
+def test_damaged_lock_file_is_taken_over_instead_of_waited_on_forever(tmp_path, capsys, junk):
+    """trainer.lock is read back by every start: one that is no record (a kill between its creation and its first
+    write) made the next trainer wait forever, "being written this instant"."""
+    import os
+    import time
+
+    path = tmp_path / "trainer.lock"
+    path.write_bytes(junk)
+    os.utime(path, (time.time() - 60, time.time() - 60))
+    started = time.monotonic()
+    RunDirLock(tmp_path).acquire().release()
+    assert time.monotonic() - started < 5
+    assert f"{path}: not a lock record (unchanged for 60 s): taking it over" in capsys.readouterr().err

@@ -141,17 +141,7 @@ def signal_rows(cluster, expected_weights, tmp_path_factory) -> dict[str, tuple[
     jobs = {row: submit_standin(tmp_path_factory.mktemp(row), step_s=0.25) for row in SIGNAL_ROWS}
     jobs[TIME_LIMIT] = submit_standin(tmp_path_factory.mktemp(TIME_LIMIT), step_s=1.0,
                                       overrides=["slurm.time_min=1", "slurm.signal_delay_s=50"])
-    signalled: dict[str, int] = {}
-    deadline = time.monotonic() + 300
-    while len(signalled) < len(SIGNAL_ROWS) and time.monotonic() < deadline:
-        for row, command in SIGNAL_ROWS.items():
-            step = progress(Path(jobs[row].run_dir))
-            if row not in signalled and step >= 8:
-                target = jobs[row].run_dir if row == "cancel" else jobs[row].job_id
-                subprocess.run([*command, target], cwd=ROOT, check=True, capture_output=True)
-                signalled[row] = step
-        time.sleep(0.2)
-    assert len(signalled) == len(SIGNAL_ROWS), f"never reached step 8: {set(SIGNAL_ROWS) - set(signalled)}"
+    signalled = signal_all(jobs)
     wait_all_ended([submission.job_id for submission in jobs.values()], 400)
     return {row: (submission, signalled.get(row, 0)) for row, submission in jobs.items()}
 
@@ -163,9 +153,29 @@ def saved_step(log: str) -> int:
     return int(match.group(2))
 
 
+def signal_all(jobs: dict[str, Submission], target=lambda row, job: job.job_id,
+               ready=lambda row, job: progress(Path(job.run_dir))) -> dict[str, int]:
+    """Send each row's signal (to `target`) once `ready` says its stand-in passed step 8: row -> that step."""
+    signalled: dict[str, int] = {}
+    deadline = time.monotonic() + 300
+    while len(signalled) < len(jobs) and time.monotonic() < deadline:
+        for row, job in jobs.items():
+            step = ready(row, job)
+            if row not in signalled and step >= 8:
+                subprocess.run([*SIGNAL_ROWS[row], job.run_dir if row == "cancel" else target(row, job)], cwd=ROOT,
+                               check=True, capture_output=True)
+                signalled[row] = step
+        time.sleep(0.2)
+    assert len(signalled) == len(jobs), f"never reached step 8: {set(jobs) - set(signalled)}"
+    return signalled
+
+
 @pytest.mark.parametrize("row", [row for row in SIGNAL_ROWS if row != "cancel"] + [TIME_LIMIT])
 def test_signal_checkpoints_requeues_and_resumes(signal_rows, expected_weights, row):
-    submission, sent_at = signal_rows[row]
+    assert_signal_row(*signal_rows[row], expected_weights, row)
+
+
+def assert_signal_row(submission: Submission, sent_at: int, expected_weights: list[float], row: str) -> None:
     assert query(submission.job_id).state == "COMPLETED", submission.log_path().read_text()
     starts = assert_resumed_identically(submission, expected_weights)
     log = submission.log_path().read_text()
@@ -178,8 +188,9 @@ def test_signal_checkpoints_requeues_and_resumes(signal_rows, expected_weights, 
         assert starts[1]["step"] % EVERY == 0 and starts[1]["step"] <= sent_at + 1
     else:
         assert starts[1]["step"] == saved_step(log) >= sent_at  # saved at the step in progress
-    if row != "outside-requeue":  # there Slurm requeues the job itself
-        assert "requeued (restart 1 of at most 5)" in log
+    if row != "outside-requeue":  # there Slurm requeues the job itself; here only the batch shell does, and the
+        # requeue's kill may end the shell before its line (slurmstepd's then says so)
+        assert "requeued (restart 1 of at most 5)" in log or "CANCELLED AT" in log and "DUE TO JOB REQUEUE" in log
     if row.endswith("-batch") or row.endswith("-full"):
         assert f"batch shell: SIG{row.split('-')[0]}, passed on to the job's tasks as SIGUSR1" in log
     if row == TIME_LIMIT:
@@ -187,7 +198,10 @@ def test_signal_checkpoints_requeues_and_resumes(signal_rows, expected_weights, 
 
 
 def test_plain_scancel_cancels_cleanly_after_a_save(signal_rows):
-    submission, sent_at = signal_rows["cancel"]
+    assert_cancel_row(*signal_rows["cancel"])
+
+
+def assert_cancel_row(submission: Submission, sent_at: int) -> None:
     state = query(submission.job_id)
     assert state.state == "CANCELLED" and state.restarts == 0
     log = submission.log_path().read_text()
@@ -241,6 +255,87 @@ def test_bad_config_is_refused_before_the_queue(cluster, tmp_path):
     assert (last_submit.read_text() if last_submit.is_file() else None) == pointer
 
 
+# --- every signal, on sweep trials (job array tasks) ---------------------------------------------------------------
+
+def submit_standin_array(tmp: Path, rows: list[str], step_s: float, overrides: list[str] = ()) -> dict[str, Submission]:
+    """One job array with a stand-in trial per row, queued as `make sweep` queues its trials (make_executor and
+    submit_array: the same executor and batch script as a single job), all running at once; row -> its record."""
+    from jobs.submit import make_executor, submit_array
+    from jobs.job import TrainingJob
+
+    overrides = ["slurm.cpus_per_task=1", "slurm.mem_gb=1", *overrides]
+    cfg = load_config("tiny", overrides)
+    tmp.mkdir(parents=True, exist_ok=True)
+    folder = tmp / "slurm"
+    executor = make_executor(cfg.slurm, folder=folder, job_name="sweep-rows", tasks_per_node=1, mounts=[ROOT, tmp])
+    standin = write_standin(tmp)
+    trials = []
+    for row in rows:
+        run_dir = tmp / row
+        run_dir.mkdir()
+        (run_dir / "wandb_id").write_text(f"w{len(trials)}\n")
+        trials.append(TrainingJob(python_args=[str(standin), str(run_dir), str(STEPS), str(EVERY), str(step_s)],
+                                  cwd=str(ROOT), run_dir=str(run_dir), max_requeues=cfg.slurm.max_requeues,
+                                  save_timeout_s=0.75 * cfg.slurm.signal_delay_s))
+    job_ids = submit_array(executor, trials, len(trials))
+    records = {}
+    for row, job_id, trial in zip(rows, job_ids, trials):
+        records[row] = Submission(job_id=job_id, run_dir=trial.run_dir, folder=str(folder),
+                                  wandb_id=(Path(trial.run_dir) / "wandb_id").read_text().strip(), wandb_name=row,
+                                  config="tiny", overrides=overrides, submitted_at="")
+        records[row].save()
+    return records
+
+
+@pytest.fixture(scope="module")
+def sweep_trial_rows(cluster, expected_weights, tmp_path_factory) -> dict[str, tuple[Submission, int]]:
+    """The signal table on sweep trials (issue 22: a trial stopped by a signal ended FAILED, exit 75, 0 restarts).
+    Each row is a job array of two trials, the row's and its twin, both signalled through the array's id (slurmctld
+    22.05 refuses a signal to one task of an array with pending tasks, and the cluster runs 4 tasks at once), in
+    waves of two arrays that fill the cluster; the time-limit row is an array of two as well. Returns row (and
+    row-twin) -> (the trial's record, the step its stand-in had reached when the signal was sent)."""
+    tmp = tmp_path_factory.mktemp("sweep_rows")
+    rows, arrays, results = list(SIGNAL_ROWS), [], {}
+    started = time.monotonic()
+    try:
+        for wave in [rows[i:i + 2] for i in range(0, len(rows), 2)] + [[TIME_LIMIT]]:
+            trials = {}
+            for row in wave:
+                limit = ["slurm.time_min=1", "slurm.signal_delay_s=50"] if row == TIME_LIMIT else []
+                trials[row] = submit_standin_array(tmp / row, [row, f"{row}-twin"], 1.0 if limit else 0.25, limit)
+                arrays.append(trials[row][row].job_id.split("_")[0])
+            signalled = {} if wave == [TIME_LIMIT] else signal_all(
+                {row: pair[row] for row, pair in trials.items()}, target=lambda row, job: job.job_id.split("_")[0],
+                ready=lambda row, job: min(progress(Path(t.run_dir)) for t in trials[row].values()))
+            wait_all_ended([t.job_id for pair in trials.values() for t in pair.values()], 400)
+            for row, pair in trials.items():
+                for name, trial in pair.items():
+                    results[name] = (trial, signalled.get(row, 0))
+    except BaseException:  # leave no job behind on the shared cluster
+        subprocess.run(["scancel", *arrays])
+        raise
+    print(f"sweep-trial signal rows: {2 * (len(rows) + 1)} trials in {len(rows) + 1} arrays ended "
+          f"{time.monotonic() - started:.0f} s after the first was queued", file=sys.stderr)
+    cancel = results["cancel"][0]
+    script = Path(cancel.folder) / f"{cancel.job_id.split('_')[0]}_submission.sh"
+    assert "#SBATCH --array=0-1%2" in script.read_text() and 'exec scontrol requeue "$job"' in script.read_text()
+    return results
+
+
+SWEEP_ROWS = [row for row in SIGNAL_ROWS if row != "cancel"] + [TIME_LIMIT]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("row", [*SWEEP_ROWS, *(f"{row}-twin" for row in SWEEP_ROWS)])
+def test_sweep_trial_signal_checkpoints_requeues_and_resumes(sweep_trial_rows, expected_weights, row):
+    assert_signal_row(*sweep_trial_rows[row], expected_weights, row.removesuffix("-twin"))
+
+
+@pytest.mark.slow
+def test_sweep_trial_plain_scancel_cancels_cleanly_after_a_save(sweep_trial_rows):
+    assert_cancel_row(*sweep_trial_rows["cancel"])
+
+
 def make(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """A make of its own: none of the flags or variables of a `make test` that runs these tests."""
     env = {k: v for k, v in (os.environ if env is None else env).items()
@@ -278,6 +373,53 @@ def test_unreachable_controller_is_never_a_final_state(cluster, tmp_path):
         assert cancel.returncode != 0 and "nothing cancelled" in cancel.stderr and "already ended" not in cancel.stdout
     assert query(submission.job_id).state == "RUNNING"
     subprocess.run(["scancel", submission.job_id], check=True)
+
+
+def test_second_submit_into_a_busy_run_directory_is_refused_before_the_queue(cluster, tmp_path):
+    """The second job used to queue, overwrite slurm_job.json and stop with exit 6: `make status` then said FAILED
+    and `make cancel` "already ended" while the first job trained on (issue 22)."""
+    first = submit_standin(tmp_path, step_s=3.0)  # 2 minutes: it still runs when the second submit asks
+    wait_for(lambda: progress(Path(first.run_dir)) >= 1, 300, "the first job to train")
+    record = (Path(first.run_dir) / "slurm_job.json").read_text()
+    done = subprocess.run([sys.executable, "-m", "stereo", "submit", "tiny", f"train.run_dir={first.run_dir}",
+                           f"slurm.folder={tmp_path / 'second'}", "slurm.cpus_per_task=1", "slurm.mem_gb=1"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 6, done.stderr
+    assert f"{first.run_dir} is in use: job {first.job_id} is RUNNING" in done.stderr
+    assert "nothing was queued or written" in done.stderr and "Traceback" not in done.stderr
+    assert (Path(first.run_dir) / "slurm_job.json").read_text() == record and not (tmp_path / "second").exists()
+    status = make("status", f"RUN={first.run_dir}")
+    assert status.returncode == 0 and "RUNNING" in status.stdout, status.stdout
+    cancel = make("cancel", f"RUN={first.run_dir}")
+    assert cancel.returncode == 0 and f"cancelled job {first.job_id}" in cancel.stdout, cancel.stdout + cancel.stderr
+    assert wait_until_ended(first.job_id, 120) == "CANCELLED"
+
+
+def test_slurm_up_starts_only_what_is_missing_and_keeps_the_running_job(cluster, tmp_path):
+    """`make slurm-up`, which status, cancel and submit suggest when Slurm does not answer, tore the whole cluster
+    down when one daemon was down, deleting the controller's state: the job vanished from squeue while its trainer
+    went on outside Slurm (issue 22)."""
+    state = Path(cluster).parent
+    job = subprocess.run(["sbatch", "--parsable", "--nodelist=stereo-node1", "--cpus-per-task=1", "--mem=100M",
+                          f"--output={tmp_path / 'sleep.out'}", "--wrap", "sleep 300"], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    wait_for(lambda: query(job).state == "RUNNING", 120, "the job to run")
+    pids = {name: int((state / f"{name}.pid").read_text()) for name in ("slurmctld", "slurmd-stereo-node1",
+                                                                          "slurmd-stereo-node2")}
+    for name in ("slurmd-stereo-node2", "slurmctld"):  # two daemons down; the job's node keeps its slurmd
+        os.kill(pids[name], 15)
+        wait_for(lambda: not Path(f"/proc/{pids[name]}").exists(), 60, f"{name} to stop")
+    up = subprocess.run(["bash", str(ROOT / "slurm" / "local_cluster.sh"), "up"], capture_output=True, text=True)
+    assert up.returncode == 0, up.stderr
+    assert "started slurmctld slurmd(stereo-node2); kept what was running" in up.stderr, up.stderr
+    assert int((state / "slurmd-stereo-node1.pid").read_text()) == pids["slurmd-stereo-node1"]
+    assert query(job).state == "RUNNING", "the job's record was lost"
+    squeue = subprocess.run(["squeue", "-h", "-o", "%i %T"], capture_output=True, text=True).stdout
+    assert f"{job} RUNNING" in squeue
+    again = subprocess.run(["bash", str(ROOT / "slurm" / "local_cluster.sh"), "up"], capture_output=True, text=True)
+    assert again.returncode == 0 and "already up" in again.stderr
+    subprocess.run(["scancel", job], check=True)
+    assert wait_until_ended(job, 120) == "CANCELLED"
 
 
 def test_make_submit_without_slurm_says_how_and_leaves_nothing(demo_shards, tmp_path):
@@ -414,3 +556,45 @@ def test_two_nodes_preempted_resume_to_the_weights_of_one_node(tiny_runs, tmp_pa
     assert "SIGTERM: asking the trainer to save" in task0 and "requeued (restart 1 of at most 5)" in task0
     assert_clean_log(task0)
     assert_same_final_weights(tiny_runs["two_tasks"], run)
+
+
+@pytest.mark.slow
+def test_stopped_sweep_trial_requeues_and_ends_bit_identical_to_its_uninterrupted_twin(cluster, tmp_path):
+    """Two trials of one job array, queued as `make sweep` queues them (the real trainer on its trial config): the
+    second gets the preemption signal (SIGTERM) once it trained a step, saves, is requeued by the batch shell
+    and resumes; both end with the same weights. (Before issue 22 it ended FAILED with exit 75.)"""
+    from jobs.job import TrainingJob
+    from jobs.submit import make_executor, submit_array
+    from stereo.config import dump_yaml
+    from stereo.train.run_files import wandb_run_id
+
+    cfg = load_config("tiny", [*TINY, "train.steps=8", "slurm.signal_delay_s=120"])  # a slow step still saves
+    trials, records = [], []
+    for name in ("twin", "stopped"):
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        cfg.train.run_dir = str(run_dir)
+        (run_dir / "trial_config.yaml").write_text(dump_yaml(cfg))
+        trials.append(TrainingJob(python_args=["-m", "stereo", "train", str(run_dir / "trial_config.yaml")],
+                                  cwd=str(ROOT), run_dir=str(run_dir), max_requeues=cfg.slurm.max_requeues,
+                                  save_timeout_s=0.75 * cfg.slurm.signal_delay_s))
+        records.append(wandb_run_id(run_dir))
+    executor = make_executor(cfg.slurm, folder=tmp_path / "slurm", job_name="twins", tasks_per_node=1,
+                             mounts=[ROOT, tmp_path])
+    twin, stopped = submit_array(executor, trials, 2)
+    try:
+        wait_for(lambda: len((tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()) >= 2
+                 if (tmp_path / "stopped" / "metrics.jsonl").is_file() else False, 600, "the trial's first step")
+        subprocess.run(["scancel", "--signal=TERM", stopped], check=True)  # both tasks run: no pending task
+        states = wait_all_ended([twin, stopped], 900)
+    except BaseException:
+        subprocess.run(["scancel", twin.split("_")[0]])
+        raise
+    log = (tmp_path / "slurm" / f"{stopped}_0_log.out").read_text()
+    assert states == {twin: "COMPLETED", stopped: "COMPLETED"}, log
+    assert query(stopped).restarts == 1 and "requeued (restart 1 of at most 5)" in log
+    assert "SIGTERM: asking the trainer to save" in log and "the trainer saved and exited" in log
+    assert wandb_run_ids(tmp_path / "stopped") == {records[1]}
+    expected, got = final_weights(tmp_path / "twin"), final_weights(tmp_path / "stopped")
+    assert expected.keys() == got.keys() and len(expected) > 100
+    assert all(torch.equal(expected[k], got[k]) for k in expected), "the resumed trial's weights differ"

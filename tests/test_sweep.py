@@ -223,6 +223,10 @@ def test_local_rerun_trains_nothing_twice_and_a_changed_sweep_is_refused(local_s
     again = make(cwd, "sweep", "SWEEP=configs/sweeps/tiny.yaml", "LOCAL=1", *FAST)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "4 completed, 0 queued or running, 0 to run" in again.stdout
+    # what next, once for the sweep (not each trial's single-run block)
+    assert again.stdout.count("next: make compare SWEEP=configs/sweeps/tiny.yaml") == 1
+    resumed = local_sweep["resumed"]
+    assert "make export RUN=" not in resumed.stdout + resumed.stderr and "next: make compare SWEEP=" in resumed.stdout
     assert {t: metrics(r["run_dir"]) for t, r in records(cwd).items()} == before
     changed = make(cwd, "sweep", "SWEEP=configs/sweeps/tiny.yaml", "LOCAL=1", *FAST, "train.steps=9")
     assert changed.returncode == 2
@@ -274,10 +278,9 @@ def task_state(job_id: str) -> str:
 
 @pytest.fixture(scope="module")
 def slurm_sweep(cluster, tmp_path_factory, demo_shards) -> dict:  # noqa: F811 - the imported fixture
-    """The tiny sweep on Slurm: t01 preempted once it trained a step (`scontrol requeue`, what Slurm's preemption
-    in requeue mode does: SIGTERM, then a requeue; `scancel --signal` to one task of an array with pending tasks
-    is refused by slurmctld 22.05 and retried by scancel, so submitit's `_interrupt` cannot stand in), t02
-    cancelled while it runs, then the sweep resumed."""
+    """The tiny sweep on Slurm: t01 preempted once it trained a step (a job of the higher `urgent` partition that
+    needs all of t01's node: SIGTERM, the save, the batch shell's requeue; before issue 22 the array had no batch
+    shell and a preempted trial ended FAILED), t02 cancelled while it runs, then the sweep resumed."""
     cwd = project(tmp_path_factory.mktemp("slurm"))
     done = make(cwd, "sweep", "SWEEP=configs/sweeps/tiny.yaml", *FAST)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
@@ -290,7 +293,13 @@ def slurm_sweep(cluster, tmp_path_factory, demo_shards) -> dict:  # noqa: F811 -
         return condition()
 
     wait_for(lambda: sampled(lambda: trained_steps(first["t01"]["run_dir"]) >= 1), 900, "t01 to train a step")
-    subprocess.run(["scontrol", "requeue", first["t01"]["job_id"]], check=True)
+    node = subprocess.run(["squeue", "-h", "-j", first["t01"]["job_id"], "-o", "%N"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    cpus = subprocess.run(["sinfo", "-h", "-n", node, "-o", "%c"], capture_output=True, text=True,
+                          check=True).stdout.split()[0]
+    preemptor = subprocess.run(["sbatch", "--parsable", "--partition=urgent", f"--nodelist={node}",
+                                f"--cpus-per-task={cpus}", "--mem=100M", f"--output={cwd / 'urgent.out'}", "--wrap",
+                                "sleep 2"], capture_output=True, text=True, check=True).stdout.strip()
     preempted_at = trained_steps(first["t01"]["run_dir"])
     wait_for(lambda: sampled(lambda: task_state(first["t02"]["job_id"]) == "RUNNING"), 900, "t02 to start")
     subprocess.run(["scancel", first["t02"]["job_id"]], check=True)
@@ -302,6 +311,7 @@ def slurm_sweep(cluster, tmp_path_factory, demo_shards) -> dict:  # noqa: F811 -
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
     second = records(cwd)
     wait_for(lambda: task_state(second["t02"]["job_id"]) in FINAL_STATES, 900, "t02 to end again")
+    assert task_state(preemptor) == "COMPLETED"
     return {"cwd": cwd, "array": array, "first": first, "second": second, "status": status, "before": before,
             "resumed": resumed, "max_running": seen["running"], "preempted_at": preempted_at}
 
@@ -313,6 +323,7 @@ def test_sweep_is_one_job_array_with_two_trials_at_a_time(slurm_sweep):
     assert [first[t]["job_id"] for t in TRIALS] == [f"{array}_{i}" for i in range(4)]
     script = (slurm_sweep["cwd"] / f"runs/sweeps/tiny/slurm/{array}_submission.sh").read_text()
     assert "#SBATCH --array=0-3%2" in script and "#SBATCH --job-name=tiny" in script
+    assert 'exec scontrol requeue "$job"' in script  # the signal-safe batch shell of a single job
     assert slurm_sweep["max_running"] == 2  # t00 and t01 start together; never more
     trial = json.loads((Path(first["t01"]["run_dir"]) / "slurm_job.json").read_text())
     assert trial["job_id"] == first["t01"]["job_id"] and trial["wandb_name"] == "tiny " + " ".join(
@@ -328,6 +339,7 @@ def test_preempted_trial_requeues_and_ends_bit_identical(slurm_sweep, local_swee
     assert query(t01["job_id"]).restarts >= 1, "t01 was never requeued"
     log = (slurm_sweep["cwd"] / f"runs/sweeps/tiny/slurm/{t01['job_id']}_0_log.out").read_text()
     assert "start 2" in log and "trainer finished" in log
+    assert "SIGTERM: asking the trainer to save" in log and "the trainer saved and exited" in log
     reference = records(local_sweep["cwd"])["t01"]
     assert reference["overrides"] == t01["overrides"]
     expected, got = final_weights(Path(reference["run_dir"])), final_weights(Path(t01["run_dir"]))

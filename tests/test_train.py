@@ -221,6 +221,7 @@ def test_signal_on_one_rank_checkpoints_all_and_exits_75(nan_then_signal):
     assert len(saved) == 1 and 3 <= saved[0] < 50
     for rank in (0, 1):
         assert f"[rank {rank}] stopped by a signal: checkpointed at step {saved[0]}" in log
+    assert f"to resume: make resume RUN={run_dir}" in log
     assert max(r["step"] for r in metrics(run_dir)) == saved[0]
 
 

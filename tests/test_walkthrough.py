@@ -63,6 +63,8 @@ def test_readme_walkthrough_runs_as_written(scratch):
     after = float(re.search(r"before training [\d.]+ -> after ([\d.]+)", first).group(1))
     evaluated = float(re.search(r"epe/pooled: ([\d.]+)", outputs["eval"][0].stdout).group(1))
     assert abs(evaluated - after) < 1e-3 and "paper" not in outputs["eval"][0].stdout
+    # the real pair's EPE on its own line (the pooled number mixes it with the synthetic scenes)
+    assert re.search(r"\n  motorcycle \(the real Middlebury pair\): [\d.]+ -> [\d.]+ px\n", first), first[-2000:]
     assert (run / "eval/results.md").is_file() and (run / "eval/summary.png").is_file()
     # infer prints the disparity range; the colour picture carries its colour bar below the image
     assert re.search(r"disparity -?[\d.]+ \.\. [\d.]+ px", outputs["infer"][0].stdout)

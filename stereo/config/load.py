@@ -95,6 +95,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(key, " or ".join(errors + (["null"] if type(None) in args else [])))
     if origin is typing.Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool) and ("on" if value else "off") in choices:  # YAML 1.1 reads off/on as booleans
+            return "on" if value else "off"
         if value not in choices:
             close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
             raise ConfigError(key, f"one of {', '.join(map(str, choices))}, got {value!r}",

@@ -80,6 +80,7 @@ class DataConfig:
     # remote (s3://, http(s)://) and pipe: shards; endpoint and credentials come from the environment only
     shard_retries: int = 5  # failed reads in a row (without progress) before a shard counts as failed
     retry_backoff_s: float = 1.0  # wait before the first retry, doubled for each further one (at most 60 s)
+    read_timeout_s: float = 60.0  # a remote read that receives no byte for this long is stalled: reconnected
     max_failed_shard_rate: float = 0.05  # stop when more shards than this share (and more than one) failed
     cache_dir: str | None = None  # node-local copy of remote shards read once (None: no cache)
     cache_gb: float = 100.0  # the cache's size bound
@@ -97,6 +98,8 @@ class DataConfig:
             raise ConfigError("data.shard_retries", f">= 0, got {self.shard_retries}")
         if self.retry_backoff_s < 0:
             raise ConfigError("data.retry_backoff_s", f">= 0 seconds, got {self.retry_backoff_s}")
+        if self.read_timeout_s <= 0:
+            raise ConfigError("data.read_timeout_s", f"> 0 seconds, got {self.read_timeout_s}")
         if not 0.0 <= self.max_failed_shard_rate <= 1.0:
             raise ConfigError("data.max_failed_shard_rate", f"a rate in [0, 1], got {self.max_failed_shard_rate}")
         if self.cache_gb <= 0:
@@ -137,6 +140,16 @@ class AugmentConfig:
         for key in ("spatial_prob", "stretch_prob", "asymmetric_color_prob", "eraser_prob", "hflip_prob", "vflip_prob"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ConfigError(f"augment.{key}", f"a probability in [0, 1], got {getattr(self, key)}")
+        for key in ("max_stretch", "yjitter", "brightness", "contrast"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"augment.{key}", f">= 0, got {getattr(self, key)}")
+        if not 0.0 <= self.hue <= 0.5:
+            raise ConfigError("augment.hue", f"in [0, 0.5], got {self.hue}")
+        for key in ("scale", "saturation", "gamma"):
+            bounds = getattr(self, key)
+            if len(bounds) != 2 or bounds[0] > bounds[1] or (key != "scale" and bounds[0] < 0):
+                raise ConfigError(f"augment.{key}", f"[low, high] with low <= high{'' if key == 'scale' else ', >= 0'}"
+                                  f", got {bounds}")
 
 
 @dataclass
@@ -171,6 +184,17 @@ class ScheduleConfig:
     min_ratio: float = 0.0  # cosine: final lr / peak lr
     pct_start: float = 0.3  # onecycle: fraction spent rising
 
+    def validate(self) -> None:
+        if self.warmup_steps < 0:
+            raise ConfigError("schedule.warmup_steps", f">= 0 (0: no warmup), got {self.warmup_steps}")
+        for key in ("decay_at", "min_ratio"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"schedule.{key}", f"in [0, 1], got {getattr(self, key)}")
+        if self.decay_factor < 0:
+            raise ConfigError("schedule.decay_factor", f">= 0, got {self.decay_factor}")
+        if not 0.0 < self.pct_start < 1.0:
+            raise ConfigError("schedule.pct_start", f"in (0, 1), got {self.pct_start}")
+
 
 @dataclass
 class LossConfig:
@@ -181,6 +205,12 @@ class LossConfig:
     init_weight: float = 1.0
     gamma: float = 0.9
     rescale_gamma: bool = False  # RAFT-Stereo: gamma ** (15 / (N - 1))
+
+    def validate(self) -> None:
+        if self.init_weight < 0:
+            raise ConfigError("loss.init_weight", f">= 0, got {self.init_weight}")
+        if not 0.0 < self.gamma <= 1.0:
+            raise ConfigError("loss.gamma", f"in (0, 1], got {self.gamma}")
 
 
 @dataclass
@@ -196,6 +226,15 @@ class TrainConfig:
     # resume even though keys other than the cadences changed since the checkpoint (docs/training.md#resume)
     allow_config_change: bool = False
     cudnn_benchmark: bool = False  # cuDNN autotuning: faster steps, a slower first step at every (re)start
+    # torch.compile of the feature and context networks, one GRU iteration and the loss, each on its own
+    # (docs/performance.md#compilation); auto: regions on a GPU, off on a CPU (compiling there costs more than it saves)
+    compile: Literal["auto", "off", "regions"] = "auto"
+    # inductor generates fused code; aot_eager captures the same graphs (forward and backward) and runs them eagerly:
+    # a check of the capture without code generation (seconds instead of minutes on a CPU)
+    compile_backend: Literal["inductor", "aot_eager"] = "inductor"
+    # Inductor's and the FX graph caches, shared by every start of every run (a requeue compiles nothing it compiled
+    # before); default <the run directory's parent>/compile-cache. On a cluster: a shared file system.
+    compile_cache: str | None = None
     # On a GPU (train start) and at submit: refuse a config whose planned peak memory exceeds the GPU's (`make plan`);
     # false starts it anyway
     check_memory: bool = True
@@ -221,6 +260,10 @@ class DeepSpeedConfig:
         if self.offload_optimizer and self.zero_stage == 0:
             raise ConfigError("deepspeed.offload_optimizer", "zero_stage 1, 2 or 3 (ZeRO-0 has no partition to "
                               "offload), or false")
+        if self.fp16_initial_scale_power < 0:
+            raise ConfigError("deepspeed.fp16_initial_scale_power", f">= 0, got {self.fp16_initial_scale_power}")
+        if self.fp16_loss_scale_window < 1:
+            raise ConfigError("deepspeed.fp16_loss_scale_window", f">= 1, got {self.fp16_loss_scale_window}")
 
 
 @dataclass
@@ -248,11 +291,17 @@ class LoggingConfig:
     every: int = 20
     image_every: int = 1000  # 0: no training pictures
     wandb_init_timeout_s: int = 30  # a wandb that cannot start in time is skipped (metrics.jsonl has everything)
+    mlflow: bool = False  # an MLflow run beside (or instead of) wandb; experiment = logging.project
+    mlflow_tracking_uri: str | None = None  # else MLFLOW_TRACKING_URI, else RUN_DIR/mlflow.db (SQLite, no server)
+    mlflow_timeout_s: int = 10  # per request to an MLflow server; one that does not answer is skipped
 
     def validate(self) -> None:
         if self.every < 1:
             raise ConfigError("logging.every", f">= 1, got {self.every}")
-        for key in ("image_every", "wandb_init_timeout_s"):
+        if self.mlflow_tracking_uri is not None and ":" not in self.mlflow_tracking_uri:
+            raise ConfigError("logging.mlflow_tracking_uri", "a URI such as http://host:5000 or "
+                              f"sqlite:///path/mlflow.db, got {self.mlflow_tracking_uri!r}")
+        for key in ("image_every", "wandb_init_timeout_s", "mlflow_timeout_s"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"logging.{key}", f">= 0, got {getattr(self, key)}")
 
@@ -282,6 +331,15 @@ class SlurmConfig:
 
         if self.gpu not in GPUS:
             raise ConfigError("slurm.gpu", f"one of {', '.join(GPUS)}, got {self.gpu!r}")
+        for key, least in (("nodes", 1), ("gpus_per_node", 0), ("cpus_per_task", 1), ("time_min", 1),
+                           ("signal_delay_s", 1), ("max_requeues", 0)):
+            if getattr(self, key) < least:
+                raise ConfigError(f"slurm.{key}", f">= {least}, got {getattr(self, key)}")
+        if self.mem_gb is not None and self.mem_gb < 1:
+            raise ConfigError("slurm.mem_gb", f">= 1 or null, got {self.mem_gb}")
+        if self.signal_delay_s >= 60 * self.time_min:
+            raise ConfigError("slurm.signal_delay_s", f"less than slurm.time_min={self.time_min} minutes (the stop "
+                              f"signal comes this long before the time limit), got {self.signal_delay_s} s")
         for path in self.container_mounts:
             if not path.startswith("/"):
                 raise ConfigError("slurm.container_mounts", f"absolute host paths, got {path!r}")
@@ -294,6 +352,11 @@ class EvalConfig:
     iters: int | None = None  # default: model.valid_iters
     max_disp: int | None = None  # opt-in cap on evaluated ground truth; None: every valid pixel counts
     save_images: bool = True
+
+    def validate(self) -> None:
+        for key in ("iters", "max_disp"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ConfigError(f"eval.{key}", f">= 1 or null, got {getattr(self, key)}")
 
 
 @dataclass

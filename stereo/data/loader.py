@@ -14,6 +14,7 @@ import ctypes
 import logging
 import multiprocessing
 import signal
+import threading
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
@@ -60,6 +61,10 @@ def stop_workers(timeout_s: float = 5.0) -> None:
     (SIGTERM, then an unbounded join) would wait for them forever: registered to run before it, and called by the
     trainer's exit path."""
     workers = [p for p in multiprocessing.active_children() if p.daemon]
+    if workers and threading.current_thread() is threading.main_thread():
+        # torch's DataLoader turns a worker's death into an exception in the main thread (its SIGCHLD handler),
+        # which would escape the exit path with a traceback and exit 1: these deaths are ours
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for worker in workers:
         worker.kill()
     for worker in workers:
@@ -171,10 +176,14 @@ class TrainLoader:
                 totals[reason] = totals.get(reason, 0) + count
         return totals
 
+    def retries(self) -> int:
+        """Reconnects of remote reads (and re-runs of pipe: commands) so far by the roles of this rank."""
+        return sum(state.get("retries", 0) for state in self.role_states.values())
+
 
 def fetch_options(data_cfg: DataConfig) -> FetchOptions:
     cache = ShardCache(data_cfg.cache_dir, int(data_cfg.cache_gb * 1e9)) if data_cfg.cache_dir else None
-    return FetchOptions(RetryPolicy(data_cfg.shard_retries, data_cfg.retry_backoff_s), cache,
+    return FetchOptions(RetryPolicy(data_cfg.shard_retries, data_cfg.retry_backoff_s, data_cfg.read_timeout_s), cache,
                         data_cfg.max_failed_shard_rate)
 
 

@@ -61,15 +61,17 @@ class RoleState:
     cursors: dict[str, list[int]] = field(default_factory=dict)
     bad: dict[str, int] = field(default_factory=dict)  # reason -> samples (failed_shards: shards)
     opened_shards: int = 0
+    retries: int = 0  # reconnects of remote reads and re-runs of pipe: commands
 
     def to_dict(self) -> dict:
         return {"draws": self.draws, "cursors": {k: list(v) for k, v in self.cursors.items()}, "bad": dict(self.bad),
-                "opened_shards": self.opened_shards}
+                "opened_shards": self.opened_shards, "retries": self.retries}
 
     @classmethod
     def from_dict(cls, data: dict) -> "RoleState":
         return cls(int(data["draws"]), {k: [int(x) for x in v] for k, v in data["cursors"].items()},
-                   {k: int(v) for k, v in data["bad"].items()}, int(data.get("opened_shards", 0)))
+                   {k: int(v) for k, v in data["bad"].items()}, int(data.get("opened_shards", 0)),
+                   int(data.get("retries", 0)))
 
 
 def name_hash(name: str) -> int:
@@ -197,7 +199,7 @@ class DatasetCursor:
         offset = self.cursor[4] if position else 0
         index = (position - 1) * parts + part + 1 if offset else 0
         selected = position if offset else 0
-        for item in iter_streamed(shard.url, offset, self.source.fetch):
+        for item in iter_streamed(shard.url, offset, self.source.fetch, self._count_retry):
             if isinstance(item, UnreadableSample):
                 self._unit_size = selected + 1
                 yield item
@@ -216,6 +218,9 @@ class DatasetCursor:
             except UnreadableSample as bad:
                 yield bad
         self._unit_size = selected
+
+    def _count_retry(self) -> None:
+        self.state.retries += 1
 
     def _count_bad(self, bad: UnreadableSample) -> None:
         count_bad(self.state, self.role, bad.reason, bad.count, f"{self.current_shard}: {bad.detail}")

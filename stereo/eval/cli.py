@@ -23,6 +23,8 @@ from stereo.data.codecs import CodecError
 from stereo.data.sample import BadSample
 from stereo.data.sources import SourceError, parse_options
 from stereo.eval.benchmarks import BENCHMARKS, BenchmarkSamples, get_benchmark
+from stereo.eval.metrics import unit
+from stereo.eval.model_args import add_model_arguments, device_name
 from stereo.eval.runner import evaluate
 from stereo.model import build_model
 from stereo.model.io import check_state_dict, read_checkpoint, read_released_cfg
@@ -86,20 +88,6 @@ def load_model(ckpt: Path, config: str | None, size: str | None, device: torch.d
     return model.to(device), cfg, description
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The checkpoint and how to run it: shared by `eval` and `infer` (see `load_model`)."""
-    parser.add_argument("--ckpt", type=Path, required=True, help="released .pth, our export, or a run directory")
-    parser.add_argument("--config", help="model config when the checkpoint stores none (a file or configs/ name)")
-    parser.add_argument("--size", choices=["tiny", "vits", "vitb", "vitl"], help="model size when no config is known")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cuda, cuda:N or cpu (default: cuda when available)")
-    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                        help="autocast (default auto: bf16 on a GPU, fp32 on the CPU; fp16 as the released script; "
-                             "disparities stay fp32)")
-    parser.add_argument("--hierarchical", action="store_true",
-                        help="for large images (>1K): a half-resolution pass starts the full one (released --hiera)")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--bench", required=True, choices=sorted(BENCHMARKS), help="benchmark protocol")
@@ -122,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     if data is None:
         print(f"eval: --data is required for {bench.name} (its raw directory or shards)", file=sys.stderr)
         return 2
-    device = torch.device(args.device)
+    device = torch.device(device_name(args))
     precision = resolve_precision(args.precision, device, "--precision")
     try:
         samples = BenchmarkSamples(bench, data, args.limit, parse_options(args.option))
@@ -151,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     for key in bench.headline:
         value = result[key]
-        print(f"{key:>24}: {'-' if value is None else f'{value:.4f}'}")
+        print(f"{key:>24}: {'-' if value is None else f'{value:.4f} {unit(key)}'}")
     if bench.paper is not None:
         print(f"{'paper':>24}: {bench.paper} ({bench.headline[0]}, FoundationStereo zero-shot)")
     print(f"wrote {out}/results.json, results.md" + ("" if args.no_images else ", images/, summary.png"),

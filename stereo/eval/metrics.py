@@ -39,6 +39,22 @@ METRIC_NAMES: tuple[str, ...] = ("epe", *(_threshold_key(x) for x in THRESHOLDS)
 _COUNT_LEN = 2 + len(THRESHOLDS) + 1
 
 
+def unit(key: str) -> str:
+    """The unit of a metric key (`epe`, `val/bp_2_noc/pooled`, `d1/mean_image`): px for EPE, % for BP-x and D1."""
+    for part in key.split("/"):
+        name = part.removesuffix("_noc")
+        if name == "epe":
+            return "px"
+        if name == "d1" or name.startswith("bp_"):
+            return "%"
+    return ""
+
+
+def with_unit(key: str) -> str:
+    """`val/epe/pooled (px)`: how tables, sheets and plot axes name a metric."""
+    return f"{key} ({unit(key)})" if unit(key) else key
+
+
 def _as_2d(array: Any, name: str) -> np.ndarray:
     """numpy or torch, shape (H,W), (1,H,W) or (1,1,H,W) -> (H,W) numpy."""
     if hasattr(array, "detach"):  # a torch tensor (kept duck-typed so this module does not import torch)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from stereo.eval.metrics import MetricAccumulator
+from stereo.eval.metrics import MetricAccumulator, with_unit
 from stereo.pictures import disparity_panel, markdown_table, summary_sheet
 from stereo.model.infer import predict
 from stereo.progress import track
@@ -118,9 +118,10 @@ def write_report(out: Path, result: dict[str, Any], headline: Sequence[str], tit
                                                  indent=2) + "\n")
     per_image_keys = list(dict.fromkeys(k.rsplit("/", 1)[0] for k in headline))
     text = f"# {title}\n\n" + "".join(f"- {k}: {v}\n" for k, v in metadata.items()) + "\n"
-    text += markdown_table(["metric", "value"], [(k, summary.get(k)) for k in headline])
+    text += markdown_table(["metric", "value"], [(with_unit(k), summary.get(k)) for k in headline])
     text += f"\n{summary['images']} images, {summary.get('seconds_per_image') or 0:.3f} s per image\n\n"
-    text += markdown_table(["image", *per_image_keys], [(r["key"], *(r.get(k) for k in per_image_keys)) for r in rows])
+    text += markdown_table(["image", *map(with_unit, per_image_keys)],
+                           [(r["key"], *(r.get(k) for k in per_image_keys)) for r in rows])
     (out / "results.md").write_text(text)
     rank_key = per_image_keys[0]
     ranked = sorted((r for r in rows if r.get(rank_key) is not None and "panel" in r),
@@ -133,5 +134,5 @@ def write_report(out: Path, result: dict[str, Any], headline: Sequence[str], tit
     def tiles(chosen: list[dict[str, Any]]) -> list[tuple[str, float, Path]]:
         return [(r["key"], r[rank_key], out / r["panel"]) for r in chosen]
 
-    summary_sheet(out / "summary.png", f"{title}  (ranked by {rank_key})",
-                  [(k, summary.get(k)) for k in headline], tiles(worst), tiles(best), rank_key)
+    summary_sheet(out / "summary.png", f"{title}  (ranked by {with_unit(rank_key)})",
+                  [(with_unit(k), summary.get(k)) for k in headline], tiles(worst), tiles(best), with_unit(rank_key))

@@ -20,7 +20,7 @@ from stereo.model.cost_volume import concat_volume, gwc_volume, soft_argmin
 from stereo.model.filtering import Hourglass
 from stereo.model.layers import BasicConv, Conv2x
 from stereo.model.layers3d import BasicConv3d, FeatureAtt, ResnetBasicBlock3D
-from stereo.model.lookup import GeometryLookup
+from stereo.model.lookup import LookupPyramid, build_pyramid, lookup
 from stereo.model.precision import upcast
 from stereo.model.update import UpdateBlock
 from stereo.model.upsample import context_upsample
@@ -30,6 +30,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Built and kept in the state dict (strict loading of released checkpoints) but never used in forward.
 UNUSED_MODULES = ("cnet.down", "cnet.norm", "context_zqr_convs", "stem_4")
+# What `compile_regions` compiles, each on its own: the feature network (with stem_2), the context network, and one
+# GRU iteration (with its lookup and upsampling), compiled once and called for every iteration.
+REGIONS = ("feature", "context", "iteration")
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,7 @@ class FoundationStereo(nn.Module):
         self.batch_norms = [m for m in self.modules()
                             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
         self.channels_last = False
+        self.compiled: dict[str, object] = {}  # a plain dict: compiled wrappers stay out of the state dict
         for name in UNUSED_MODULES:
             self.get_submodule(name).requires_grad_(False)
 
@@ -164,6 +168,18 @@ class FoundationStereo(nn.Module):
                 fmt = torch.channels_last if p.dim() == 4 else torch.channels_last_3d
                 p.data = p.data.contiguous(memory_format=fmt)
 
+    def compile_regions(self, iteration_mode: str | None = None, backend: str = "inductor") -> None:
+        """torch.compile each of REGIONS on its own, static shapes (`dynamic=False`: a new input size compiles new
+        graphs rather than symbolic ones, which CUDA graphs cannot capture). `iteration_mode="reduce-overhead"`
+        captures the GRU iteration in CUDA graphs (GPU). The state dict is unchanged; eager and compiled modules
+        share their parameters. Wrap a call in `torch.compiler.set_stance("force_eager")` to run it eagerly."""
+        self.compiled = {name: torch.compile(getattr(self, f"_{name}_region"), dynamic=False, backend=backend,
+                                             mode=iteration_mode if name == "iteration" else None)
+                         for name in REGIONS}
+
+    def _region(self, name: str):
+        return self.compiled.get(name) or getattr(self, f"_{name}_region")
+
     # ----- forward ----------------------------------------------------------------------------------------------
 
     def _maybe_checkpoint(self, enabled: bool, fn, *args):
@@ -185,6 +201,14 @@ class FoundationStereo(nn.Module):
         volume = self.corr_feature_att(volume, left[0])
         return self.cost_agg(volume, left)
 
+    def _feature_region(self, left_n: torch.Tensor, right_n: torch.Tensor):
+        """Region `feature`: both views through the feature network together, and the left view's stem_2."""
+        if self.channels_last:
+            left_n = left_n.contiguous(memory_format=torch.channels_last)
+            right_n = right_n.contiguous(memory_format=torch.channels_last)
+        feats, vit_feat = self.feature(torch.cat([left_n, right_n], 0))
+        return feats, vit_feat, self.stem_2(left_n)
+
     def _context(self, image: torch.Tensor, vit_feat: torch.Tensor):
         levels = self.cnet(image, vit_feat)
         net = [torch.tanh(h) for h, _ in levels]
@@ -193,15 +217,25 @@ class FoundationStereo(nn.Module):
         att = [self.sam(x) for x in inp]
         return net, inp, att
 
+    def _context_region(self, image: torch.Tensor, vit_feat: torch.Tensor):
+        """Region `context`: the context network and its attention maps (checkpointed with the features)."""
+        return self._maybe_checkpoint(self.cfg.activation_checkpointing.features, self._context, image, vit_feat)
+
     def _upsample(self, disp: torch.Tensor, mask_feat: torch.Tensor, stem_2x: torch.Tensor) -> torch.Tensor:
         logits = self.spx_gru(self.spx_2_gru(mask_feat, stem_2x))
         return context_upsample(disp, logits)
 
-    def _iteration(self, lookup: GeometryLookup, net, inp, att, disp, stem_2x, upsample: bool):
-        net, mask_feat, delta = self.update_block(net, inp, att, lookup(disp), disp)
+    def _iteration(self, pyramid: LookupPyramid, net, inp, att, disp, stem_2x, upsample: bool):
+        net, mask_feat, delta = self.update_block(net, inp, att, lookup(pyramid, disp, self.cfg.corr_radius), disp)
         disp = disp + upcast(delta)
         full = self._upsample(disp, mask_feat, stem_2x) if upsample else None
         return net, disp, full
+
+    def _iteration_region(self, pyramid: LookupPyramid, net, inp, att, disp, stem_2x, upsample: bool):
+        """Region `iteration`: one GRU update, a function of tensors of fixed shapes (and the static `upsample`, always
+        true in training), with no host synchronisation: compiled once, it serves every iteration."""
+        return self._maybe_checkpoint(self.cfg.activation_checkpointing.update, self._iteration, pyramid, net, inp,
+                                      att, disp, stem_2x, upsample)
 
     def _weights_autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
         """With bf16/fp16 weights (e.g. DeepSpeed's bf16 mode, which casts the module but not its inputs) run under
@@ -232,13 +266,9 @@ class FoundationStereo(nn.Module):
         if self.channels_last and left.device.type != "cuda":
             raise ValueError("model.channels_last is for GPUs: torch's CPU backward crashes on channels-last input "
                              "(1x1 stride-2 convolutions); set model.channels_last=false on the CPU")
-        if self.channels_last:
-            left_n = left_n.contiguous(memory_format=torch.channels_last)
-            right_n = right_n.contiguous(memory_format=torch.channels_last)
-        feats, vit_feat = self.feature(torch.cat([left_n, right_n], 0))
+        feats, vit_feat, stem_2x = self._region("feature")(left_n, right_n)
         feat_l = [f[:b] for f in feats]
         feat_r = [f[b:] for f in feats]
-        stem_2x = self.stem_2(left_n)
 
         volume = self._maybe_checkpoint(ac.cost_filtering, self._cost_volume, feat_l, feat_r)
         if init_disp is None:
@@ -248,15 +278,15 @@ class FoundationStereo(nn.Module):
             if tuple(init_disp.shape) != expected:
                 raise ValueError(f"init_disp must be {expected} (1/4 resolution), got {tuple(init_disp.shape)}")
             init_disp = upcast(init_disp)
-        net, inp, att = self._maybe_checkpoint(ac.features, self._context, left_n, vit_feat[:b])
-        lookup = GeometryLookup(volume, feat_l[0], feat_r[0], self.cfg.corr_levels, self.cfg.corr_radius)
+        net, inp, att = self._region("context")(left_n, vit_feat[:b])
+        pyramid = build_pyramid(volume, feat_l[0], feat_r[0], self.cfg.corr_levels)
 
+        iteration = self._region("iteration")
         disp = init_disp
         preds = []
         for i in range(iters):
             upsample = not test_mode or i == iters - 1
-            net, disp, full = self._maybe_checkpoint(ac.update, self._iteration, lookup, net, inp, att,
-                                                     disp.detach(), stem_2x, upsample)
+            net, disp, full = iteration(pyramid, net, inp, att, disp.detach(), stem_2x, upsample)
             if full is not None:
                 preds.append(full)
         return preds[-1] if test_mode else (init_disp, preds)

@@ -7,6 +7,8 @@ share the fractional part of p, so the 2r+2 integer neighbours of floor(p) - r s
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -24,41 +26,40 @@ def sample_taps(values: torch.Tensor, position: torch.Tensor, radius: int) -> to
     return picked[..., :-1] * (1 - frac) + picked[..., 1:] * frac
 
 
-class GeometryLookup:
-    """Built once per forward from the filtered volume (B,C,D,h,w) and the 1/4 features (B,F,h,w) of both views.
+class LookupPyramid(NamedTuple):
+    """The tensors a lookup reads: per level the volume (B*h*w, C, D/2^i) and the correlation (B*h*w, 1, w/2^i),
+    and each row's column index. Plain tensors, so that a compiled GRU iteration takes them as graph inputs."""
 
-    `__call__(disp)` with disp (B,1,h,w) in 1/4-res px returns (B, levels*(2r+1)*(C+1), h, w): per level the
-    volume taps (index c*(2r+1) + tap) then the correlation taps; level i works at 1/2^i along its sampled axis.
-    """
+    geo: tuple[torch.Tensor, ...]
+    corr: tuple[torch.Tensor, ...]
+    column: torch.Tensor
 
-    def __init__(self, volume: torch.Tensor, left: torch.Tensor, right: torch.Tensor, levels: int, radius: int) -> None:
-        b, c, d, h, w = volume.shape
-        self.shape = (b, h, w)
-        self.radius = radius
-        self.device = volume.device
-        with autocast_off(self.device):
-            self._build(volume, left, right, levels)
 
-    def _build(self, volume: torch.Tensor, left: torch.Tensor, right: torch.Tensor, levels: int) -> None:
-        b, c, d, h, w = volume.shape
+def build_pyramid(volume: torch.Tensor, left: torch.Tensor, right: torch.Tensor, levels: int) -> LookupPyramid:
+    """From the filtered volume (B,C,D,h,w) and the 1/4 features (B,F,h,w) of both views; built once per forward."""
+    b, c, d, h, w = volume.shape
+    with autocast_off(volume.device):
         geo = upcast(volume).permute(0, 3, 4, 1, 2).reshape(b * h * w, c, d)
         lf = F.normalize(upcast(left), dim=1)
         rf = F.normalize(upcast(right), dim=1)
         corr = torch.einsum("bchx,bchy->bhxy", lf, rf).reshape(b * h * w, 1, w)
-        self.geo_levels = [geo]
-        self.corr_levels = [corr]
+        geo_levels, corr_levels = [geo], [corr]
         for _ in range(levels - 1):
-            self.geo_levels.append(F.avg_pool1d(self.geo_levels[-1], 2, stride=2))
-            self.corr_levels.append(F.avg_pool1d(self.corr_levels[-1], 2, stride=2))
-        self.column = torch.arange(w, device=volume.device, dtype=torch.float32).repeat(b * h)
+            geo_levels.append(F.avg_pool1d(geo_levels[-1], 2, stride=2))
+            corr_levels.append(F.avg_pool1d(corr_levels[-1], 2, stride=2))
+        column = torch.arange(w, device=volume.device, dtype=torch.float32).repeat(b * h)
+    return LookupPyramid(tuple(geo_levels), tuple(corr_levels), column)
 
-    def __call__(self, disp: torch.Tensor) -> torch.Tensor:
-        b, h, w = self.shape
-        d = upcast(disp).reshape(-1)
-        out = []
-        with autocast_off(self.device):
-            for i, (geo, corr) in enumerate(zip(self.geo_levels, self.corr_levels)):
-                scale = 2.0 ** i
-                out.append(sample_taps(geo, d / scale, self.radius).flatten(1))
-                out.append(sample_taps(corr, self.column / scale - d / scale, self.radius).flatten(1))
-        return torch.cat(out, 1).reshape(b, h, w, -1).permute(0, 3, 1, 2)
+
+def lookup(pyramid: LookupPyramid, disp: torch.Tensor, radius: int) -> torch.Tensor:
+    """disp (B,1,h,w) in 1/4-res px -> (B, levels*(2r+1)*(C+1), h, w): per level the volume taps (index
+    c*(2r+1) + tap) then the correlation taps; level i works at 1/2^i along its sampled axis."""
+    b, _, h, w = disp.shape
+    d = upcast(disp).reshape(-1)
+    out = []
+    with autocast_off(disp.device):
+        for i, (geo, corr) in enumerate(zip(pyramid.geo, pyramid.corr)):
+            scale = 2.0 ** i
+            out.append(sample_taps(geo, d / scale, radius).flatten(1))
+            out.append(sample_taps(corr, pyramid.column / scale - d / scale, radius).flatten(1))
+    return torch.cat(out, 1).reshape(b, h, w, -1).permute(0, 3, 1, 2)

@@ -49,6 +49,7 @@ class Plan:
     flops: int  # one step at `batch`, recomputation included
     operators: int
     simulate_s: float
+    cached: bool = False  # the simulation was read from the cache (made by an earlier plan, perhaps another checkout)
 
     @property
     def static_bytes(self) -> int:
@@ -154,7 +155,7 @@ def simulated_step(cfg: ModelConfig, batch: int, crop: tuple[int, int], iters: i
                       _sources_digest()], sort_keys=True)
     path = _cache_dir() / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
     if path.is_file():
-        return json.loads(path.read_text())
+        return {**json.loads(path.read_text()), "cached": True}
     from stereo.plan.simulate import simulate_step
 
     start = time.perf_counter()
@@ -164,7 +165,7 @@ def simulated_step(cfg: ModelConfig, batch: int, crop: tuple[int, int], iters: i
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(result))
     tmp.replace(path)  # atomic: ranks starting together may write the same entry
-    return result
+    return {**result, "cached": False}
 
 
 def make_plan(cfg: Config, world_size: int, gpu: Gpu, config_name: str | None = None) -> Plan:
@@ -185,7 +186,7 @@ def make_plan(cfg: Config, world_size: int, gpu: Gpu, config_name: str | None = 
                 batch=cfg.data.batch_size, trainable_params=trainable, frozen_params=frozen, states=states,
                 host_bytes=host_optimizer_bytes(trainable, world_size) if offload else 0,
                 kept_bytes=step["kept_bytes"], step_peak_bytes=step["peak_bytes"], flops=step["flops"],
-                operators=step["operators"], simulate_s=step["simulate_s"])
+                operators=step["operators"], simulate_s=step["simulate_s"], cached=step["cached"])
 
 
 def check_fits(cfg: Config, world_size: int, gpu: Gpu) -> Plan | None:

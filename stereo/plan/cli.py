@@ -9,7 +9,7 @@ import sys
 
 from stereo.config import load_config
 from stereo.config.errors import ConfigError
-from stereo.plan.budget import Plan, make_plan
+from stereo.plan.budget import BYTES, DEEPSPEED_REDUCE_BUCKET, Plan, make_plan
 from stereo.plan.gpus import GIB, GPUS
 
 
@@ -39,6 +39,7 @@ def render(plan: Plan) -> str:
     gpu = plan.gpu
     zero = f"ZeRO-{plan.zero_stage}" + (f" over {plan.world_size} GPUs" if plan.world_size > 1 else " on 1 GPU")
     rows = [(f"{name}", size) for name, size in plan.states.items()]
+    bucket = DEEPSPEED_REDUCE_BUCKET * BYTES[plan.precision]
     lines = [f"{plan.config}: {plan.size}, crop {plan.crop[0]}x{plan.crop[1]}, {plan.iters} iterations, "
              f"{plan.precision}, batch {plan.batch} per GPU, {zero}",
              f"{gpu.name}: {gpu.memory_bytes / GIB:.1f} GiB, {gpu.usable_bytes / GIB:.1f} GiB usable "
@@ -53,6 +54,9 @@ def render(plan: Plan) -> str:
               f"   {'fits' if plan.fits else 'DOES NOT FIT'}",
               *([f"  {'host memory per rank (offloaded optimizer)':<44}{plan.host_bytes / GIB:>8.2f}"]
                 if plan.host_bytes else []),
+              *([f"  (gradients: {(plan.states['gradients'] - bucket) / GIB:.2f} GiB for the trainable weights + "
+                 f"{bucket / GIB:.2f} GiB of ZeRO-{plan.zero_stage}'s reduce bucket, {DEEPSPEED_REDUCE_BUCKET:,} "
+                 f"elements whatever the model's size)"] if plan.zero_stage in (1, 2) else []),
               "",
               f"largest batch per GPU that fits: {plan.max_batch}",
               f"parameters: {plan.trainable_params / 1e6:.1f} M trainable, {plan.frozen_params / 1e6:.1f} M frozen"]
@@ -63,7 +67,9 @@ def render(plan: Plan) -> str:
     else:
         lines.append(f"time floor per step: {1000 * floor:.0f} ms ({work} at {gpu.peak_tflops:.0f} TFLOP/s; "
                      f"at most {plan.batch / floor:.1f} samples/s per GPU)")
-    lines.append(f"(the step simulated on fake tensors in {plan.simulate_s:.1f} s; cached in ~/.cache/stereo/plans)")
+    lines.append(f"(the step's simulation read from ~/.cache/stereo/plans, where a plan made it in "
+                 f"{plan.simulate_s:.1f} s)" if plan.cached else
+                 f"(the step simulated on fake tensors in {plan.simulate_s:.1f} s; cached in ~/.cache/stereo/plans)")
     return "\n".join(lines)
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from stereo.progress import make_command
 from stereo.sweep.spec import SWEEPS_ROOT
 
 SWEEP_FILE = "sweep.yaml"
@@ -78,7 +79,8 @@ class SweepDir:
     def write_spec(self, raw: dict[str, Any], origin: str) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         header = (f"# The sweep as started from {origin}.\n"
-                  f"# `make sweep SWEEP={self.path}` resumes it; `make sweep-status` / `make compare` read it.\n")
+                  f"# `{make_command('sweep', SWEEP=self.path)}` resumes it; `make sweep-status` / `make compare` "
+                  "read it.\n")
         _write_atomic(self.spec_file, header + yaml.safe_dump(raw, sort_keys=False))
 
     def read(self) -> list[TrialRecord]:

@@ -11,6 +11,7 @@ import yaml
 
 from stereo.eval.compare import Run, load_run, rank, report, show, write_plots
 from stereo.pictures import markdown_table
+from stereo.progress import make_command
 from stereo.sweep.book import SweepDir, TrialRecord, shown_state, trial_progress
 from stereo.sweep.spec import SweepSpec, load_sweep
 
@@ -20,7 +21,7 @@ def compare_sweep(sweep: str, out: Path | None, metric: str | None, direction: s
     """Write compare.md, sweep.png, loss.png and val.png; return the markdown and the output directory."""
     book = SweepDir(load_sweep(sweep).name)
     if not book.exists():
-        raise FileNotFoundError(f"{book.path}: the sweep was never started (make sweep SWEEP={sweep})")
+        raise FileNotFoundError(f"{book.path}: the sweep was never started ({make_command('sweep', SWEEP=sweep)})")
     spec, records = load_sweep(book.spec_file), book.read()
     metric, direction = metric or spec.metric, direction or spec.direction
     out = out or book.path / "compare"

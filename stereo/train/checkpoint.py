@@ -16,7 +16,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -24,10 +23,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from stereo.train.run_files import LATEST, STEP_DIR, read_latest
+
 COMPLETE = "COMPLETE"
 DS_TAG = "ds"
 CONFIG_FILE = "config.yaml"  # the resolved config the checkpoint was trained with (compared on resume)
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
 _CHUNK = 8 << 20
 
 
@@ -49,7 +49,7 @@ def complete_steps(root: Path) -> list[int]:
         return []
     steps = []
     for entry in root.iterdir():
-        match = _STEP_DIR.match(entry.name)
+        match = STEP_DIR.match(entry.name)
         if match and (entry / COMPLETE).is_file():
             steps.append(int(match.group(1)))
     return sorted(steps)
@@ -64,7 +64,7 @@ def find_checkpoint(run_dir: Path, step: int | None = None) -> Path:
     if step is not None and step not in steps:
         raise FileNotFoundError(f"{root}: no complete checkpoint at step {step} (have {steps})")
     step_dir = root / step_dir_name(steps[-1] if step is None else step)
-    problem = verify_files(step_dir, list_manifest(step_dir))
+    problem = check_files(step_dir)
     if problem:
         raise CheckpointError(f"checkpoint {step_dir} is damaged: {problem}")
     return step_dir
@@ -83,12 +83,34 @@ def file_digest(path: Path) -> list:
 
 
 def list_manifest(step_dir: Path) -> dict[str, list] | None:
-    """{relative path: [size, xxh3]} from COMPLETE; None for a checkpoint written before manifests existed."""
+    """{relative path: [size, xxh3]} from COMPLETE; None for a checkpoint written before manifests existed (its
+    COMPLETE holds the step number). Raises ValueError naming the file when COMPLETE is anything else: empty (what
+    a crash can leave), cut short, unreadable. Such a checkpoint is damaged, never taken for the older format,
+    which would turn the checksum check off."""
+    path = step_dir / COMPLETE
     try:
-        record = json.loads((step_dir / COMPLETE).read_text())
-    except (ValueError, OSError):
+        text = path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: unreadable manifest ({type(exc).__name__}: {exc})") from None
+    if text.strip().isdigit():
         return None
-    return record.get("files") if isinstance(record, dict) else None
+    try:
+        record = json.loads(text)
+    except ValueError:
+        record = None
+    if not isinstance(record, dict) or not isinstance(record.get("files"), dict) or not record["files"]:
+        shown = f"{len(text.encode())} bytes" if text.strip() else "empty"
+        raise ValueError(f"{path}: damaged manifest ({shown}; expected the JSON list of the checkpoint's files)")
+    return record["files"]
+
+
+def check_files(step_dir: Path, share: tuple[int, int] = (0, 1)) -> str | None:
+    """The first problem with the manifest or with this rank's share of the files it lists, or None."""
+    try:
+        files = list_manifest(step_dir)
+    except ValueError as exc:
+        return str(exc)
+    return verify_files(step_dir, files, share)
 
 
 def verify_files(step_dir: Path, files: dict[str, list] | None, share: tuple[int, int] = (0, 1)) -> str | None:
@@ -134,6 +156,8 @@ def describe_write_error(path: Path, exc: BaseException) -> str:
     """torch.save reports a full disk as `basic_ios::clear: iostream error`; say what really happened."""
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return "no space left on device"
+    if isinstance(exc, OSError) and exc.errno == errno.EROFS:
+        return "read-only file system (the run directory was made read-only)"
     if isinstance(exc, PermissionError):
         return f"permission denied ({exc})"
     existing = next(p for p in [path, *path.parents] if p.exists())
@@ -238,9 +262,8 @@ class CheckpointManager:
                 # un-commit first, so that a kill during the removal cannot leave a half-deleted "complete" one
                 (self.root / step_dir_name(step) / COMPLETE).unlink()
                 shutil.rmtree(self.root / step_dir_name(step))
-        latest = self.root / "latest"
-        if not latest.is_file() or latest.read_text().strip() != step_dir_name(steps[-1]):
-            _fsync_write(latest, step_dir_name(steps[-1]) + "\n")
+        if read_latest(self.root) != step_dir_name(steps[-1]):  # also rewrites a damaged pointer
+            _fsync_write(self.root / LATEST, step_dir_name(steps[-1]) + "\n")
 
     def _remove_incomplete(self) -> None:
         if not self.root.is_dir():
@@ -257,7 +280,7 @@ class CheckpointManager:
         failures = []
         for step in reversed(complete_steps(self.root)):
             step_dir = self.root / step_dir_name(step)
-            problem = _first_problem(verify_files(step_dir, list_manifest(step_dir), _world()))
+            problem = _first_problem(check_files(step_dir, _world()))
             state = None
             if problem is None:
                 state, problem = self._load(engine, step_dir)
@@ -297,9 +320,16 @@ class CheckpointManager:
 
 
 def _fsync_write(path: Path, text: str) -> None:
+    """Atomic: the file has its old content or all of the new, also after a power cut (the rename is made durable
+    by the directory's fsync)."""
     tmp = path.with_name(path.name + ".writing")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

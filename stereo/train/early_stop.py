@@ -14,6 +14,7 @@ import fcntl
 import json
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -45,9 +46,10 @@ def decide(ledger: str | Path, run: str, step: int, value: float, eta: int, dire
     with open(folder / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one run at a time reads the rung and adds itself
         own = folder / f"{run}.json"
-        if own.is_file():
-            return Rung(**{k: v for k, v in json.loads(own.read_text()).items() if k in Rung.__dataclass_fields__})
-        others = [json.loads(path.read_text()) for path in folder.glob("*.json")]
+        recorded = _entry(own) if own.is_file() else None
+        if recorded is not None:
+            return Rung(**{k: v for k, v in recorded.items() if k in Rung.__dataclass_fields__})
+        others = [e for e in map(_entry, folder.glob("*.json")) if e is not None and e["run"] != run]
         finite = math.isfinite(value)
         entry = {"run": run, "value": value if finite else None, "arrival": len(others)}
         sign = 1.0 if direction == "min" else -1.0
@@ -62,6 +64,19 @@ def decide(ledger: str | Path, run: str, step: int, value: float, eta: int, dire
         partial.write_text(json.dumps({**entry, **asdict(rung)}))
         os.replace(partial, own)
         return rung
+
+
+def _entry(path: Path) -> dict | None:
+    """One run's record at a rung; None, with a warning naming the file, when a crash or a stray write damaged it
+    (a damaged entry of this run is decided again, another run's is left out of the ranking)."""
+    try:
+        entry = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError):
+        entry = None
+    if isinstance(entry, dict) and {"run", "value", "arrival", *Rung.__dataclass_fields__} <= set(entry):
+        return entry
+    print(f"warning: {path}: damaged early-stopping record, left out", file=sys.stderr, flush=True)
+    return None
 
 
 class EarlyStop:

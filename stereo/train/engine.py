@@ -44,6 +44,22 @@ def prebuild_ops() -> None:
     ShareMemCommBuilder().load()
 
 
+def import_deepspeed():
+    """`import deepspeed` without the `import mlflow` of its autotuner (which we never run): MLflow's import is most
+    of DeepSpeed's (2 s idle, 8 s on a loaded node; docs/cluster.md "Restart time"). A run that logs to MLflow
+    imports it where it logs."""
+    if "deepspeed" not in sys.modules and "mlflow" not in sys.modules:
+        sys.modules["mlflow"] = None  # makes `import mlflow` raise ImportError: DeepSpeed then runs without it
+        try:
+            import deepspeed
+        finally:
+            if sys.modules.get("mlflow", 0) is None:
+                del sys.modules["mlflow"]
+    import deepspeed
+
+    return deepspeed
+
+
 def init_distributed() -> DistEnv:
     """torchrun sets RANK/WORLD_SIZE/MASTER_*; a bare `python -m stereo train` runs as a world of one."""
     sanitise_cuda_arch_list()
@@ -53,7 +69,7 @@ def init_distributed() -> DistEnv:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     on_gpu = torch.cuda.is_available()
     local_rank = int(os.environ["LOCAL_RANK"])
@@ -139,7 +155,7 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, precision: str) -> torc
 
 
 def build_engine(model: torch.nn.Module, cfg: Config, env: DistEnv, precision: str):
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     model.to(env.device)
     optimizer = build_optimizer(model, cfg, precision)

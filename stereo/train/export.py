@@ -77,6 +77,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="released-format checkpoint to write (.pth)")
     parser.add_argument("--ema", action="store_true", help="export the EMA weights instead of the live ones")
     parser.add_argument("--step", type=int, default=None, help="a specific complete checkpoint (default: newest)")
+    parser.add_argument("--mlflow", action="store_true",
+                        help="also attach the written files to the run's MLflow run (artifacts under export/)")
 
 
 def run(args) -> int:
@@ -93,4 +95,10 @@ def run(args) -> int:
                               config=to_dict(cfg), safetensors=True)
     print(f"exported {step_dir} ({'EMA' if args.ema else 'live'} weights, step {trainer_state['step']}) -> "
           f"{', '.join(map(str, written))}", file=sys.stderr)
+    if args.mlflow:
+        from stereo.train.trackers import MlflowTracker
+
+        tracker = MlflowTracker(args.run_dir, cfg, [], None, training=False)
+        tracker.log_files(list(map(Path, written)), "export")
+        print(f"attached to MLflow run {tracker.run_id} ({tracker.uri}) under export/", file=sys.stderr)
     return 0

@@ -10,6 +10,7 @@ ranks notice the dead peer (their collective fails) and take the same path.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import threading
@@ -59,8 +60,6 @@ def finish_within(fn: Callable[[], object], timeout_s: float) -> None:
 
 
 def failure_report(exc: BaseException, rank: int, run_dir: Path | None, code: int) -> str:
-    from stereo.train.checkpoint import complete_steps, step_dir_name
-
     what = str(exc).strip()
     if "Original Traceback" in what:  # re-raised from a DataLoader worker: its last line says what happened
         last = what.splitlines()[-1]
@@ -68,14 +67,39 @@ def failure_report(exc: BaseException, rank: int, run_dir: Path | None, code: in
     what = what or type(exc).__name__
     if code == exitcodes.INTERNAL:
         what = f"{type(exc).__name__}: {what}"
-    kept = "no run directory was created"
-    if run_dir is not None:
-        steps = complete_steps(Path(run_dir) / "checkpoints")
-        kept = (f"the last complete checkpoint is {Path(run_dir) / 'checkpoints' / step_dir_name(steps[-1])} "
-                f"(step {steps[-1]}), intact" if steps
-                else f"no checkpoint was written yet in {run_dir}")
     return (f"[rank {rank}] training stopped ({exitcodes.MEANING[code]}, exit code {code}): {what}\n"
-            f"[rank {rank}] {kept}")
+            f"[rank {rank}] {what_is_kept(run_dir, code)}")
+
+
+def what_is_kept(run_dir: Path | None, code: int) -> str:
+    """The closing line of every failure: the checkpoint a restart resumes from (not verified here: a damaged one
+    is named above), or why there is none."""
+    from stereo.train.checkpoint import complete_steps, step_dir_name
+
+    if run_dir is None:
+        return "no run directory was created"
+    if code == exitcodes.RUN_DIR_BUSY:
+        return f"nothing in {run_dir} was changed: it belongs to the trainer that holds its lock"
+    steps = complete_steps(Path(run_dir) / "checkpoints")
+    if not steps:
+        return f"no checkpoint was written yet in {run_dir}"
+    return f"the newest complete checkpoint is {Path(run_dir) / 'checkpoints' / step_dir_name(steps[-1])} " \
+           f"(step {steps[-1]})"
+
+
+def unwritable_run_dir(exc: BaseException, run_dir: Path | None) -> Exception | None:
+    """A write into the run directory that the system refused (made read-only, permissions, full disk) as the
+    checkpoint error it is (the run cannot save), naming the path and the cause; None for anything else."""
+    refused = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT)
+    if not isinstance(exc, OSError) or exc.errno not in refused or run_dir is None or not exc.filename:
+        return None
+    path = Path(os.fsdecode(exc.filename)).absolute()
+    if not path.is_relative_to(Path(run_dir).absolute()):
+        return None
+    from stereo.train.checkpoint import CheckpointError, describe_write_error
+
+    return CheckpointError(f"cannot write {path}: {describe_write_error(path, exc)}; the run directory {run_dir} "
+                           "must stay writable for the whole run")
 
 
 class PeerFailed(RuntimeError):
@@ -135,13 +159,16 @@ def run_to_exit(train: Callable[[], int], context: ExitContext) -> None:
         if isinstance(exc, (KeyboardInterrupt, Aborted)):
             code, exc = exitcodes.INTERRUPTED, Aborted("interrupted again: stopped without saving the step in progress")
         else:
+            exc = unwritable_run_dir(exc, context.run_dir) or exc
             code = exit_code_for(exc)
             if peer_lost(exc):
-                exc = PeerFailed(code, "another rank stopped (its report is above): this rank stops too")
+                exc = PeerFailed(code, "another rank's process is gone (its report is above, unless it was killed "
+                                       "without one): this rank stops too")
             elif code == exitcodes.INTERNAL:
                 traceback.print_exc()
         if isinstance(exc, PeerFailed):
-            print(f"[rank {context.rank}] stopping: {exc}", file=sys.stderr, flush=True)
+            print(f"[rank {context.rank}] stopping: {exc}\n[rank {context.rank}] "
+                  f"{what_is_kept(context.run_dir, code)}", file=sys.stderr, flush=True)
         else:
             print(failure_report(exc, context.rank, context.run_dir, code), file=sys.stderr, flush=True)
     for cleanup in reversed(context.cleanups):

@@ -1,8 +1,9 @@
-"""Run logging: RUN_DIR/metrics.jsonl (always, strict JSON: null for a missing or non-finite value) and wandb.
+"""Run logging: RUN_DIR/metrics.jsonl (always, strict JSON: null for a missing or non-finite value), mirrored to
+the trackers the config asks for (wandb, MLflow: stereo.train.trackers).
 
-One wandb run per training: its id lives in RUN_DIR/wandb_id and is reused with resume="allow" on every restart.
-Only rank 0 logs. The API key is read by wandb from the environment and never written by us anywhere. wandb is a
-mirror of metrics.jsonl: a failed start or a dead service is one warning and the run goes on without it.
+Only rank 0 logs. API keys and server credentials are read by the trackers from the environment and never written
+by us anywhere. A tracker is a mirror of metrics.jsonl: a failed start or a dead service is one warning and the
+run goes on without it (`make mlflow-upload` sends metrics.jsonl to an MLflow server later).
 """
 
 from __future__ import annotations
@@ -10,24 +11,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
-import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from stereo.config import Config, to_dict
-
-
-def wandb_mode(setting: str) -> str:
-    """WANDB_MODE set by the user wins; `auto` is online with an API key and offline without."""
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
-    if setting == "auto":
-        return "online" if os.environ.get("WANDB_API_KEY") else "offline"
-    return setting
+from stereo.config import Config
+from stereo.train.trackers import MlflowTracker, WandbTracker, metrics_records, wandb_mode
 
 
 def strict(value):
@@ -41,32 +33,27 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
+def first_line(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+
+
 class RunLogger:
     def __init__(self, run_dir: Path, cfg: Config, overrides: list[str], git_revision: str | None, rank: int):
         self.run_dir = Path(run_dir)
         self.enabled = rank == 0
         self.metrics_path = self.run_dir / "metrics.jsonl"
-        self.wandb_run = None
-        if self.enabled and wandb_mode(cfg.logging.wandb) != "disabled":
-            try:
-                self.wandb_run = self._start_wandb(cfg, overrides, git_revision)
-            except Exception as exc:  # noqa: BLE001 - no network, bad key, broken install: the run goes on
-                first_line = (str(exc).strip().splitlines() or [""])[0]
-                warn(f"wandb did not start ({type(exc).__name__}: {first_line}); logging to {self.metrics_path} only")
+        self.trackers: list = []
+        wanted = [(WandbTracker, wandb_mode(cfg.logging.wandb) != "disabled"), (MlflowTracker, cfg.logging.mlflow)]
+        for tracker, on in wanted if self.enabled else []:
+            if on:
+                try:
+                    self.trackers.append(tracker(self.run_dir, cfg, overrides, git_revision))
+                except Exception as exc:  # noqa: BLE001 - no network, bad key, broken install: the run goes on
+                    warn(f"{tracker.name} did not start ({first_line(exc)}); logging to {self.metrics_path} only")
 
-    def _start_wandb(self, cfg: Config, overrides: list[str], git_revision: str | None):
-        import wandb
-
-        id_file = self.run_dir / "wandb_id"
-        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
-        id_file.write_text(run_id + "\n")
-        tags = list(cfg.logging.tags) + [f"config:{cfg.name}"] + ([f"git:{git_revision[:10]}"] if git_revision else [])
-        return wandb.init(
-            project=cfg.logging.project, entity=cfg.logging.entity, group=cfg.logging.group or cfg.name,
-            name=" ".join([cfg.name, *overrides]) or cfg.name, tags=tags, config=to_dict(cfg), id=run_id,
-            resume="allow", dir=str(self.run_dir), mode=wandb_mode(cfg.logging.wandb),
-            notes=f"git {git_revision}" if git_revision else None,
-            settings=wandb.Settings(init_timeout=cfg.logging.wandb_init_timeout_s))
+    @property
+    def wandb_run(self):
+        return next((t.run for t in self.trackers if t.name == "wandb"), None)
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop lines logged after the checkpoint we restart from (they will be logged again); a start
@@ -76,12 +63,16 @@ class RunLogger:
         kept = [line for line in self.metrics_path.read_text().splitlines()
                 if line.strip() and json.loads(line)["step"] <= step]
         self.metrics_path.write_text("".join(line + "\n" for line in kept))
+        # what an earlier start logged while a tracker was away reaches it now (those already there are skipped)
+        records = metrics_records(self.run_dir)
+        self._each(lambda t: t.catch_up(records))
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
             return
-        self._append({"step": step, "time": time.time(), **scalars})
-        self._to_wandb(lambda run: run.log(scalars, step=step))
+        now = time.time()
+        self._append({"step": step, "time": now, **scalars})
+        self._each(lambda t: t.log(step, scalars, now))
 
     def _append(self, record: dict) -> None:
         with open(self.metrics_path, "a") as f:
@@ -113,31 +104,32 @@ class RunLogger:
         print(f"stopped early at step {rung.step}: {rung.describe(metric)}; checkpointed", file=sys.stderr,
                   flush=True)
 
-    def log_image(self, step: int, name: str, image: np.ndarray) -> None:
-        """An (H, W, 3) uint8 picture: saved under RUN_DIR/images/ and sent to wandb."""
+    def log_image(self, step: int, name: str, image: np.ndarray, note: str = "") -> None:
+        """An (H, W, 3) uint8 picture under a caption (name, step, `note`): saved under RUN_DIR/images/ and sent to
+        the trackers."""
         if not self.enabled:
             return
         from PIL import Image
 
+        from stereo.pictures import with_caption
+
         path = self.run_dir / "images" / f"{name.replace('/', '_')}_{step:08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(path)
-        if self.wandb_run is not None:
-            import wandb
+        caption = ", ".join([f"{name} at step {step}", *([note] if note else [])])
+        Image.fromarray(with_caption(image, caption)).save(path)
+        self._each(lambda t: t.log_image(step, name, path))
 
-            self._to_wandb(lambda run: run.log({name: wandb.Image(str(path))}, step=step))
-
-    def _to_wandb(self, send) -> None:
-        """wandb is a mirror: if its service is gone (Slurm's SIGTERM reaches it too, before our checkpoint), the
-        run goes on without it; metrics.jsonl stays complete and the requeued job resumes the same wandb run."""
-        if self.wandb_run is None:
-            return
-        try:
-            send(self.wandb_run)
-        except Exception as exc:  # noqa: BLE001 - any failure of the mirror must not cost the checkpoint
-            warn(f"wandb unavailable ({type(exc).__name__}: {exc}); logging to {self.metrics_path} only")
-            self.wandb_run = None
+    def _each(self, send: Callable) -> None:
+        """Trackers are mirrors: if one's service is gone (Slurm's SIGTERM reaches wandb's too, before our
+        checkpoint; an MLflow server down), the run goes on without it, one warning; metrics.jsonl stays complete
+        and the requeued job resumes the same tracker runs."""
+        for tracker in list(self.trackers):
+            try:
+                send(tracker)
+            except Exception as exc:  # noqa: BLE001 - any failure of a mirror must not cost the checkpoint
+                warn(f"{tracker.name} unavailable ({first_line(exc)}); logging to {self.metrics_path} only")
+                self.trackers.remove(tracker)
 
     def finish(self, exit_code: int = 0) -> None:
-        self._to_wandb(lambda run: run.finish(exit_code=exit_code))
-        self.wandb_run = None
+        self._each(lambda t: t.finish(exit_code))
+        self.trackers = []

@@ -19,6 +19,7 @@ from stereo import exitcodes
 from stereo.config import Config
 from stereo.model.precision import resolve_precision
 from stereo.progress import TrainProgress
+from stereo.train import compile as compiling
 from stereo.train import engine as ds_engine
 from stereo.train.checkpoint import CheckpointManager
 from stereo.train.early_stop import EarlyStop
@@ -63,6 +64,8 @@ def train(cfg: Config, overrides: list[str], context: ExitContext) -> int:
     clock.mark("model_build")
     engine = ds_engine.build_engine(model, cfg, env, precision)
     ema = EMA(engine.module, cfg.train.ema_decay) if cfg.train.ema_decay else None
+    compiled = compiling.enabled(cfg, env.device)
+    loss_fn = compiling.compile_training(engine.module, cfg, run.path) if compiled else stereo_loss
     clock.mark("deepspeed_init")
     resumed = ckpts.resume(engine)  # the newest checkpoint that verifies, else an older one, saying why
     clock.mark("checkpoint_load")
@@ -100,7 +103,7 @@ def train(cfg: Config, overrides: list[str], context: ExitContext) -> int:
             batch = next(batches)
             window.data_wait += time.perf_counter() - wait_start
             init_disp, preds = engine(batch["left"], batch["right"], iters=cfg.model.train_iters, test_mode=False)
-            terms = stereo_loss(init_disp, preds, batch["disp"], batch["valid"], cfg.model.max_disp, cfg.loss)
+            terms = loss_fn(init_disp, preds, batch["disp"], batch["valid"], cfg.model.max_disp, cfg.loss)
             if signals.agree(~torch.isfinite(terms["total"].detach())).bad_loss:
                 state.count_bad_step(env.rank, "non-finite loss")
                 if state.bad_streak >= cfg.train.max_bad_steps:
@@ -112,8 +115,8 @@ def train(cfg: Config, overrides: list[str], context: ExitContext) -> int:
             window.add(terms, batch["left"].shape[0] * env.world_size)
         if state.bad_streak >= cfg.train.max_bad_steps:
             print(f"[rank {env.rank}] stopping: {state.bad_streak} non-finite steps in a row at step {state.step + 1} "
-                  f"(train.max_bad_steps={cfg.train.max_bad_steps}); the last good checkpoint is kept",
-                  file=sys.stderr, flush=True)
+                  f"(train.max_bad_steps={cfg.train.max_bad_steps}); the newest checkpoint is "
+                  f"{ckpts.latest() or 'none yet'}", file=sys.stderr, flush=True)
             exit_code = exitcodes.TOO_MANY_BAD_STEPS
             break
         if engine.was_step_applied():
@@ -127,6 +130,8 @@ def train(cfg: Config, overrides: list[str], context: ExitContext) -> int:
         if state.step == first_step:
             clock.mark("first_step")
             log.startup(state.step, clock.summary(run, resumed, loader.epochs()), clock.seconds)
+            if compiled:  # compiled in the first step; a later change of these counts is a recompilation
+                log.log(state.step, {f"compile/{k}": v for k, v in compiling.stats().items()})
         stop = end_step(lr, batch, preds[-1])
         if stop is not None:
             exit_code = stop
@@ -136,6 +141,8 @@ def train(cfg: Config, overrides: list[str], context: ExitContext) -> int:
     if exit_code == exitcodes.OK and state.step == cfg.train.steps:
         validator.run(state.step, "after")
         validator.print_summary()
+    if compiled:
+        log.log(state.step, {f"compile/{k}": v for k, v in compiling.stats().items()})
     log.finish(exit_code)  # before the closing lines, which wandb's summary would otherwise bury
     progress.done(exit_code, run.path, ckpts.latest(), cfg)
     if dist.is_initialized():

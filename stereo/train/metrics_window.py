@@ -38,5 +38,6 @@ class Window:
             scalars["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
         for name, count in (loader.bad_sample_counts() or {}).items():
             scalars[f"bad_samples/{name}"] = count
+        scalars["data/retries"] = loader.retries()
         self.__init__()
         return scalars

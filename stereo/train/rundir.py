@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -31,12 +32,14 @@ from stereo.train.failures import RunDirBusy
 LOCK_FILE = "trainer.lock"
 HEARTBEAT_S = 5.0
 STALE_S = 30.0
+DAMAGED_S = 5.0  # a lock file that is no record this long is damaged (a holder writes its record at once)
 
 # Keys a resume may change: how long to train and how to report, never what is trained or how (the starting
 # weights only matter to a fresh start: a resume takes every weight from its checkpoint).
 RESUMABLE = ("name", "train.steps", "train.val_every", "train.max_bad_steps", "train.allow_config_change",
-             "train.run_dir", "train.cudnn_benchmark", "train.check_memory", "logging", "checkpoint", "slurm",
-             "eval", "data.val", "data.val_samples", "model.valid_iters", "model.init_from", "model.pretrained")
+             "train.run_dir", "train.cudnn_benchmark", "train.check_memory", "train.compile", "train.compile_cache",
+             "train.compile_backend", "logging", "checkpoint", "slurm", "eval", "data.val", "data.val_samples",
+             "model.valid_iters", "model.init_from", "model.pretrained")
 
 
 def _boot_id() -> str:
@@ -70,7 +73,16 @@ class RunDirLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = self._read()
-                if holder is None:  # being written this instant, or removed: look again
+                if holder is None:  # being written this instant, removed, or damaged
+                    try:
+                        age = time.time() - self.path.stat().st_mtime
+                    except FileNotFoundError:
+                        continue
+                    if age > DAMAGED_S:  # a kill between its creation and its first write, a stray write
+                        print(f"{self.path}: not a lock record (unchanged for {age:.0f} s): taking it over",
+                              file=sys.stderr, flush=True)
+                        self._take_over()
+                        continue
                     time.sleep(0.2)
                     continue
                 verdict = self._holder_alive(holder)
@@ -103,13 +115,22 @@ class RunDirLock:
         self._stop.set()
         holder = self._read()
         if holder is not None and holder.get("pid") == self.me["pid"] and holder.get("host") == self.me["host"]:
-            self.path.unlink(missing_ok=True)
+            try:
+                self.path.unlink(missing_ok=True)
+            except OSError as exc:  # a run directory made read-only: the next trainer takes the dead lock over
+                print(f"could not remove the lock {self.path} ({exc.strerror}); the next trainer takes it over once "
+                      "this process is gone", file=sys.stderr, flush=True)
 
     def _read(self) -> dict | None:
+        """The holder's record; None while it is being written or removed, or when it is not one (damaged: such a
+        lock is taken over once it has not changed for STALE_S, as a silent holder's)."""
         try:
-            return json.loads(self.path.read_text())
+            holder = json.loads(self.path.read_bytes().decode("utf-8"))
         except (OSError, ValueError):
             return None
+        if not isinstance(holder, dict) or not isinstance(holder.get("pid"), int):
+            return None
+        return holder
 
     def _holder_alive(self, holder: dict) -> bool | None:
         if holder.get("host") != self.me["host"] or holder.get("boot_id") != self.me["boot_id"]:
@@ -133,6 +154,19 @@ class RunDirLock:
                 os.replace(tmp, self.path)
             except OSError:
                 pass  # a full disk must not kill the trainer here; the checkpoint save reports it
+
+
+def live_holder(run_dir: Path) -> dict | None:
+    """The trainer holding the run directory's lock, if it is alive (on this machine: its process; elsewhere: a
+    heartbeat newer than STALE_S); None when the directory is free or its lock is stale."""
+    lock = RunDirLock(run_dir)
+    holder = lock._read()
+    if holder is None:
+        return None
+    alive = lock._holder_alive(holder)
+    if alive is None:
+        alive = time.time() - float(holder.get("heartbeat", 0)) < STALE_S
+    return holder if alive else None
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:

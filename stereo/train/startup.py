@@ -45,9 +45,9 @@ def open_run_dir(cfg: Config, context: ExitContext) -> RunInfo:
 
     def prepare() -> tuple[int, list]:
         print(f"run directory: {path.resolve()}", flush=True)
+        context.run_dir = path  # also for a refusal: the directory exists
         lock = RunDirLock(path).acquire()
         context.cleanups.append(lambda _code: lock.release())
-        context.run_dir = path
         CheckpointManager(path, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every, 0).tidy()
         stored, where = stored_config(path)
         changes = check_resume_config(stored, cfg, where)

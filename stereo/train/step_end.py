@@ -11,7 +11,7 @@ import torch
 
 from stereo import exitcodes
 from stereo.config import Config, dump_yaml
-from stereo.progress import TrainProgress
+from stereo.progress import TrainProgress, resume_command
 from stereo.train import engine as ds_engine
 from stereo.train.checkpoint import CheckpointManager
 from stereo.train.early_stop import EarlyStop
@@ -56,7 +56,7 @@ class StepEnd:
         if step % cfg.logging.every == 0 or step == cfg.train.steps:
             scalars = self.window.flush(lr, ds_engine.grad_norm(self.engine), self.state.skipped_steps, self.loader)
             self.log.log(step, scalars)
-            self.progress.log(scalars)
+            self.progress.log(scalars, step)
         self.progress.update(1)
         if cfg.logging.image_every and step % cfg.logging.image_every == 0:
             self.log.log_image(step, "train/disparity", training_panel(batch, pred))
@@ -73,7 +73,7 @@ class StepEnd:
             return exitcodes.OK
         if agreed.stop:
             print(f"[rank {self.rank}] stopped by a signal: checkpointed at step {step}, exiting "
-                  f"{exitcodes.PREEMPTED} (start the same command again to resume)", file=sys.stderr, flush=True)
+                  f"{exitcodes.PREEMPTED}; to resume: {resume_command(self.log.run_dir)}", file=sys.stderr, flush=True)
             return exitcodes.PREEMPTED
         return None
 

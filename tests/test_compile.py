@@ -1,0 +1,222 @@
+"""`train.compile=regions`: the GRU iteration is capturable (one graph for every iteration, no host sync, static
+shapes); no graph break and no recompilation after the first step across a run with validation and a resume (tiny and
+vits); compiled losses match eager ones; a kill -9 resume of a compiled run is bit-identical; the Inductor cache is
+shared by the starts of a run; ZeRO 0-2 and activation checkpointing under compile.
+
+Trainer runs are a world of one (`python -m stereo train`), 32x64 crops, 2 GRU iterations. The structural checks use
+the aot_eager backend (dynamo and AOTAutograd capture the same graphs as for Inductor, without C++ code generation,
+which takes minutes on two cores); parity, resume and the cache use Inductor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch._dynamo.backends.common import aot_autograd
+from torch._dynamo.utils import counters
+from torch._functorch.aot_autograd import make_boxed_func
+
+from stereo.config import load_config
+from stereo.model import build_model
+from stereo.model.lookup import build_pyramid
+from stereo.train.checkpoint import complete_steps
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("demo_shards")
+FAST = ["augment.crop=[32,64]", "data.batch_size=1", "model.train_iters=2", "model.valid_iters=2",
+        "logging.every=1", "logging.image_every=0", "logging.wandb=disabled", "schedule.warmup_steps=2",
+        "deepspeed.zero_stage=0", "train.compile=regions", "data.val=[]"]
+VALIDATION = ["data.val=[{name: demo_val, shards: shards/demo/val}]", "data.val_samples=1"]
+# operators that read a tensor's value on the host or give data-dependent shapes: none may be in a captured graph
+HOST_SYNC_OPS = ("_local_scalar_dense", "item", "nonzero", "masked_select", "unique", "_assert_async", "equal",
+                 "is_nonzero")
+
+
+def launch(run_dir: Path, overrides: list[str]) -> subprocess.Popen:
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    log = open(run_dir.parent / f"{run_dir.name}.log", "a")
+    cmd = [sys.executable, "-m", "stereo", "train", "tiny", f"train.run_dir={run_dir}", *FAST, *overrides]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def train(run_dir: Path, overrides: list[str]) -> None:
+    code = launch(run_dir, overrides).wait(timeout=1800)
+    assert code == 0, (run_dir.parent / f"{run_dir.name}.log").read_text()[-4000:]
+
+
+def records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}
+
+
+def compile_records(run_dir: Path) -> list[dict]:
+    """Each start's two compile records: after its first step, and at its exit."""
+    return [{k.removeprefix("compile/"): v for k, v in r.items() if k.startswith("compile/")}
+            for r in records(run_dir) if "compile/graphs" in r]
+
+
+def assert_no_break_no_recompile(run_dir: Path, starts: int) -> list[dict]:
+    stats = compile_records(run_dir)
+    assert len(stats) == 2 * starts, stats
+    for first, last in zip(stats[::2], stats[1::2]):
+        assert first["graphs"] >= 4 and first["graph_breaks"] == 0  # feature, context, iteration, loss: one each
+        assert last == first  # validation ran eager, and nothing compiled again after the first step
+    return stats
+
+
+# --- the update iteration, in this process ---------------------------------------------------------------------
+
+def test_one_iteration_graph_serves_every_iteration_without_host_syncs_or_symbolic_shapes():
+    model = build_model(load_config("tiny").model).train()
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    torch._dynamo.reset()
+    counters.clear()
+    model.compiled = {"iteration": torch.compile(model._iteration_region, dynamic=False,
+                                                 backend=aot_autograd(fw_compiler=keep, bw_compiler=keep))}
+    left = torch.rand(1, 3, 32, 64) * 255
+    init_disp, preds = model(left, torch.roll(left, -2, 3), iters=3)
+    sum(p.mean() for p in preds).backward()
+    assert len(preds) == 3 and len(graphs) == 2  # forward and backward, captured once for three iterations
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    for gm in graphs:
+        targets = {str(node.target) for node in gm.graph.nodes if node.op == "call_function"}
+        assert not [t for t in targets if t.split(".")[1:2] and t.split(".")[1] in HOST_SYNC_OPS], targets
+        for node in gm.graph.nodes:
+            value = node.meta.get("val")
+            if isinstance(value, torch.Tensor):  # static shapes: every size a plain int, none symbolic
+                assert all(type(s) is int for s in value.shape), (node.name, value.shape)
+    model(left, left, iters=5)[1][-1].sum().backward()  # more iterations: the same graph
+    assert counters["stats"]["unique_graphs"] == 1 and len(graphs) == 2
+
+
+def test_compiled_regions_keep_the_state_dict_and_match_eager_outputs():
+    torch.manual_seed(0)
+    model = build_model(load_config("tiny").model).eval()
+    keys = list(model.state_dict())
+    left = torch.rand(1, 3, 32, 64) * 255
+    with torch.no_grad():
+        eager = model(left, torch.roll(left, -2, 3), iters=2, test_mode=True)
+        model.compile_regions(backend="aot_eager")
+        compiled = model(left, torch.roll(left, -2, 3), iters=2, test_mode=True)
+    assert list(model.state_dict()) == keys
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_lookup_pyramid_is_plain_tensors():
+    pyramid = build_pyramid(torch.randn(1, 2, 8, 2, 4), torch.randn(1, 3, 2, 4), torch.randn(1, 3, 2, 4), levels=2)
+    assert all(isinstance(t, torch.Tensor) for t in (*pyramid.geo, *pyramid.corr, pyramid.column))
+
+
+# --- trainer runs ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", ["tiny", pytest.param("vits", marks=pytest.mark.slow)])
+def test_no_graph_break_and_no_recompilation_across_validation_and_a_resume(size, tmp_path):
+    run_dir = tmp_path / "run"
+    common = [f"model.size={size}", "train.compile_backend=aot_eager", "checkpoint.every=2", "train.val_every=2",
+              *VALIDATION]
+    train(run_dir, [*common, "train.steps=3"])
+    train(run_dir, [*common, "train.steps=5"])
+    assert sorted(losses(run_dir)) == [1, 2, 3, 4, 5]
+    assert_no_break_no_recompile(run_dir, starts=2)
+    log = (tmp_path / "run.log").read_text()
+    assert log.count("validation at step") >= 4  # before, at 2, at 4 (after the resume), after
+
+
+@pytest.fixture(scope="module")
+def inductor_runs(tmp_path_factory):
+    """Eager and compiled (Inductor) runs of 20 steps, and a compiled run killed with -9 after step 11 and resumed;
+    the compiled runs share one compile cache."""
+    root = tmp_path_factory.mktemp("inductor")
+    common = ["train.steps=20", "checkpoint.every=5", f"train.compile_cache={root / 'cache'}"]
+    train(root / "eager", [*common, "train.compile=off"])
+    train(root / "compiled", common)
+    proc = launch(root / "killed", common)
+    deadline = time.time() + 600
+    while 11 not in losses(root / "killed"):
+        assert proc.poll() is None and time.time() < deadline, "the compiled run ended before step 11"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert complete_steps(root / "killed" / "checkpoints")[-1] == 10
+    train(root / "killed", common)
+    return root
+
+
+@pytest.mark.slow
+def test_compiled_losses_match_eager_within_tolerance(inductor_runs):
+    eager, compiled = losses(inductor_runs / "eager"), losses(inductor_runs / "compiled")
+    assert sorted(eager) == sorted(compiled) == list(range(1, 21))
+    # fused fp32 kernels reorder sums, and 20 updates magnify that: the aot_eager runs of the ZeRO test already differ
+    # by 1.4e-3 after one clipped update. 2e-2 is an allowance still to be checked against a measured Inductor run;
+    # a wrong gradient or a stale graph moves the losses by far more
+    worst = max(abs(compiled[s] - eager[s]) / abs(eager[s]) for s in eager)
+    assert worst < 2e-2, worst
+
+
+@pytest.mark.slow
+def test_kill9_resume_of_a_compiled_run_is_bit_identical_and_compiles_from_the_cache(inductor_runs):
+    straight, killed = losses(inductor_runs / "compiled"), losses(inductor_runs / "killed")
+    assert straight == killed  # exact, every step
+    stats = assert_no_break_no_recompile(inductor_runs / "killed", starts=2)
+    resumed = stats[2]  # the restart found every graph in the cache that the first starts filled
+    assert resumed["fx_cache_hits"] > 0 and resumed["fx_cache_misses"] == 0, resumed
+
+
+CHECKPOINTING = [f"model.activation_checkpointing.{part}=true" for part in ("features", "cost_filtering", "update")]
+
+
+@pytest.fixture(scope="module")
+def eager_checkpointed(tmp_path_factory):
+    """The eager losses the compiled ZeRO runs are held to (ZeRO-0; the stage changes no loss beyond rounding)."""
+    run_dir = tmp_path_factory.mktemp("eager") / "run"
+    train(run_dir, ["train.steps=2", "train.compile=off", *CHECKPOINTING])
+    return losses(run_dir)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_zero_stages_and_activation_checkpointing_under_compile(stage, tmp_path, eager_checkpointed):
+    train(tmp_path / "compiled", ["train.steps=2", f"deepspeed.zero_stage={stage}", *CHECKPOINTING,
+                                  "train.compile_backend=aot_eager"])
+    assert_no_break_no_recompile(tmp_path / "compiled", starts=1)
+    eager, compiled = eager_checkpointed, losses(tmp_path / "compiled")
+    assert sorted(compiled) == [1, 2]
+    # step 1 (the same weights): measured 9e-7 relative at stage 2; step 2 follows an update whose clipped gradient
+    # (norm ~9000) magnifies the float differences of the recomputed regions: measured 1.4e-3
+    assert compiled[1] == pytest.approx(eager[1], rel=1e-5)
+    assert compiled[2] == pytest.approx(eager[2], rel=1e-2)
+
+
+@pytest.mark.gpu
+def test_iteration_is_captured_in_cuda_graphs_and_replayed():
+    """The GPU half of the capturability check (`make gpu-check`): mode="reduce-overhead" records the iteration's
+    forward and backward in CUDA graphs without a skip (a host sync, a CPU tensor or a dynamic shape would skip)."""
+    torch._dynamo.reset()
+    counters.clear()
+    model = build_model(load_config("tiny").model).cuda().train()
+    model.compile_regions(iteration_mode="reduce-overhead")
+    left = torch.rand(1, 3, 64, 128, device="cuda") * 255
+    for _ in range(3):  # recorded after warm-up, then replayed
+        torch.compiler.cudagraph_mark_step_begin()
+        init_disp, preds = model(left, torch.roll(left, -2, 3), iters=3)
+        (init_disp.mean() + sum(p.mean() for p in preds)).backward()
+    torch.cuda.synchronize()
+    assert counters["inductor"]["cudagraph_skips"] == 0 and not counters["graph_break"]
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
