@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("stereo.compare_cli", "compare runs (or a sweep's trials, ranked): metrics, differences, plots"),
     "infer": ("stereo.infer", "disparity (and depth) for one stereo pair"),
     "export": ("stereo.train.export", "write a run's weights in the released checkpoint format"),
+    "export-onnx": ("stereo.deploy.cli", "export a run or checkpoint to ONNX (any image size) with a JSON sidecar"),
     "mlflow-upload": ("stereo.train.mlflow_upload", "send a run's metrics.jsonl, pictures and config to MLflow"),
     "bench": ("stereo.bench", "time a training step and inference; peak memory and MFU"),
     "plan": ("stereo.plan.cli", "per-GPU memory, largest batch and time floor of a training config (CPU only)"),
