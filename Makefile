@@ -31,8 +31,9 @@ q = '$(subst ','\'',$(1))'
 missing = $(strip $(foreach v,$(1),$(if $($(v)),,$(v))))
 require = $(if $(call missing,$(1)),$(error make $@ needs $(call missing,$(1)), for example: $(2)))
 
-.PHONY: help setup test test-gpu gpu-check train resume demo-data demo-pair shards plan bench bench-data bench-restart eval \
-        compare infer export mlflow-upload submit status logs cancel sweep sweep-status slurm-up slurm-down docker docker-build \
+.PHONY: help setup test test-vitl test-gpu gpu-check train resume demo-data demo-pair shards shards-upload plan bench \
+        bench-data bench-restart eval compare infer export export-onnx mlflow-upload submit status logs cancel sweep \
+        sweep-status slurm-up slurm-down docker docker-build \
         docker-run docker-test config clean
 
 help: ## list the targets
@@ -47,7 +48,10 @@ $(VENV)/.setup-done: requirements.txt docker/install.sh pyproject.toml
 	touch $@
 
 test: ## run the test suite (CPU; real DeepSpeed, webdataset, Slurm, wandb offline, an MLflow server)
-	$(PY) -m pytest -m "not gpu and not docker" tests
+	$(PY) -m pytest -m "not gpu and not docker and not vitl" tests
+
+test-vitl: ## the ViT-L deployment checks (ONNX export and parity on the CPU; ~15 min, ~16 GB memory)
+	$(PY) -m pytest -m vitl tests
 
 test-gpu: ## run the GPU-marked tests (on a GPU node)
 	$(PY) -m pytest -m gpu tests
@@ -79,11 +83,16 @@ config: ## print CONFIG fully resolved (validates it)
 shards: ## convert a data set: DATASET=kitti15 SRC=/data/KITTI OUT=shards/kitti15 (or s3://bucket/kitti15) [SHARD_SIZE=1GB]
 	$(PY) -m stereo shards --dataset $(DATASET) --src $(SRC) --out $(OUT) $(if $(SHARD_SIZE),--shard-size $(SHARD_SIZE))
 
-plan: ## per-GPU memory by part, largest batch, time floor of CONFIG [GPU=h100-80gb] [GPUS=n] (CPU; ~20 s a ViT-L plan)
-	$(PY) -m stereo plan $(CONFIG) $(OVERRIDES) $(if $(GPU),--gpu $(GPU)) $(if $(GPUS),--gpus $(GPUS))
+shards-upload: ## upload built shards: SRC=shards/kitti15 OUT=s3://bucket/kitti15 (endpoint, credentials: AWS_* env)
+	$(call require,SRC OUT,make shards-upload SRC=shards/kitti15 OUT=s3://bucket/kitti15)
+	$(PY) -m stereo shards-upload --src $(SRC) --out $(OUT)
 
-bench: ## time a training step and inference of the model that fits the device found (CPU: tiny) [SIZE=vitl|vitb|vits|tiny]
-	$(PY) -m stereo bench $(if $(SIZE),--size $(SIZE)) --out runs/bench.json
+plan: ## per-GPU memory by part, largest batch, time floor of CONFIG [GPU=h100-80gb] [GPUS=n] (CPU; ~20 s a ViT-L plan); INFER=HxW [PRECISION=bf16]: inference peak, largest image
+	$(PY) -m stereo plan $(CONFIG) $(OVERRIDES) $(if $(GPU),--gpu $(GPU)) $(if $(GPUS),--gpus $(GPUS)) \
+		$(if $(INFER),--infer $(INFER) $(if $(PRECISION),--precision $(PRECISION)))
+
+bench: ## time a training step and inference of the model that fits the device found (CPU: tiny) [SIZE=vitl|vitb|vits|tiny] [ONNX="tiny vits": + onnxruntime vs eager on the CPU]
+	$(PY) -m stereo bench $(if $(SIZE),--size $(SIZE)) $(if $(ONNX),--onnx $(ONNX)) --out runs/bench.json
 
 bench-data: ## data-loading throughput per core at FSD's 1280x720, vs a plain cv2 loader [OUT=figures.json]
 	OMP_NUM_THREADS=1 $(PY) -m stereo bench-data $(if $(OUT),--out $(OUT))
@@ -100,9 +109,10 @@ eval: ## evaluate: CKPT=... BENCH=kitti15 DATA=/data/KITTI (BENCH=demo: the demo
 compare: ## compare runs: RUNS="runs/a runs/b", or rank a sweep's trials: SWEEP=configs/sweeps/x.yaml
 	$(PY) -m stereo compare $(if $(SWEEP),--sweep $(SWEEP)) $(RUNS)
 
-infer: ## one pair: CKPT=... LEFT=... RIGHT=... OUT=... [HIERA=1 for large images]
+infer: ## one pair: CKPT=... LEFT=... RIGHT=... OUT=... [HIERA=1 for large images] [ENGINE=onnx CKPT=model.onnx]
 	$(call require,CKPT LEFT RIGHT OUT,make infer CKPT=runs/demo LEFT=$(PAIR)/left.png RIGHT=$(PAIR)/right.png OUT=runs/demo/motorcycle)
-	$(PY) -m stereo infer --ckpt $(call q,$(CKPT)) --left $(call q,$(LEFT)) --right $(call q,$(RIGHT)) --out $(call q,$(OUT)) $(if $(HIERA),--hierarchical)
+	$(PY) -m stereo infer --ckpt $(call q,$(CKPT)) --left $(call q,$(LEFT)) --right $(call q,$(RIGHT)) --out $(call q,$(OUT)) $(if $(HIERA),--hierarchical) \
+		$(if $(ENGINE),--engine $(ENGINE))
 
 export: ## released-format checkpoint from a run: RUN=runs/x OUT=model.pth [MLFLOW=1: attach it to the run's MLflow run]
 	$(call require,RUN OUT,make export RUN=runs/demo OUT=runs/demo/model.pth)
@@ -111,6 +121,11 @@ export: ## released-format checkpoint from a run: RUN=runs/x OUT=model.pth [MLFL
 mlflow-upload: ## send a run's metrics.jsonl, pictures, config to MLflow later: RUN=runs/x [URI=http://host:5000]
 	$(call require,RUN,make mlflow-upload RUN=runs/demo URI=http://127.0.0.1:5000)
 	$(PY) -m stereo mlflow-upload $(call q,$(RUN)) $(if $(URI),--tracking-uri $(call q,$(URI)))
+
+export-onnx: ## ONNX graph (any size, multiples of 32) + JSON sidecar: RUN=runs/x|model.pth|released-folder OUT=model.onnx [ITERS=n] [HIERA=1] [FP16=1] [ARGS=...]
+	$(call require,RUN OUT,make export-onnx RUN=runs/demo OUT=runs/demo/model.onnx)
+	$(PY) -m stereo export-onnx $(RUN) --out $(OUT) $(if $(ITERS),--iters $(ITERS)) $(if $(HIERA),--hierarchical) \
+		$(if $(FP16),--precision fp16) $(ARGS)
 
 submit: ## submit CONFIG to Slurm (config, paths and Slurm checked first; ARGS=--no-check-paths for node-only data)
 	@$(DEMO_SHARDS)

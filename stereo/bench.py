@@ -202,6 +202,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iteration-mode", choices=["default", "reduce-overhead"], default="default",
                         help="the compiled GRU iteration's mode; reduce-overhead: CUDA graphs (GPU)")
     parser.add_argument("--channels-last", action="store_true", help="NHWC weights and inputs for the 2-D convs")
+    parser.add_argument("--onnx", nargs="*", choices=SIZES, default=[],
+                        help="also onnxruntime vs PyTorch eager inference on the CPU for these sizes (stereo.deploy)")
     parser.add_argument("--out", type=Path, help="JSON file (default runs/bench/bench-<size>-<device>.json)")
 
 
@@ -335,6 +337,13 @@ def run(args: argparse.Namespace) -> int:
                 timed, args.infer_height, args.infer_width, args.infer_iters, bf16, device, args.steps, args.warmup,
                 infer_work, planned_peak_gib(cfg, infer_work, False))))
             write_report(report, out)
+    if args.onnx:
+        from stereo.deploy.timing import compare_cpu
+
+        height, width = args.infer_height // 32 * 32, args.infer_width // 32 * 32
+        report["onnx_cpu"] = [compare_cpu(model_config(size), height, width, args.infer_iters, args.steps,
+                                          args.warmup) for size in args.onnx]
+        write_report(report, out)
     print(render(report, args))
     print(f"wrote {out}", file=sys.stderr)
     return 0

@@ -15,6 +15,7 @@ from stereo.config.errors import ConfigError
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("stereo.train.cli", "train FoundationStereo (torchrun/Slurm launch it; CONFIG [a.b=value ...])"),
     "shards": ("stereo.data.cli", "convert a public stereo data set into WebDataset shards"),
+    "shards-upload": ("stereo.data.upload", "upload a folder of shards (with its manifest) to s3://, sizes checked"),
     "demo-data": ("stereo.data.demo", "write the procedurally generated demo shards"),
     "demo-pair": ("stereo.data.motorcycle", "write the Middlebury motorcycle pair bundled with scikit-image as PNGs"),
     "bench-data": ("stereo.data.bench", "measure data-loading throughput (decode + augmentation)"),
@@ -23,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("stereo.compare_cli", "compare runs (or a sweep's trials, ranked): metrics, differences, plots"),
     "infer": ("stereo.infer", "disparity (and depth) for one stereo pair"),
     "export": ("stereo.train.export", "write a run's weights in the released checkpoint format"),
+    "export-onnx": ("stereo.deploy.cli", "export a run or checkpoint to ONNX (any image size) with a JSON sidecar"),
     "mlflow-upload": ("stereo.train.mlflow_upload", "send a run's metrics.jsonl, pictures and config to MLflow"),
     "bench": ("stereo.bench", "time a training step and inference; peak memory and MFU"),
     "plan": ("stereo.plan.cli", "per-GPU memory, largest batch and time floor of a training config (CPU only)"),

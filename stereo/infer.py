@@ -1,9 +1,11 @@
 """`python -m stereo infer --ckpt CKPT --left L --right R --out DIR [--iters N] [--focal F --baseline B]
-[--hierarchical]`.
+[--hierarchical] [--engine onnx]`.
 
 Writes `disp.pfm` (float32 px), `disp.png` (16-bit, value = disparity x 256, as KITTI), `disp_color.png`
 (turbo over the 1st-99th percentile, its colour bar in px below the image) and, with --focal (px) and --baseline (m), `depth.pfm` (metres, 0 where the disparity is not positive).
-Any image size works. The checkpoint is a released-format .pth, one of our exports or a run directory; its model
+Any image size works. With `--engine onnx` (the default for a .onnx CKPT) the pair runs through onnxruntime on the CPU
+from an `export-onnx` file, whose sidecar fixes the iterations and hierarchical setting; the outputs are the same.
+Otherwise the checkpoint is a released-format .pth, one of our exports or a run directory; its model
 config comes from the checkpoint, else --config, else the released cfg.yaml beside it, else the released defaults
 of --size.
 """
@@ -85,6 +87,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iters", type=int, help="GRU iterations (default: the config's model.valid_iters)")
     parser.add_argument("--focal", type=float, help="focal length in pixels (with --baseline: writes depth.pfm)")
     parser.add_argument("--baseline", type=float, help="stereo baseline in metres")
+    parser.add_argument("--engine", choices=["torch", "onnx"],
+                        help="torch (PyTorch) or onnx (onnxruntime, CPU; CKPT an export-onnx file); default: "
+                             "onnx for a .onnx CKPT")
+
+
+def run_onnx(args: argparse.Namespace, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """The pair through an exported graph; the iterations and hierarchical setting are the graph's own."""
+    from stereo.deploy.runtime import OnnxStereo
+
+    engine = OnnxStereo(args.ckpt)
+    meta = engine.meta
+    for option, given, baked in (("--iters", args.iters, meta["iterations"]),
+                                 ("--hierarchical", args.hierarchical or None, meta["hierarchical"] or None)):
+        if given is not None and given != baked:
+            raise ConfigError(option, f"{baked} (fixed in {args.ckpt}; export again to change it)")
+    print(f"infer: {args.ckpt} (onnxruntime, {meta['model']['size']}, {meta['precision']}), "
+          f"{left.shape[1]}x{left.shape[0]}, {meta['iterations']} iterations"
+          f"{', hierarchical' if meta['hierarchical'] else ''}", file=sys.stderr)
+    return engine(left, right)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -107,6 +128,13 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, CodecError, ValueError) as exc:  # a bad input file: one line naming it
         print(f"infer: {exc}", file=sys.stderr)
         return exitcodes.CONFIG
+    if (args.engine or ("onnx" if args.ckpt.suffix == ".onnx" else "torch")) == "onnx":
+        try:
+            disp = run_onnx(args, left, right)
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"infer: {exc}", file=sys.stderr)
+            return 1
+        return _write(disp, args)
     try:
         model, cfg, description = load_model(args.ckpt, args.config, args.size, device)
     except (FileNotFoundError, ValueError, CodecError, WeightMismatchError) as exc:
@@ -121,6 +149,10 @@ def run(args: argparse.Namespace) -> int:
 
     with autocast_to(precision, device):
         disp = predict(model, tensor(left), tensor(right), iters, args.hierarchical)[0, 0].cpu().numpy()
+    return _write(disp, args)
+
+
+def _write(disp: np.ndarray, args: argparse.Namespace) -> int:
     for path in write_outputs(disp, args.out, args.focal, args.baseline):
         print(f"wrote {path}", file=sys.stderr)
     print(describe(disp))

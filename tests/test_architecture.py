@@ -14,7 +14,7 @@ LAYERS = (
     ("stereo.model", "stereo.data"),
     ("stereo.plan",),
     ("stereo.train",),
-    ("stereo.eval",),
+    ("stereo.eval", "stereo.deploy"),
     ("stereo.sweep",),
 )
 TOP = len(LAYERS)

@@ -46,4 +46,5 @@ def test_bench_picks_the_tiny_model_on_a_cpu_and_writes_json(tmp_path, monkeypat
 def test_peak_table_knows_the_planners_gpus():
     assert peak_bf16_tflops("Intel Xeon") is None
     assert {name: gpu.peak_tflops for name, gpu in GPUS.items()} == {
-        "h100-80gb": 989.0, "h200-141gb": 989.0, "a100-80gb": 312.0, "a100-40gb": 312.0}
+        "h100-80gb": 989.0, "h200-141gb": 989.0, "a100-80gb": 312.0, "a100-40gb": 312.0,
+        "rtx4090-24gb": 165.0, "rtx3090-24gb": 71.0}

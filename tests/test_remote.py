@@ -7,23 +7,27 @@ of the loader after kill -9 at world size 2 with 2 workers per rank.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import logging
 import multiprocessing
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from s3server import FaultProxy, start_moto
+from s3server import Cut, FaultProxy, start_moto
 from stereo.data.codecs import encode_png, write_pfm
-from stereo.data.reader import FetchOptions, iter_streamed
-from stereo.data.remote import RangeReader, RetryPolicy, ShardCache, s3_client
+from stereo.data.reader import FetchOptions, ShardFailed, iter_streamed
+from stereo.data import remote
+from stereo.data.remote import RangeReader, RetryPolicy, ShardCache, list_prefix, s3_client
 from stereo.data.shardlist import ShardListError, resolve_shards
 from stereo.data.stream import BadDataError, DatasetSource, RoleState, RoleStream
 
@@ -139,6 +143,66 @@ def test_make_shards_uploads_to_s3_and_the_loader_streams_them(s3):
     assert not [path for path, _ in proxy.gets[before:] if path.endswith(".tar")]
 
 
+def _upload(src: Path, out: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", "-s", "shards-upload", f"PY={sys.executable}", f"SRC={src}", f"OUT={out}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_make_shards_upload_puts_built_shards_on_s3_and_checks_their_sizes(s3, monkeypatch):
+    """Shards built locally go up with their manifest (last); the loader streams them; a re-run uploads only what
+    is missing or differs; a source that does not match its manifest and a missing bucket exit 2; an object whose
+    size does not match after upload keeps the manifest from going up."""
+    local, out = s3["local"], f"s3://{BUCKET}/uploaded"
+    done = _upload(local, out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"{out}: 3 shards uploaded, 0 already there, sizes checked, manifest uploaded (24 samples)" in done.stderr
+    assert SECRET not in done.stdout + done.stderr
+    shards = resolve_shards(out)
+    assert [s.num_samples for s in shards] == [8, 8, 8]
+    for i in range(3):
+        body = s3_client().get_object(Bucket=BUCKET, Key=f"uploaded/{i:06d}.tar")["Body"].read()
+        assert body == (local / f"{i:06d}.tar").read_bytes()
+    idents, _ = one_epoch(DatasetSource("uploaded", shards, 1.0, FetchOptions(FAST_RETRY)))
+    assert sorted(idents) == list(range(SAMPLES))
+
+    # an object replaced by other bytes of the same size, or cut short, is uploaded again; the others are kept
+    size = (local / "000001.tar").stat().st_size
+    s3_client().put_object(Bucket=BUCKET, Key="uploaded/000001.tar", Body=b"x" * size)
+    s3_client().put_object(Bucket=BUCKET, Key="uploaded/000002.tar", Body=b"short")
+    done = _upload(local, out)
+    assert done.returncode == 0 and "2 shards uploaded, 1 already there" in done.stderr, done.stderr[-3000:]
+    for i in (1, 2):
+        assert s3_client().get_object(Bucket=BUCKET, Key=f"uploaded/{i:06d}.tar")["Body"].read() == \
+            (local / f"{i:06d}.tar").read_bytes()
+
+    done = _upload(local, "s3://no-such-bucket-29/x")
+    assert done.returncode == 2 and "s3://no-such-bucket-29/x/000000.tar: NoSuchBucket (HTTP 404): the bucket " \
+        "does not exist" in done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]
+    broken = s3["root"] / "broken"
+    broken.mkdir()
+    (broken / "manifest.json").write_text((local / "manifest.json").read_text())
+    for i in range(3):
+        (broken / f"{i:06d}.tar").write_bytes((local / f"{i:06d}.tar").read_bytes()[:-512 if i == 1 else None])
+    done = _upload(broken, f"s3://{BUCKET}/broken")
+    assert done.returncode == 2 and f"{broken}/000001.tar: the manifest lists {size} bytes but the file has " \
+        f"{size - 512} bytes" in done.stderr, done.stderr[-3000:]
+    assert not list_prefix(f"s3://{BUCKET}/broken/")
+
+    from stereo.data import upload
+
+    def truncating(path, url, metadata=None):  # a transfer that loses the file's end on the way
+        remote.upload_file(Path(path).with_name("short"), url, metadata)
+
+    (broken / "000001.tar").unlink()
+    (broken / "short").write_bytes(b"short")
+    (broken / "000001.tar").write_bytes((local / "000001.tar").read_bytes())
+    monkeypatch.setattr(upload, "upload_file", truncating)
+    with pytest.raises(upload.UploadError, match=rf"3 uploaded shards do not match their files \(s3://{BUCKET}/"
+                                                 r"broken/000000.tar: 5 bytes, expected \d+.*manifest was not "):
+        upload.upload_shards(broken, f"s3://{BUCKET}/broken", progress=False)
+    assert f"s3://{BUCKET}/broken/manifest.json" not in list_prefix(f"s3://{BUCKET}/broken/")
+
+
 def test_dropped_connections_resume_with_range_requests(s3):
     """Three drops in one object: the reader re-opens at the byte where each stopped; nothing lost or doubled."""
     proxy, url = s3["proxy"], f"s3://{BUCKET}/set/000001.tar"
@@ -159,9 +223,126 @@ def test_dropped_connections_resume_with_range_requests(s3):
     for source in (f"s3://{BUCKET}/set", f"http://127.0.0.1:{proxy.port}/{BUCKET}/set/"):
         for index in range(3):
             proxy.cuts[f"set/{index:06d}.tar"] = [30000, 60000]
-        idents, _ = one_epoch(DatasetSource("cut", resolve_shards(source), 1.0, FetchOptions(FAST_RETRY)))
+        idents, stream = one_epoch(DatasetSource("cut", resolve_shards(source), 1.0, FetchOptions(FAST_RETRY)))
         assert sorted(idents) == list(range(SAMPLES)), source
         assert not any(proxy.cuts.values())  # every planned drop happened
+        assert stream.state.retries == 6 and stream.state.to_dict()["retries"] == 6  # counted, and saved
+
+
+BIG_MEMBER = 500_000  # 9 samples of 500 KB: a 4.5 MB object, several times tarfile's 1 MiB read buffer
+# a stall is noticed after 2 s (the proxy stalls 6 s); long enough that a loaded CI machine does not stall by itself
+STALL_TIMEOUT = RetryPolicy(retries=2, backoff_s=0.01, timeout_s=2.0)
+
+
+@pytest.fixture(scope="module")
+def big_object(s3):
+    """A shard of incompressible members, uploaded, and its samples as an uncut read gives them."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for ident in range(9):
+            for ext in ("left.bin", "right.bin"):
+                data = np.random.default_rng([ident, len(ext)]).bytes(BIG_MEMBER // 2)
+                info = tarfile.TarInfo(f"{ident:03d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    body = buffer.getvalue()
+    s3_client().put_object(Bucket=BUCKET, Key="big/000000.tar", Body=body)
+    url = f"s3://{BUCKET}/big/000000.tar"
+    s3["proxy"].cuts = {}
+    uncut = list(iter_streamed(url, 0, FetchOptions(FAST_RETRY)))
+    assert len(uncut) == 9 and all(isinstance(item, tuple) for item in uncut)
+    return {"url": url, "body": body, "uncut": uncut}
+
+
+PLANS = {  # bytes each connection delivers before its cut, below and above the 1 MiB buffer (0: none at all)
+    "reset": [300_000] * 6 + [1_100_000, 0, 1_048_577],
+    "stall": [300_000, 1_100_000, 0],
+    "close": [300_000] * 6 + [1_500_000, 0, 200_000],
+}
+
+
+@pytest.mark.parametrize("how,scheme", [(how, "s3") for how in sorted(PLANS)] + [("reset", "http"),
+                                                                                   ("stall", "http")])
+def test_cut_and_stalled_reads_resume_at_the_next_byte_bit_identically(s3, big_object, how, scheme, tmp_path,
+                                                                        caplog, monkeypatch):
+    """Each broken connection keeps the bytes it delivered and the read goes on from the next byte; retries run out
+    only after failures without progress (here 6 cuts in a row with a budget of 2 still get through), the stream of
+    samples and the cached copy equal the uncut read's, each reconnect is logged with the shard, byte and cause,
+    and counted. Over s3:// (boto3) and http:// (requests) alike."""
+    proxy, url, plan = s3["proxy"], big_object["url"], PLANS[how]
+    if scheme == "http":
+        s3_client().put_object_acl(Bucket=BUCKET, Key="big/000000.tar", ACL="public-read")
+        url = f"http://127.0.0.1:{proxy.port}/{BUCKET}/big/000000.tar"
+    proxy.cuts = {"big/000000.tar": [Cut(at, how) for at in plan]}
+    before, retries = len(proxy.gets), []
+    options = FetchOptions(STALL_TIMEOUT if how == "stall" else FAST_RETRY, ShardCache(tmp_path, 10**8))
+    monkeypatch.setattr(remote, "RECONNECTS", remote._ReconnectLog())  # this process's log budget, fresh
+    with caplog.at_level(logging.WARNING, logger="stereo.data.remote"):
+        items = list(iter_streamed(url, 0, options, on_retry=lambda: retries.append(1)))
+    assert not proxy.cuts["big/000000.tar"], "every planned cut happened"
+    assert items == big_object["uncut"]
+    assert [p.read_bytes() for p in tmp_path.glob("*.tar")] == [big_object["body"]]
+    assert not list(tmp_path.glob("*.part"))
+    assert len(retries) == len(plan)
+    starts = [int(r.split("=")[1].rstrip("-")) for p, r in proxy.gets[before:] if p.endswith("big/000000.tar")]
+    assert starts == [sum(plan[:i]) for i in range(len(plan) + 1)]  # each from the next byte, none twice
+    reconnects = [r.getMessage() for r in caplog.records if "reconnecting to" in r.getMessage()]
+    assert len(reconnects) == min(len(plan), remote.RECONNECT_LOG_FIRST)  # then one line a minute at most
+    assert reconnects and f"reconnecting to {url} at byte {starts[1]} (failure 1 in a row" in reconnects[0]
+    if how == "stall":
+        assert "stalled: no byte within the read timeout" in reconnects[0]
+    endpoint = os.environ["AWS_ENDPOINT_URL"].split("//")[1]
+    assert not [line.split(url)[1] for line in reconnects if endpoint in line.split(url)[1]]  # only in an http URL
+    proxy.cuts = {}
+
+
+def test_reads_without_progress_give_up_and_a_stall_before_any_byte_counts_as_one(s3, big_object):
+    """Failures in a row without a byte between them use up the budget (retries=2: the third gives up)."""
+    proxy, url = s3["proxy"], big_object["url"]
+    proxy.cuts = {"big/000000.tar": [Cut(2_000_000, "reset"), Cut(0, "stall"), Cut(0, "reset"), Cut(0, "close")]}
+    items = list(iter_streamed(url, 0, FetchOptions(STALL_TIMEOUT)))
+    assert items[:-1] == big_object["uncut"][:len(items) - 1] and 3 <= len(items) - 1 < 9
+    assert isinstance(items[-1], ShardFailed) and "gave up after 2 retries without progress" in items[-1].detail
+    proxy.cuts = {}
+
+
+def test_missing_bucket_prefix_or_object_exits_2_before_the_run_directory_exists(s3, big_object, tmp_path):
+    """`train` and `submit` check remote sources like local ones (a manifest read or a listing each): exit 2 naming
+    each URL and what is missing; `submit --no-check-paths` leaves them to the compute nodes."""
+    sources = {"nobucket": "s3://no-such-bucket-29/set", "noprefix": f"s3://{BUCKET}/nothing",
+               "nomanifest": f"s3://{BUCKET}/big", "noobject": f"s3://{BUCKET}/set/{{000000..000004}}.tar"}
+    specs = ", ".join(f"{{name: {name}, shards: '{url}'}}" for name, url in sources.items())
+    overrides = [f"data.train=[{specs}]", f"train.run_dir={tmp_path}/run", f"slurm.folder={tmp_path}/slurm"]
+    expected = {"nobucket": "s3://no-such-bucket-29/set/manifest.json: NoSuchBucket (HTTP 404): the bucket does "
+                            "not exist",
+                "noprefix": f"nothing under s3://{BUCKET}/nothing/ (no such prefix)",
+                "nomanifest": f"no manifest.json under s3://{BUCKET}/big/ (it holds e.g. {big_object['url']})",
+                "noobject": f"2 of 5 shard objects do not exist (first: s3://{BUCKET}/set/000003.tar)"}
+    for command in (["train"], ["submit"]):
+        done = subprocess.run([sys.executable, "-m", "stereo", *command, "tiny", *overrides], cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2, done.stderr[-3000:]
+        message = done.stderr.strip().splitlines()[-1]
+        assert message.startswith("config error: data.train[0].shards: s3://no-such-bucket-29/set: "), message
+        for index, (name, what) in enumerate(expected.items()):
+            problem = message.split(f"data.train[{index}].shards: ", 1)[1]
+            assert problem.startswith(f"{sources[name]}: ") and what in problem.split("; data.")[0], (name, message)
+        assert "Traceback" not in done.stderr and SECRET not in done.stderr
+        assert not (tmp_path / "run").exists() and not (tmp_path / "slurm").exists()
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_CONF"}
+    done = subprocess.run([sys.executable, "-m", "stereo", "submit", "--no-check-paths", "tiny", *overrides],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 1 and "cannot reach Slurm" in done.stderr, done.stderr[-3000:]  # past the check
+
+
+def test_read_timeout_is_a_validated_config_key_that_reaches_the_reader():
+    from stereo.config.errors import ConfigError
+    from stereo.config.schema import DataConfig
+    from stereo.data.loader import fetch_options
+
+    assert fetch_options(DataConfig(read_timeout_s=0.4)).retry == RetryPolicy(5, 1.0, 0.4)
+    with pytest.raises(ConfigError, match=r"data.read_timeout_s.*> 0 seconds, got 0"):
+        DataConfig(read_timeout_s=0).validate()
 
 
 def test_a_shard_that_keeps_failing_is_skipped_and_too_many_stop(s3, caplog):
@@ -175,7 +356,8 @@ def test_a_shard_that_keeps_failing_is_skipped_and_too_many_stop(s3, caplog):
     assert len(idents) == len(set(idents))  # the samples read before the failure count once, and only once
     lost = set(range(8)) - set(idents)
     assert set(range(8, SAMPLES)) <= set(idents) and 0 < len(lost) < 8
-    assert "shard failed" in caplog.text and "000000.tar" in caplog.text and "gave up after 2 retries" in caplog.text
+    assert "shard failed" in caplog.text and "000000.tar" in caplog.text
+    assert "gave up after 2 retries without progress" in caplog.text
 
     proxy.cuts = {f"set/{i:06d}.tar": [0] * 10 for i in (0, 2)}
     with pytest.raises(BadDataError, match=r"2 of [23] shards opened by role 0 could not be read .*"
@@ -206,7 +388,8 @@ def test_cache_is_bounded_and_safe_with_concurrent_writers(s3, tmp_path):
         assert proc.exitcode == 0
     cache = ShardCache(tmp_path, bound)
     cached = sorted(tmp_path.glob("*.tar"))
-    assert len(cached) == 2 and sum(p.stat().st_size for p in cached) <= bound
+    # room for two; one when the last copy was published while other writers' parts (counted in the bound) were open
+    assert 1 <= len(cached) <= 2 and sum(p.stat().st_size for p in cached) <= bound, [p.name for p in cached]
     assert not list(tmp_path.glob("*.part"))
     local = {hashlib.sha256((s3["local"] / f"{i:06d}.tar").read_bytes()).hexdigest() for i in range(3)}
     assert {hashlib.sha256(p.read_bytes()).hexdigest() for p in cached} <= local
@@ -220,7 +403,87 @@ def test_cache_is_bounded_and_safe_with_concurrent_writers(s3, tmp_path):
     stale = tmp_path / f"{cache.path(hit).stem}.{socket.gethostname()}.{dead.pid}.part"
     stale.write_bytes(b"left by a killed worker")
     cache.evict()
-    assert not stale.exists()
+    assert stale.exists()  # a partial copy, within the bound
+    ShardCache(tmp_path, 10)
+    assert not stale.exists() and not list(tmp_path.glob("*.tar"))  # over the bound: evicted like whole copies
+
+
+PARTIAL_READ = r"""
+import os, sys
+from stereo.data.reader import FetchOptions, iter_streamed
+from stereo.data.remote import RetryPolicy, ShardCache
+items = iter_streamed(sys.argv[1], 0, FetchOptions(RetryPolicy(), ShardCache(sys.argv[2], 10**8)))
+next(items)  # one sample of nine, then the process ends as a DataLoader worker does at exit: nothing cleans up
+sys.stdout.flush()
+os._exit(0)
+"""
+
+
+def _ranges(proxy: FaultProxy, before: int, key: str) -> list[str]:
+    return [r for path, r in proxy.gets[before:] if path.endswith(key)]
+
+
+def test_cache_resumes_partial_copies_left_by_ended_processes_and_counts_them_in_the_bound(s3, big_object,
+                                                                                          tmp_path):
+    """A process that ends mid-shard (as DataLoader workers do at exit) leaves a partial copy; the next read of
+    that shard from a byte it holds takes it over and fetches only the rest, ending bit-identical with a whole
+    copy; one that starts past it removes it. Partial copies count in the bound; a live writer's are kept."""
+    proxy, url, body, uncut = s3["proxy"], big_object["url"], big_object["body"], big_object["uncut"]
+    key = "big/000000.tar"
+
+    def leave_part() -> int:
+        for copy in tmp_path.glob("*.tar"):
+            copy.unlink()
+        subprocess.run([sys.executable, "-c", PARTIAL_READ, url, str(tmp_path)], cwd=REPO, check=True, timeout=120)
+        parts = list(tmp_path.glob("*.part"))
+        assert len(parts) == 1 and 0 < parts[0].stat().st_size < len(body)
+        return parts[0].stat().st_size
+
+    for start_sample in (0, 1):  # the next epoch reads it from the start; a resumed run from a sample's end
+        held = leave_part()
+        start = uncut[start_sample - 1][2] if start_sample else 0
+        assert start < held
+        before = len(proxy.gets)
+        items = list(iter_streamed(url, start, FetchOptions(FAST_RETRY, ShardCache(tmp_path, 10**8))))
+        assert items == uncut[start_sample:]
+        assert _ranges(proxy, before, key)[-1] == f"bytes={held}-"  # only the rest came over the network
+        assert [p.read_bytes() for p in tmp_path.glob("*.tar")] == [body] and not list(tmp_path.glob("*.part"))
+
+    held = leave_part()
+    late = next(i for i, item in enumerate(uncut) if item[2] > held)  # a read that starts past the partial copy
+    items = list(iter_streamed(url, uncut[late][2], FetchOptions(FAST_RETRY, ShardCache(tmp_path, 10**8))))
+    assert items == uncut[late + 1:] and not list(tmp_path.glob("*.part")) and not list(tmp_path.glob("*.tar"))
+
+    held = leave_part()
+    ShardCache(tmp_path, held - 1)  # the next run's cache, smaller: the partial copy is evicted
+    assert not list(tmp_path.glob("*.part"))
+
+    # another host's part: kept while it is being written (and counted), a partial copy once untouched long
+    cache = ShardCache(tmp_path, 10**8)
+    other = tmp_path / f"{cache.path(url).stem}.other-node.example.org.42.part"
+    other.write_bytes(body[:700_000])
+    ShardCache(tmp_path, 10)
+    assert other.exists()
+    old = time.time() - remote.STALE_PART_S - 10
+    os.utime(other, (old, old))
+    before = len(proxy.gets)
+    items = list(iter_streamed(url, 0, FetchOptions(FAST_RETRY, cache)))
+    assert items == uncut and _ranges(proxy, before, key)[-1] == "bytes=700000-"
+    assert not other.exists() and [p.read_bytes() for p in tmp_path.glob("*.tar")] == [body]
+
+    # a live writer's part counts: the copies make room for it, and for the copy about to be written
+    size = len(body)
+    live = tmp_path / f"{'0' * 32}.{socket.gethostname()}.{os.getpid()}.part"
+    live.write_bytes(b"x" * 1000)
+    ShardCache(tmp_path, size + 999)
+    assert live.exists() and not list(tmp_path.glob("*.tar"))
+    live.unlink()
+    small = ShardCache(tmp_path, size + 999)
+    _read_through_cache([url], str(tmp_path), size + 999)
+    writer = small.writer(f"s3://{BUCKET}/set/000000.tar", 1000)  # reserving 1000 bytes evicts the big copy
+    assert not list(tmp_path.glob("*.tar"))
+    writer.close(complete=False)
+    assert not list(tmp_path.glob("*.part"))
 
 
 LOADER_RUN = r"""
@@ -267,7 +530,7 @@ def _wait_all(procs: list[subprocess.Popen]) -> None:
 
 
 def test_remote_exact_resume_after_kill9_at_world_size_2_with_2_workers(s3, tmp_path):
-    """4 roles on 3 shards (each split into 2 parts): both ranks killed with -9 mid-shard and resumed from their
+    """4 lanes on 3 shards (each split into 2 parts): both ranks killed with -9 mid-shard and resumed from their
     last saved state (remote reads restart at the saved byte offset; rank 1 also through the cache) give the
     batches of the uninterrupted run."""
     total, source, cache = 10, f"s3://{BUCKET}/set", str(tmp_path / "cache")
@@ -289,7 +552,7 @@ def test_remote_exact_resume_after_kill9_at_world_size_2_with_2_workers(s3, tmp_
     for rank in range(2):
         assert _digests(killed[rank]) == _digests(straight[rank]), f"rank {rank}, killed after {heads[rank]}"
     offsets = [c[4] for path in killed for line in path.read_text().splitlines()
-               for role in json.loads(line)["state"]["roles"].values() for c in role["cursors"].values()]
+               for lane in json.loads(line)["state"]["lane_states"].values() for c in lane["cursors"].values()]
     assert any(offsets), "remote cursors carry byte offsets"
     assert list(Path(cache).glob("*.tar"))
 
@@ -298,15 +561,23 @@ def test_training_on_s3_shards_writes_no_endpoint_or_credentials(s3, tmp_path):
     """A real (tiny) training run streams its data from the S3 server; the secret key and the endpoint, given in
     the environment only, appear in no file of the run directory (config.yaml, metrics, wandb) nor in its log."""
     run_dir = tmp_path / "run"
-    overrides = ["augment.crop=[32,64]", "data.batch_size=1", "data.num_workers=1", "model.train_iters=1",
+    s3["proxy"].cuts = {f"set/{i:06d}.tar": [Cut(40_000, "stall")] for i in range(3)}  # the shard read first
+    overrides = ["data.retry_backoff_s=0.01", "data.read_timeout_s=2", "augment.crop=[32,64]", "data.batch_size=1",
+                 "data.num_workers=1",
+                 "model.train_iters=1",
                  "model.valid_iters=1", "train.steps=2", "checkpoint.every=2", "logging.every=1",
                  "train.val_every=1000", "data.val=[]", "logging.wandb=offline", "schedule.warmup_steps=1",
                  f"data.train=[{{name: s3, shards: 's3://{BUCKET}/set'}}]", f"train.run_dir={run_dir}"]
     run = subprocess.run([sys.executable, "-m", "stereo", "train", "tiny", *overrides], cwd=REPO, capture_output=True,
                          text=True, timeout=600, env={**os.environ, "WANDB_MODE": "offline"})
     assert run.returncode == 0, run.stderr[-3000:]
-    steps = [json.loads(line).get("step") for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert 2 in steps
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert 2 in [r.get("step") for r in records]
+    assert [r["data/retries"] for r in records if "loss" in r][-1] >= 1  # beside bad_samples/failed_shards
+    # the stall is noticed after data.read_timeout_s (the proxy would close it only after 6 s)
+    assert f"reconnecting to s3://{BUCKET}/set/" in run.stderr and "at byte 40000" in run.stderr
+    assert "stalled: no byte within the read timeout" in run.stderr
+    s3["proxy"].cuts = {}
     assert f"s3://{BUCKET}/set" in (run_dir / "config.yaml").read_text()
     endpoint = os.environ["AWS_ENDPOINT_URL"].split("//")[1]
     assert (run_dir / "wandb").is_dir()

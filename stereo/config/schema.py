@@ -73,13 +73,17 @@ class DataConfig:
     train: list[DatasetSpec] = field(default_factory=list)
     val: list[DatasetSpec] = field(default_factory=list)
     batch_size: int = 4  # per GPU (per process)
-    num_workers: int = 4
+    num_workers: int = 4  # a count dividing lane_blocks x batch_size x train.grad_accum is used in full
+    # The job's sample order has lane_blocks x global batch lanes (stereo.data.loader.TrainLoader); more blocks let
+    # more loader workers share a rank's lanes. Fixed for the life of a run (it defines the order).
+    lane_blocks: int = 1
     seed: int = 0
     max_bad_sample_rate: float = 0.01  # above this fraction of bad samples in a shard, stop with an error
     val_samples: int | None = None  # cap on validation samples (None: all held-out samples)
     # remote (s3://, http(s)://) and pipe: shards; endpoint and credentials come from the environment only
     shard_retries: int = 5  # failed reads in a row (without progress) before a shard counts as failed
     retry_backoff_s: float = 1.0  # wait before the first retry, doubled for each further one (at most 60 s)
+    read_timeout_s: float = 60.0  # a remote read that receives no byte for this long is stalled: reconnected
     max_failed_shard_rate: float = 0.05  # stop when more shards than this share (and more than one) failed
     cache_dir: str | None = None  # node-local copy of remote shards read once (None: no cache)
     cache_gb: float = 100.0  # the cache's size bound
@@ -93,10 +97,14 @@ class DataConfig:
             raise ConfigError("data.val_samples", f">= 1 or null, got {self.val_samples}")
         if self.num_workers < 0:
             raise ConfigError("data.num_workers", f">= 0, got {self.num_workers}")
+        if self.lane_blocks < 1:
+            raise ConfigError("data.lane_blocks", f">= 1, got {self.lane_blocks}")
         if self.shard_retries < 0:
             raise ConfigError("data.shard_retries", f">= 0, got {self.shard_retries}")
         if self.retry_backoff_s < 0:
             raise ConfigError("data.retry_backoff_s", f">= 0 seconds, got {self.retry_backoff_s}")
+        if self.read_timeout_s <= 0:
+            raise ConfigError("data.read_timeout_s", f"> 0 seconds, got {self.read_timeout_s}")
         if not 0.0 <= self.max_failed_shard_rate <= 1.0:
             raise ConfigError("data.max_failed_shard_rate", f"a rate in [0, 1], got {self.max_failed_shard_rate}")
         if self.cache_gb <= 0:
@@ -291,6 +299,7 @@ class LoggingConfig:
     mlflow: bool = False  # an MLflow run beside (or instead of) wandb; experiment = logging.project
     mlflow_tracking_uri: str | None = None  # else MLFLOW_TRACKING_URI, else RUN_DIR/mlflow.db (SQLite, no server)
     mlflow_timeout_s: int = 10  # per request to an MLflow server; one that does not answer is skipped
+    sample_keys: bool = False  # RUN_DIR/samples/rank{r}.jsonl: the keys of the samples each rank trained on, per step
 
     def validate(self) -> None:
         if self.every < 1:

@@ -142,7 +142,8 @@ def per_core(shard: Path, augment_cfg: AugmentConfig, repeats: int) -> dict[str,
 
 def loader_wait(shard_dir: Path, augment_cfg: AugmentConfig, workers: int, batch_size: int, batches: int,
                 step_s: float) -> dict[str, float]:
-    cfg = DataConfig(train=[DatasetSpec("fsd_like", str(shard_dir))], batch_size=batch_size, num_workers=workers)
+    cfg = DataConfig(train=[DatasetSpec("fsd_like", str(shard_dir))], batch_size=batch_size, num_workers=workers,
+                     lane_blocks=max(workers, 1))  # every worker busy, whatever the batch size
     loader = build_train_loader(cfg, augment_cfg, MAX_DISP, rank=0, world_size=1)
     waits, start = [], time.perf_counter()
     iterator = iter(loader)

@@ -1,11 +1,5 @@
-"""The trainer's data entry points: `build_train_loader` (batches, resumable) and `iter_val_samples`.
-
-torch's DataLoader hands out batches round-robin over its workers, always in the same order. The main process
-therefore keeps, per role, the state that came with the last batch it *consumed* and how many batches it consumed;
-on restore, worker slot i takes role (i + consumed) % workers and starts from that role's state, so batches that
-were prefetched but never consumed are produced again and the resumed run sees exactly the batches of the
-uninterrupted one.
-"""
+"""The trainer's data entry points: `build_train_loader` (micro-batches in the job's data order, resumable at any
+world size; see TrainLoader) and `iter_val_samples`."""
 
 from __future__ import annotations
 
@@ -34,7 +28,7 @@ from stereo.data.shards import read_manifest
 from stereo.data.stream import DatasetSource, RoleState, RoleStream, Sample, Transform, decode_checked
 
 log = logging.getLogger(__name__)
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: per-lane states (1: per rank and worker)
 PR_SET_PDEATHSIG = 1
 
 
@@ -83,17 +77,16 @@ def die_with_parent() -> None:
         pass  # not Linux: the DataLoader's watchdog still ends orphaned workers, more slowly
 
 
-class _RoleBatches(IterableDataset):
-    """What one DataLoader worker runs: the batches of its role, each with the role's state after it."""
+class _LaneSamples(IterableDataset):
+    """What one DataLoader worker runs: its share of the rank's item sequence, one sample per item. Item I (counted
+    over the whole run on this rank) is the next sample of lane `TrainLoader.lane_of(I)`; worker w of W makes the
+    items I0 + w, I0 + w + W, ..., and since W divides blocks x per_rank each lane always falls to the same worker,
+    which keeps its stream."""
 
-    def __init__(self, sources: list[DatasetSource], seed: int, rank: int, slots: int, num_roles: int,
-                 batch_size: int, max_disp: float, max_bad_rate: float, transform: Transform | None,
-                 states: dict[int, dict], offset: int):
+    def __init__(self, loader: "TrainLoader", first_item: int, workers: int):
         super().__init__()
-        self.sources, self.seed, self.rank, self.slots, self.num_roles = sources, seed, rank, slots, num_roles
-        self.batch_size, self.max_disp, self.transform = batch_size, max_disp, transform
-        self.max_bad_rate = max_bad_rate
-        self.states, self.offset = states, offset
+        self.loader, self.first_item, self.workers = loader, first_item, workers
+        self.states = dict(loader.lane_states)  # as restored: the main process updates its own copy as it consumes
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -106,80 +99,145 @@ class _RoleBatches(IterableDataset):
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             die_with_parent()
-        role = self.rank * self.slots + ((info.id if info else 0) + self.offset) % self.slots
-        state = RoleState.from_dict(self.states[role]) if role in self.states else RoleState()
-        stream = RoleStream(self.sources, role, self.num_roles, self.seed, self.max_bad_rate, state, self.transform)
+        loader = self.loader
+        streams: dict[int, RoleStream] = {}
+        item = self.first_item + (info.id if info else 0)
         while True:
-            batch: dict[str, Any] = collate([stream.next() for _ in range(self.batch_size)], self.max_disp)
-            batch["_role"], batch["_state"] = role, state.to_dict()
-            yield batch
+            lane = loader.lane_of(item)
+            if lane not in streams:
+                state = self.states.get(lane)
+                streams[lane] = RoleStream(loader.sources, lane, loader.num_lanes, loader.seed, loader.max_bad_rate,
+                                           RoleState.from_dict(state) if state else RoleState(), loader.transform)
+            sample = streams[lane].next()
+            out: dict[str, Any] = collate([sample], loader.max_disp)
+            out["_lane"], out["_state"] = lane, streams[lane].state.to_dict()
+            out["_key"] = f"{sample['dataset']}/{sample['key']}"
+            yield out
+            item += self.workers
 
 
 class TrainLoader:
-    """Endless training batches for one rank; `state_dict()` is small and JSON-able."""
+    """Endless micro-batches for one rank; `state_dict()` is small and JSON-able.
+
+    The data order belongs to the job, not to its ranks. The job has lanes = data.lane_blocks x global batch
+    (data.batch_size x train.grad_accum x world size), each an independent stream (stereo.data.stream, role = lane)
+    whose shards, sample order and augmentation are drawn from (seed, lane, draw). Round t (one optimizer step) takes
+    the next sample of each lane of block t % lane_blocks: lanes b * G ... b * G + G - 1. Rank r owns, in every block,
+    the contiguous per_rank = batch_size x grad_accum lanes from r * per_rank; its micro-batch k of a round holds
+    the lanes k * batch_size ... + batch_size of those. So neither the world size nor the worker count changes
+    which samples a step trains on, only the global batch and lane_blocks do (a resume keeps both), and a rank opens
+    only its own lanes' shards. The blocks exist for the loader's workers: a rank has lane_blocks x per_rank lanes,
+    and every worker count dividing that number keeps each lane on one worker.
+
+    torch's DataLoader hands out items round-robin over its workers. The main process keeps, per lane, the state
+    that came with the last sample it *consumed*, and how many samples it consumed; prefetched items never
+    consumed are produced again after a restore.
+    """
 
     def __init__(self, sources: list[DatasetSource], *, seed: int, rank: int, world_size: int, num_workers: int,
-                 batch_size: int, max_disp: float, max_bad_rate: float, transform: Transform | None):
+                 batch_size: int, max_disp: float, max_bad_rate: float, transform: Transform | None,
+                 grad_accum: int = 1, lane_blocks: int = 1):
         self.sources, self.seed, self.rank, self.world_size = sources, seed, rank, world_size
-        self.num_workers, self.batch_size, self.max_bad_rate = num_workers, batch_size, max_bad_rate
-        self.max_disp = max_disp
-        self.transform = transform
-        self.slots = max(num_workers, 1)
-        self.num_roles = world_size * self.slots
-        self.role_states: dict[int, dict] = {}
-        self.consumed = 0
+        self.num_workers, self.batch_size, self.grad_accum, self.max_bad_rate = (num_workers, batch_size, grad_accum,
+                                                                                max_bad_rate)
+        self.max_disp, self.transform, self.lane_blocks = max_disp, transform, lane_blocks
+        self.per_rank = batch_size * grad_accum
+        self.global_batch = self.per_rank * world_size
+        self.num_lanes = self.global_batch * lane_blocks
+        # the most workers, up to num_workers, that keep every lane on one worker
+        self.workers = max(w for w in range(1, max(num_workers, 1) + 1) if (lane_blocks * self.per_rank) % w == 0)
+        if num_workers > self.workers and rank == 0:
+            log.warning("data.num_workers=%d: %d are used (a worker count must divide data.lane_blocks x "
+                        "data.batch_size x train.grad_accum = %d)", num_workers, self.workers,
+                        lane_blocks * self.per_rank)
+        self.lane_states: dict[int, dict] = {}
+        self.consumed = 0  # samples (items) consumed by this rank
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        dataset = _RoleBatches(self.sources, self.seed, self.rank, self.slots, self.num_roles, self.batch_size,
-                               self.max_disp, self.max_bad_rate, self.transform, dict(self.role_states),
-                               self.consumed % self.slots)
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                            prefetch_factor=2 if self.num_workers else None)
-        for batch in loader:
-            self.role_states[int(batch.pop("_role"))] = batch.pop("_state")
-            self.consumed += 1
+    def lane_of(self, item: int) -> int:
+        """The lane of this rank's item `item` (item = round x per_rank + slot)."""
+        block = (item // self.per_rank) % self.lane_blocks
+        return block * self.global_batch + self.rank * self.per_rank + item % self.per_rank
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        dataset = _LaneSamples(self, self.consumed, self.workers)
+        workers = self.workers if self.num_workers else 0
+        items = iter(DataLoader(dataset, batch_size=None, num_workers=workers,
+                                prefetch_factor=2 * self.batch_size if workers else None))
+        while True:
+            parts = [next(items) for _ in range(self.batch_size)]
+            batch: dict[str, Any] = {name: torch.cat([part[name] for part in parts])
+                                     for name in ("left", "right", "disp", "valid")}
+            batch["keys"] = [part["_key"] for part in parts]  # "data set/key" of each sample
+            # where the micro-batch sits in the job's order (its first sample's lane and draw): seeds the model's own
+            # randomness (dropout), so that it too is the same at any world size when data.batch_size is kept
+            batch["origin"] = (int(parts[0]["_lane"]), int(parts[0]["_state"]["draws"]))
+            for part in parts:
+                self.lane_states[int(part["_lane"])] = part["_state"]
+            self.consumed += self.batch_size
             yield batch
 
     def _identity(self) -> dict[str, Any]:
-        return {"world_size": self.world_size, "rank": self.rank, "num_workers": self.num_workers,
-                "seed": self.seed, "datasets": [s.name for s in self.sources]}
+        return {"seed": self.seed, "datasets": [s.name for s in self.sources], "lane_blocks": self.lane_blocks}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"version": STATE_VERSION, **self._identity(), "consumed": self.consumed,
-                "roles": {str(role): state for role, state in sorted(self.role_states.items())}}
+        return {"version": STATE_VERSION, **self._identity(), "lanes": self.num_lanes, "rank": self.rank,
+                "world_size": self.world_size, "per_rank": self.per_rank, "consumed_samples": self.consumed,
+                "lane_states": {str(lane): state for lane, state in sorted(self.lane_states.items())}}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            raise ValueError(f"data loader state: expected a dict with version {STATE_VERSION}, got "
-                             f"{state.get('version') if isinstance(state, dict) else type(state).__name__}")
-        for key, expected in self._identity().items():
-            if state.get(key) != expected:
-                raise ValueError(f"data loader state: saved with {key}={state.get(key)!r} but this run has "
-                                 f"{expected!r}; exact resume needs the same world size, workers, seed and data "
-                                 "sets (start the data stream afresh by not loading this state)")
-        self.consumed = int(state["consumed"])
-        self.role_states = {int(role): RoleState.from_dict(s).to_dict() for role, s in state["roles"].items()}
+    def load_state_dict(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
+        """This rank's own saved state, or the saved states of all ranks of an earlier start at another world size
+        (each lane continues where it stopped, whichever rank owned it)."""
+        states = state if isinstance(state, list) else [state]
+        if all(isinstance(saved, dict) and saved.get("version") == 1 for saved in states):
+            log.warning("data loader state: saved by an older version (per rank and worker, not per lane); the data "
+                        "order starts afresh from this checkpoint (samples may repeat within the current epoch)")
+            return
+        for saved in states:
+            if not isinstance(saved, dict) or saved.get("version") != STATE_VERSION:
+                raise ValueError(f"data loader state: expected a dict with version {STATE_VERSION}, got "
+                                 f"{saved.get('version') if isinstance(saved, dict) else type(saved).__name__}")
+            for key, expected in (*self._identity().items(), ("lanes", self.num_lanes)):
+                if saved.get(key) != expected:
+                    raise ValueError(f"data loader state: saved with {key}={saved.get(key)!r} but this run has "
+                                     f"{expected!r}; resuming the data order needs the same seed, data sets, "
+                                     "data.lane_blocks and global batch (data.batch_size x train.grad_accum x "
+                                     "processes)")
+        mine = {self.lane_of(item) for item in range(self.lane_blocks * self.per_rank)}
+        self.lane_states = {int(lane): RoleState.from_dict(s).to_dict() for saved in states
+                            for lane, s in saved["lane_states"].items() if int(lane) in mine}
+        first = states[0]
+        if (first["world_size"], first["per_rank"]) == (self.world_size, self.per_rank):
+            self.consumed = int(next(s for s in states if s["rank"] == self.rank)["consumed_samples"])
+        else:
+            # another layout starts at the round where the old one was (a round cut short by a dropped micro-batch
+            # is started again: its lanes that already gave their sample give their next one, so no lane repeats
+            # or skips a sample)
+            self.consumed = int(first["consumed_samples"]) // first["per_rank"] * self.per_rank
 
     def epochs(self) -> dict[str, int]:
-        """The epoch each data set has reached on this rank (the furthest of its roles)."""
+        """The epoch each data set has reached on this rank (the furthest of its lanes)."""
         reached = {source.name: 0 for source in self.sources}
-        for state in self.role_states.values():
+        for state in self.lane_states.values():
             for name, cursor in state["cursors"].items():
                 reached[name] = max(reached.get(name, 0), cursor[0])
         return reached
 
     def bad_sample_counts(self) -> dict[str, int]:
-        """Bad samples skipped so far, per reason, by the roles of this rank (up to the last consumed batch)."""
+        """Bad samples skipped so far, per reason, by the lanes of this rank (up to the last consumed batch)."""
         totals: dict[str, int] = {}
-        for state in self.role_states.values():
+        for state in self.lane_states.values():
             for reason, count in state["bad"].items():
                 totals[reason] = totals.get(reason, 0) + count
         return totals
 
+    def retries(self) -> int:
+        """Reconnects of remote reads (and re-runs of pipe: commands) so far by the lanes of this rank."""
+        return sum(state.get("retries", 0) for state in self.lane_states.values())
+
 
 def fetch_options(data_cfg: DataConfig) -> FetchOptions:
     cache = ShardCache(data_cfg.cache_dir, int(data_cfg.cache_gb * 1e9)) if data_cfg.cache_dir else None
-    return FetchOptions(RetryPolicy(data_cfg.shard_retries, data_cfg.retry_backoff_s), cache,
+    return FetchOptions(RetryPolicy(data_cfg.shard_retries, data_cfg.retry_backoff_s, data_cfg.read_timeout_s), cache,
                         data_cfg.max_failed_shard_rate)
 
 
@@ -191,7 +249,7 @@ def sources_from_specs(specs: list[DatasetSpec], fetch: FetchOptions = FetchOpti
 
 
 def build_train_loader(data_cfg: DataConfig, augment_cfg: AugmentConfig | None, max_disp: int, rank: int,
-                       world_size: int) -> TrainLoader:
+                       world_size: int, grad_accum: int = 1) -> TrainLoader:
     """`augment_cfg=None` turns augmentation off (samples keep their full size, so batch_size must be 1 unless
     all samples share a size)."""
     if not data_cfg.train:
@@ -202,7 +260,8 @@ def build_train_loader(data_cfg: DataConfig, augment_cfg: AugmentConfig | None, 
         warn_unflippable(sources, augment_cfg.hflip_prob)
     return TrainLoader(sources, seed=data_cfg.seed, rank=rank, world_size=world_size,
                        num_workers=data_cfg.num_workers, batch_size=data_cfg.batch_size, max_disp=max_disp,
-                       max_bad_rate=data_cfg.max_bad_sample_rate, transform=transform)
+                       max_bad_rate=data_cfg.max_bad_sample_rate, transform=transform, grad_accum=grad_accum,
+                       lane_blocks=data_cfg.lane_blocks)
 
 
 def warn_unflippable(sources: list[DatasetSource], hflip_prob: float) -> None:

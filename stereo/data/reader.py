@@ -11,13 +11,13 @@ from __future__ import annotations
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import BinaryIO
 
-from stereo.data.remote import FetchError, RangeReader, RetryPolicy, ShardCache, redact
+from stereo.data.remote import FetchError, RangeReader, RetryPolicy, ShardCache, CacheWriter, redact
 from stereo.data.shardlist import PIPE_PREFIX
 
 
@@ -131,17 +131,18 @@ class FetchOptions:
 Streamed = Iterator[tuple[str, dict[str, bytes], int] | UnreadableSample]
 
 
-def iter_streamed(url: str, start: int, options: FetchOptions) -> Streamed:
+def iter_streamed(url: str, start: int, options: FetchOptions, on_retry: Callable[[], None] | None = None,
+                  ) -> Streamed:
     """Samples of a remote or `pipe:` shard in stream order (remote objects from byte `start`, pipes from their
     start). Damaged data ends with one UnreadableSample; a shard that cannot be fetched within the retry budget
-    ends with ShardFailed."""
+    ends with ShardFailed. `on_retry()` is called on each reconnect or re-run."""
     if url.startswith(PIPE_PREFIX):
-        yield from _iter_pipe(url, options.retry)
+        yield from _iter_pipe(url, options.retry, on_retry)
     else:
-        yield from _iter_remote(url, start, options)
+        yield from _iter_remote(url, start, options, on_retry)
 
 
-def _iter_remote(url: str, start: int, options: FetchOptions) -> Streamed:
+def _iter_remote(url: str, start: int, options: FetchOptions, on_retry: Callable[[], None] | None) -> Streamed:
     cache = options.cache
     handle = cache.open(url) if cache is not None else None
     writer = None
@@ -149,13 +150,13 @@ def _iter_remote(url: str, start: int, options: FetchOptions) -> Streamed:
         if handle is not None:
             handle.seek(start)
         else:
-            handle = RangeReader(url, start, options.retry)
-            if cache is not None and start == 0:
-                writer = cache.writer(url, handle.size)
+            handle = RangeReader(url, start, options.retry, on_retry)
+            if cache is not None:
+                writer = cache.writer(url, handle.size, start)
     except FetchError as exc:
         yield ShardFailed(str(exc))
         return
-    source = _Tee(handle, writer) if writer is not None else handle
+    source = _Tee(handle, writer, start) if writer is not None else handle
     complete = False
     try:
         yield from iter_tar(source, start)
@@ -170,27 +171,48 @@ def _iter_remote(url: str, start: int, options: FetchOptions) -> Streamed:
         yield ShardFailed(str(exc))
     finally:
         if writer is not None:
+            source.close()
             writer.close(complete)
         handle.close()
 
 
 class _Tee:
-    """Reads through to the cache writer."""
+    """Reads from byte `start` what the cache writer's partial copy holds already from that copy, and the rest from
+    the remote reader, through to the writer."""
 
-    def __init__(self, reader: RangeReader, writer):
+    def __init__(self, reader: RangeReader, writer: CacheWriter, start: int):
         self.reader, self.writer = reader, writer
+        self.local: BinaryIO | None = None
+        self.local_left = writer.written - start
+        if self.local_left > 0:
+            self.local = open(writer.part, "rb")
+            self.local.seek(start)
+            reader.skip_to(writer.written)
 
     def read(self, size: int = -1) -> bytes:
+        if self.local is not None:  # a short read: the tar stream asks again for the rest
+            data = self.local.read(self.local_left if size < 0 else min(size, self.local_left))
+            self.local_left -= len(data)
+            if self.local_left <= 0 or not data:
+                self.local.close()
+                self.local = None
+            if size >= 0 or self.local is not None:
+                return data
+            return data + self.read()
         data = self.reader.read(size)
         self.writer.write(data)
         return data
+
+    def close(self) -> None:
+        if self.local is not None:
+            self.local.close()
 
 
 class _PipeFailed(Exception):
     pass
 
 
-def _iter_pipe(url: str, retry: RetryPolicy) -> Streamed:
+def _iter_pipe(url: str, retry: RetryPolicy, on_retry: Callable[[], None] | None) -> Streamed:
     """A failed command (non-zero exit) is run again and the samples already delivered are skipped; a damaged
     tar from a command that succeeded is the data's fault and is not retried."""
     delivered, failures = 0, 0
@@ -210,6 +232,8 @@ def _iter_pipe(url: str, retry: RetryPolicy) -> Streamed:
             if failures > retry.retries:
                 yield ShardFailed(f"{url}: {exc} (gave up after {retry.retries} retries)")
                 return
+            if on_retry is not None:
+                on_retry()
             retry.wait(failures)
         except UnreadableSample as bad:
             yield bad

@@ -6,26 +6,35 @@ roles) from the environment and ~/.aws exactly as the `aws` CLI does, speaks to 
 Ceph, moto), and does HTTP range requests. Nothing of that configuration passes through our config, so nothing of it
 can reach the run directory, the config dump or wandb. The test server (moto) is built on boto3 anyway.
 
-`RangeReader` is a read-only file object over one remote object. A connection that drops (or stalls past the read
-timeout) in the middle is re-opened with a range request at the byte where it stopped, after a backoff that doubles
-on each failure in a row; a retry that makes progress resets the count. Errors that a retry cannot fix (no such
-key, access denied, no credentials) fail at once. `ShardCache` keeps whole objects on node-local disk.
+`RangeReader` is a read-only file object over one remote object. It reads the body as it arrives (one socket read
+at a time), so a connection that drops (reset, closed early) or stalls past the read timeout in the middle loses
+nothing it delivered: it is re-opened with a range request at the next byte, after a backoff that doubles on each
+failure in a row. Only failures without progress count against the budget: any byte received resets it, so a link
+that keeps breaking still gets through the object, while one that delivers nothing gives up after `retries`.
+Errors that a retry cannot fix (no such bucket or key, access denied, no credentials) fail at once. Each reconnect
+is logged (the first few, then at most one line per interval) and reported to the caller for its counters.
+`ShardCache` keeps whole objects on node-local disk.
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import logging
 import os
+import re
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
+log = logging.getLogger(__name__)
 REMOTE_SCHEMES = ("s3://", "http://", "https://")
 MAX_BACKOFF_S = 60.0
+READ_SIZE = 1 << 20  # the most one socket read hands over
 
 
 def is_remote(url: str) -> bool:
@@ -44,6 +53,7 @@ class FetchError(OSError):
 class RetryPolicy:
     retries: int = 5  # failures in a row (without progress) before giving up
     backoff_s: float = 1.0  # the first wait; doubled after each further failure, at most MAX_BACKOFF_S
+    timeout_s: float = 60.0  # a connection that delivers no byte for this long is a stalled one: re-opened
 
     def wait(self, failures: int) -> None:
         time.sleep(min(self.backoff_s * 2 ** (failures - 1), MAX_BACKOFF_S))
@@ -51,21 +61,23 @@ class RetryPolicy:
 
 # --- clients --------------------------------------------------------------------------------------------------
 
-_S3_CLIENTS: dict[int, Any] = {}  # per process: clients must not cross a fork (the DataLoader's workers)
+_S3_CLIENTS: dict[tuple[int, float], Any] = {}  # per process: clients must not cross a fork (DataLoader workers)
 
 
-def s3_client() -> Any:
-    pid = os.getpid()
-    if pid not in _S3_CLIENTS:
+def s3_client(timeout_s: float = 60.0) -> Any:
+    key = (os.getpid(), float(timeout_s))
+    if key not in _S3_CLIENTS:
         import boto3
         from botocore.config import Config
 
         # botocore retries failed requests itself; the streamed body is retried by RangeReader
-        config = Config(connect_timeout=10, read_timeout=60, retries={"mode": "standard", "max_attempts": 3},
+        config = Config(connect_timeout=min(10.0, timeout_s), read_timeout=timeout_s,
+                        retries={"mode": "standard", "max_attempts": 3},
                         s3={"addressing_style": os.environ.get("STEREO_S3_ADDRESSING", "auto")})
-        _S3_CLIENTS.clear()
-        _S3_CLIENTS[pid] = boto3.session.Session().client("s3", config=config)
-    return _S3_CLIENTS[pid]
+        for stale in [k for k in _S3_CLIENTS if k[0] != key[0]]:  # a forked child's copies of the parent's
+            del _S3_CLIENTS[stale]
+        _S3_CLIENTS[key] = boto3.session.Session().client("s3", config=config)
+    return _S3_CLIENTS[key]
 
 
 def split_s3(url: str) -> tuple[str, str]:
@@ -80,6 +92,11 @@ def _transient_status(status: int) -> bool:
     return status >= 500 or status in (408, 429)
 
 
+NOT_FOUND = {"NoSuchBucket": "the bucket does not exist", "NoSuchKey": "no such object",
+             "404": "no such object", "AccessDenied": "access denied (check the credentials in the environment)",
+             "403": "access denied (check the credentials in the environment)"}
+
+
 def _classify(url: str, exc: Exception) -> FetchError:
     """Any client exception -> FetchError, permanent unless a retry could succeed."""
     import botocore.exceptions as boto
@@ -90,32 +107,49 @@ def _classify(url: str, exc: Exception) -> FetchError:
     if isinstance(exc, boto.ClientError):
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
         code = exc.response.get("Error", {}).get("Code", "?")
-        return FetchError(f"{url}: {code} (HTTP {status})", permanent=not _transient_status(status))
+        meaning = f": {NOT_FOUND[code]}" if code in NOT_FOUND else ""
+        return FetchError(f"{url}: {code} (HTTP {status}){meaning}", permanent=not _transient_status(status))
     if isinstance(exc, (boto.NoCredentialsError, boto.PartialCredentialsError, boto.ParamValidationError)):
         return FetchError(f"{url}: {exc} (the S3 client reads AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
                           "AWS_ENDPOINT_URL, AWS_REGION or AWS_PROFILE from the environment)", permanent=True)
     if isinstance(exc, requests.HTTPError) and exc.response is not None:
         status = exc.response.status_code
-        return FetchError(f"{url}: HTTP {status}", permanent=not _transient_status(status))
-    return FetchError(f"{url}: {type(exc).__name__}: {exc}")
+        meaning = f": {NOT_FOUND[str(status)]}" if str(status) in NOT_FOUND else ""
+        return FetchError(f"{url}: HTTP {status}{meaning}", permanent=not _transient_status(status))
+    return FetchError(f"{url}: {_describe(exc)}")
 
 
-def _open_body(url: str, start: int) -> tuple[Any, int]:
-    """A streaming body from byte `start` and the object's total size."""
+def _describe(exc: BaseException) -> str:
+    """A network error in words, without the endpoint's address (it is configured in the environment only and
+    must not reach a log that may be shared)."""
+    import urllib3.exceptions
+
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, (TimeoutError, urllib3.exceptions.TimeoutError)) or "timed out" in text.lower():
+        text = f"stalled: no byte within the read timeout ({text})"
+    text = re.sub(r"\w+://[^\s'\"]+", "<endpoint>", text)
+    return re.sub(r"host='[^']*', port=\d+", "<endpoint>", text)
+
+
+def _open_body(url: str, start: int, timeout_s: float) -> tuple[Any, int]:
+    """A raw streaming body (urllib3's, read one socket read at a time) from byte `start`, and the object's size."""
     if url.startswith("s3://"):
         import botocore.exceptions as boto
 
         bucket, key = split_s3(url)
         try:
-            response = s3_client().get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-")
+            response = s3_client(timeout_s).get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-")
         except boto.ClientError as exc:
             if start and exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 416:
                 return _EmptyBody(), start  # asked from the very end: nothing left
             raise
-        return response["Body"], start + int(response["ContentLength"])
+        # botocore's StreamingBody reads until its whole request is filled and drops what it had when the
+        # connection breaks; the urllib3 response under it hands over each socket read (read1)
+        return response["Body"]._raw_stream, start + int(response["ContentLength"])
     import requests
 
-    response = requests.get(url, headers={"Range": f"bytes={start}-"}, stream=True, timeout=(10, 60))
+    response = requests.get(url, headers={"Range": f"bytes={start}-"}, stream=True,
+                            timeout=(min(10.0, timeout_s), timeout_s))
     if response.status_code == 416:  # asked from the very end: nothing left
         response.close()
         return _EmptyBody(), start
@@ -128,7 +162,7 @@ def _open_body(url: str, start: int) -> tuple[Any, int]:
 
 
 class _EmptyBody:
-    def read(self, size: int = -1) -> bytes:
+    def read1(self, size: int = -1) -> bytes:
         return b""
 
     def close(self) -> None:
@@ -144,14 +178,17 @@ def _network_errors() -> tuple[type[BaseException], ...]:
 
 
 class RangeReader:
-    """Sequential reads of one remote object from byte `start`, resuming after dropped connections."""
+    """Sequential reads of one remote object from byte `start`, resuming after dropped or stalled connections.
 
-    def __init__(self, url: str, start: int = 0, policy: RetryPolicy = RetryPolicy()):
-        self.url, self.position, self.policy = url, start, policy
+    `on_retry()` is called on each reconnect (the data stream counts them for the metrics)."""
+
+    def __init__(self, url: str, start: int = 0, policy: RetryPolicy = RetryPolicy(),
+                 on_retry: Callable[[], None] | None = None):
+        self.url, self.position, self.policy, self.on_retry = url, start, policy, on_retry
         self.size: int | None = None
         self.retried = 0  # reconnections so far (for the log and the tests)
         self._body: Any = None
-        self._failures = 0
+        self._failures = 0  # failures since the last byte received
         self._given_up: FetchError | None = None
         self._errors = _network_errors()
         self._connect()
@@ -159,7 +196,7 @@ class RangeReader:
     def _connect(self) -> None:
         while True:
             try:
-                self._body, size = _open_body(self.url, self.position)
+                self._body, size = _open_body(self.url, self.position, self.policy.timeout_s)
                 self.size = size if size >= 0 else None
                 return
             except self._errors as exc:
@@ -169,9 +206,13 @@ class RangeReader:
         self._close_body()
         self._failures += 1
         if error.permanent or self._failures > self.policy.retries:
-            tries = "" if error.permanent else f" (gave up after {self.policy.retries} retries)"
-            raise FetchError(f"{error} at byte {self.position}{tries}", error.permanent) from None
+            tries = "" if error.permanent else f" (gave up after {self.policy.retries} retries without progress)"
+            where = f" at byte {self.position}" if self.position or not error.permanent else ""
+            raise FetchError(f"{error}{where}{tries}", error.permanent) from None
         self.retried += 1
+        RECONNECTS.note(self.url, self.position, str(error).removeprefix(f"{self.url}: "), self._failures)
+        if self.on_retry is not None:
+            self.on_retry()
         self.policy.wait(self._failures)
 
     def read(self, size: int = -1) -> bytes:
@@ -183,7 +224,7 @@ class RangeReader:
                 if self._body is None:
                     self._connect()
                 try:
-                    chunk = self._body.read(wanted if wanted > 0 else 1 << 20)
+                    chunk = self._body.read1(min(wanted, READ_SIZE) if wanted > 0 else READ_SIZE)
                 except self._errors as exc:
                     self._failed(_classify(self.url, exc))
                     continue
@@ -193,7 +234,7 @@ class RangeReader:
                                                 f"{self.size}"))
                         continue
                     break
-                chunks.append(chunk)
+                chunks.append(chunk)  # kept whatever happens next: a reconnect resumes after it
                 self.position += len(chunk)
                 self._failures = 0
                 if wanted > 0:
@@ -203,6 +244,11 @@ class RangeReader:
                 raise
             self._given_up = exc  # hand out what arrived (whole samples in it are kept), fail on the next read
         return b"".join(chunks)
+
+    def skip_to(self, position: int) -> None:
+        """Go on from `position` (>= the current one): the bytes between are had elsewhere (a partial copy)."""
+        self._close_body()
+        self.position = position
 
     def _close_body(self) -> None:
         if self._body is not None:
@@ -220,6 +266,33 @@ class RangeReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+RECONNECT_LOG_FIRST, RECONNECT_LOG_INTERVAL_S = 5, 60.0
+
+
+class _ReconnectLog:
+    """The reconnects of this process: the first few logged each, then at most one line per interval that says how
+    many went unlogged meanwhile (a flaky store must not flood the log)."""
+
+    def __init__(self) -> None:
+        self.count, self.unlogged, self.logged_at = 0, 0, -float("inf")
+
+    def note(self, url: str, offset: int, cause: str, failures: int) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if self.count > RECONNECT_LOG_FIRST and now - self.logged_at < RECONNECT_LOG_INTERVAL_S:
+            self.unlogged += 1
+            return
+        more = f"; {self.unlogged} more reconnects since the last such line" if self.unlogged else ""
+        later = (f"; from now on at most one such line per {RECONNECT_LOG_INTERVAL_S:.0f} s"
+                 if self.count == RECONNECT_LOG_FIRST else "")
+        log.warning("data: reconnecting to %s at byte %d (failure %d in a row without progress): %s%s%s",
+                    redact(url), offset, failures, cause, more, later)
+        self.unlogged, self.logged_at = 0, now
+
+
+RECONNECTS = _ReconnectLog()
 
 
 def read_bytes(url: str, policy: RetryPolicy = RetryPolicy()) -> bytes:
@@ -246,26 +319,53 @@ def missing_objects(urls: list[str]) -> list[str]:
     return missing
 
 
-def upload_file(path: str | Path, url: str) -> None:
-    """A local file to s3://bucket/key (multipart for large files; S3 shows the object whole or not at all)."""
-    bucket, key = split_s3(url)
+def list_prefix(url: str, limit: int | None = None) -> list[str]:
+    """The object URLs under an s3:// prefix (at most `limit` of them)."""
+    bucket, prefix = split_s3(url)
+    found: list[str] = []
     try:
-        s3_client().upload_file(str(path), bucket, key)
+        for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            found += [f"s3://{bucket}/{item['Key']}" for item in page.get("Contents", [])]
+            if limit is not None and len(found) >= limit:
+                return found[:limit]
     except _network_errors() as exc:
         raise _classify(url, exc) from None
+    return found
 
 
-def object_size(url: str) -> int | None:
-    """Bytes of s3://bucket/key, or None when it does not exist."""
+def upload_file(path: str | Path, url: str, metadata: dict[str, str] | None = None) -> None:
+    """A local file to s3://bucket/key (multipart for large files; S3 shows the object whole or not at all)."""
+    from boto3.exceptions import S3UploadFailedError
+
+    bucket, key = split_s3(url)
+    try:
+        s3_client().upload_file(str(path), bucket, key, ExtraArgs={"Metadata": metadata} if metadata else None)
+    except _network_errors() as exc:
+        raise _classify(url, exc) from None
+    except S3UploadFailedError as exc:  # boto3's wrapper of the client error (no such bucket, access denied, ...)
+        raise _classify(url, exc.__context__ if isinstance(exc.__context__, Exception) else exc) from None
+
+
+def object_head(url: str) -> dict[str, Any] | None:
+    """{"size", "sha256" (our metadata; "" when absent)} of s3://bucket/key, or None when it does not exist."""
     bucket, key = split_s3(url)
     import botocore.exceptions as boto
 
     try:
-        return int(s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
+        head = s3_client().head_object(Bucket=bucket, Key=key)
     except boto.ClientError as exc:
         if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
             return None
         raise _classify(url, exc) from None
+    except _network_errors() as exc:
+        raise _classify(url, exc) from None
+    return {"size": int(head["ContentLength"]), "sha256": head.get("Metadata", {}).get("sha256", "")}
+
+
+def object_size(url: str) -> int | None:
+    """Bytes of s3://bucket/key, or None when it does not exist."""
+    head = object_head(url)
+    return None if head is None else head["size"]
 
 
 def redact(url: str) -> str:
@@ -279,17 +379,26 @@ def redact(url: str) -> str:
 # --- node-local cache -----------------------------------------------------------------------------------------
 
 
+STALE_PART_S = 3600.0  # a `.part` of another host untouched this long belongs to a writer that is gone
+
+
 class ShardCache:
-    """Whole remote objects kept in `directory`, at most `max_bytes` in all, least recently used evicted first.
+    """Whole remote objects kept in `directory`, at most `max_bytes` in all (partial copies included), least
+    recently used evicted first.
 
     Safe with many writers (workers, ranks) at once without coordination on the read path: each writer streams
-    into its own `.part` file and publishes it with an atomic rename (two writers of one shard publish the same
-    bytes); eviction runs under a file lock; a reader keeps a file it opened even when it is evicted meanwhile.
+    into its own `<hash>.<host>.<pid>.part` file and publishes it with an atomic rename (two writers of one shard
+    publish the same bytes); a reader keeps a file it opened even when it is evicted meanwhile. A writer that stops
+    early on its own removes its part. A part whose writer is gone (killed, or a DataLoader worker ended at exit
+    mid-shard; of another host: untouched for STALE_PART_S) is a partial copy: the next reader of that shard from
+    a byte it holds takes it over (renamed under the lock) and fetches only the rest; until then it is evicted like
+    a whole copy. Eviction and take-overs run under a file lock.
     """
 
     def __init__(self, directory: str | Path, max_bytes: int):
         self.directory, self.max_bytes = Path(directory), int(max_bytes)
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.evict()
 
     def path(self, url: str) -> Path:
         return self.directory / (hashlib.sha256(url.encode()).hexdigest()[:32] + ".tar")
@@ -304,43 +413,100 @@ class ShardCache:
         os.utime(path)  # recently used
         return handle
 
-    def writer(self, url: str, size: int | None) -> "_CacheWriter | None":
+    def writer(self, url: str, size: int | None, start: int = 0) -> "CacheWriter | None":
+        """Where a read of `url` (`size` bytes) from byte `start` keeps its copy: a partial copy of a gone writer
+        that holds at least `start` bytes, taken over, or a new one (only for a read from the start)."""
         if size is None or size > self.max_bytes:
             return None
-        part = self.path(url).with_name(f"{self.path(url).stem}.{socket.gethostname()}.{os.getpid()}.part")
-        return _CacheWriter(self, url, part, size)
+        stem = self.path(url).stem
+        own = self.directory / f"{stem}.{socket.gethostname()}.{os.getpid()}.part"
+        with self._lock():
+            held = self._take_part(stem, own)
+            if held is not None and not start <= held <= size:  # ends before this read begins, or not of this size
+                own.unlink(missing_ok=True)
+                held = None
+            if held is None and start > 0:
+                return None
+            self._evict(reserve=size - (held or 0))  # room for the whole copy before it is written
+        return CacheWriter(self, url, own, size, held or 0)
 
     def publish(self, part: Path, url: str) -> None:
         os.replace(part, self.path(url))
         self.evict(keep=self.path(url))
 
     def evict(self, keep: Path | None = None) -> None:
-        with open(self.directory / ".lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            self._remove_dead_parts()
-            files = []
-            for path in self.directory.glob("*.tar"):
-                try:
-                    stat = path.stat()
-                except FileNotFoundError:
-                    continue
-                files.append((stat.st_mtime, stat.st_size, path))
-            total = sum(size for _, size, _ in files)
-            for _, size, path in sorted(files):
-                if total <= self.max_bytes:
-                    break
-                if path == keep:
-                    continue
-                path.unlink(missing_ok=True)
-                total -= size
+        with self._lock():
+            self._evict(keep=keep)
 
-    def _remove_dead_parts(self) -> None:
-        """`.part` files of processes of this host that died (kill -9) before publishing."""
-        host = socket.gethostname()
-        for part in self.directory.glob(f"*.{host}.*.part"):
-            pid = part.name.rsplit(".", 2)[1]
-            if pid.isdigit() and not _alive(int(pid)):
-                part.unlink(missing_ok=True)
+    def _lock(self) -> "_FileLock":
+        return _FileLock(self.directory / ".lock")
+
+    def _evict(self, keep: Path | None = None, reserve: int = 0) -> None:
+        """Least recently used whole and partial copies out until they, the parts being written and `reserve` fit
+        the bound."""
+        files, total = [], reserve
+        for path in [*self.directory.glob("*.tar"), *self.directory.glob("*.part")]:
+            try:
+                stat = path.stat()
+                evictable = path.suffix == ".tar" or self._gone(path)
+            except FileNotFoundError:
+                continue
+            total += stat.st_size
+            if evictable:
+                files.append((stat.st_mtime, stat.st_size, path))
+        for _, size, path in sorted(files):
+            if total <= self.max_bytes:
+                break
+            if path == keep:
+                continue
+            path.unlink(missing_ok=True)
+            total -= size
+
+    def _take_part(self, stem: str, own: Path) -> int | None:
+        """The largest partial copy of `stem` whose writer is gone, renamed to `own`, and its bytes; others of
+        `stem` whose writers are gone are removed."""
+        gone = []
+        for part in self.directory.glob(f"{stem}.*.part"):
+            try:
+                if self._gone(part):
+                    gone.append((part.stat().st_size, part))
+            except FileNotFoundError:
+                continue
+        if not gone:
+            return None
+        gone.sort()
+        held, best = gone.pop()
+        for _, part in gone:
+            part.unlink(missing_ok=True)
+        os.replace(best, own)
+        return held
+
+    @staticmethod
+    def _gone(part: Path) -> bool:
+        """Whether the writer of a `.part` is gone: of this host, its process ended; of others, untouched long."""
+        host, pid = _host_pid(part.name)
+        if host == socket.gethostname():
+            return not (pid.isdigit() and _alive(int(pid)))
+        return time.time() - part.stat().st_mtime > STALE_PART_S
+
+
+class _FileLock:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self) -> None:
+        self.handle = open(self.path, "a")
+        fcntl.flock(self.handle, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.close()  # releases the lock
+
+
+def _host_pid(name: str) -> tuple[str, str]:
+    """`<hash>.<host>.<pid>.part` -> (host, pid); a host name may hold dots."""
+    middle = name[:-len(".part")].split(".", 1)[1] if name.count(".") >= 3 else ""
+    host, _, pid = middle.rpartition(".")
+    return host, pid
 
 
 def _alive(pid: int) -> bool:
@@ -353,13 +519,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
-class _CacheWriter:
-    """Receives the bytes of one object as they are read; publishes them once all `size` bytes arrived."""
+class CacheWriter:
+    """Receives the bytes of one object as they are read (after the `written` a partial copy held already);
+    publishes them once all `size` bytes arrived."""
 
-    def __init__(self, cache: ShardCache, url: str, part: Path, size: int):
+    def __init__(self, cache: ShardCache, url: str, part: Path, size: int, written: int = 0):
         self.cache, self.url, self.part, self.size = cache, url, part, size
-        self.handle = open(part, "wb")
-        self.written = 0
+        self.handle = open(part, "ab" if written else "wb")
+        self.written = written
 
     def write(self, data: bytes) -> None:
         self.handle.write(data)

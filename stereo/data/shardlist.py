@@ -15,7 +15,7 @@ from pathlib import Path
 
 from braceexpand import braceexpand
 
-from stereo.data.remote import FetchError, is_remote, missing_objects, read_bytes
+from stereo.data.remote import FetchError, is_remote, list_prefix, missing_objects, read_bytes
 
 PIPE_PREFIX = "pipe:"
 
@@ -49,7 +49,7 @@ def resolve_shards(source: str) -> list[Shard]:
         try:
             return _remote(source)
         except FetchError as exc:
-            raise ShardListError(f"{source}: {exc}") from None
+            raise ShardListError(str(exc) if str(exc).startswith(f"{source}: ") else f"{source}: {exc}") from None
     path = Path(source)
     if path.is_dir():
         return _from_manifest(path)
@@ -71,8 +71,15 @@ def _remote(source: str) -> list[Shard]:
                              "config; give them in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...)")
     if "{" not in source and not source.endswith(".tar"):  # a shard folder: its manifest lists the shards
         base = source.rstrip("/")
-        shards = _parse_manifest(f"{base}/manifest.json", read_bytes(f"{base}/manifest.json"), base)
-        return shards
+        try:
+            text = read_bytes(f"{base}/manifest.json")
+        except FetchError as exc:
+            if not exc.permanent or "no such object" not in str(exc) or not base.startswith("s3://"):
+                raise
+            raise ShardListError(f"{source}: {_folder_problem(base)}; expected a shard folder with manifest.json "
+                                 "(written by `make shards` or `make shards-upload`), or a brace pattern of tar "
+                                 "objects") from None
+        return _parse_manifest(f"{base}/manifest.json", text, base)
     shards = [Shard(url) for url in braceexpand(source)]
     if source.startswith("s3://"):
         missing = missing_objects([s.url for s in shards])
@@ -80,6 +87,14 @@ def _remote(source: str) -> list[Shard]:
             raise ShardListError(f"{source}: {len(missing)} of {len(shards)} shard objects do not exist (first: "
                                  f"{missing[0]})")
     return shards
+
+
+def _folder_problem(base: str) -> str:
+    """What is missing at an s3:// shard folder whose manifest.json does not exist."""
+    found = list_prefix(f"{base}/", limit=1)
+    if not found:
+        return f"nothing under {base}/ (no such prefix)"
+    return f"no manifest.json under {base}/ (it holds e.g. {found[0]})"
 
 
 def _parse_manifest(where: str, text: bytes | str, base: str) -> list[Shard]:

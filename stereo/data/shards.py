@@ -130,7 +130,7 @@ def _write_shard(job: _ShardJob) -> dict[str, Any]:
     os.replace(tmp, final)
     entry = {"name": job.name, "num_samples": count, "bytes": final.stat().st_size, "sha256": _sha256(final)}
     if job.upload_to:
-        upload_file(final, f"{job.upload_to}/{job.name}")
+        upload_file(final, f"{job.upload_to}/{job.name}", metadata={"sha256": entry["sha256"]})  # shards-upload
         final.unlink()
     return {"entry": entry, "bad_samples": bad}
 

@@ -1,13 +1,14 @@
 """The training sample stream: weighted mixing of data sets, split across roles, resumable from small integers.
 
-A *role* is one producer of batches: role = rank * workers_per_rank + worker slot, so there are
-world_size * workers_per_rank roles (one per rank when the DataLoader has no workers). Each role owns a plan that
-is a pure function of (seed, data set, epoch, role):
+A *role* is one lane of the job's sample sequence: the trainer has one lane per sample of the global batch, and
+optimizer step s trains on the s-th sample of every lane (stereo.data.loader.TrainLoader), whatever the world
+size and the number of loader workers. Each role owns a plan that is a pure function of (seed, data set, epoch,
+role):
 
 * per data set and epoch the shards are put in an order drawn from (seed, data set, epoch); when there are fewer
   shards than roles each shard is split into `parts` interleaved slices (sample i belongs to part i % parts), so
   there are always at least as many *units* (shard, part) as roles; units are dealt to roles round-robin, so no
-  sample is read twice within an epoch across all ranks and workers;
+  sample is read twice within an epoch across all lanes;
 * inside a local shard the samples are visited in an order drawn from (seed, data set, epoch, shard); remote
   objects and `pipe:` streams are read in stream order (a resumed remote read starts at the byte offset after the
   last sample consumed, a pipe skips that many samples);
@@ -61,15 +62,17 @@ class RoleState:
     cursors: dict[str, list[int]] = field(default_factory=dict)
     bad: dict[str, int] = field(default_factory=dict)  # reason -> samples (failed_shards: shards)
     opened_shards: int = 0
+    retries: int = 0  # reconnects of remote reads and re-runs of pipe: commands
 
     def to_dict(self) -> dict:
         return {"draws": self.draws, "cursors": {k: list(v) for k, v in self.cursors.items()}, "bad": dict(self.bad),
-                "opened_shards": self.opened_shards}
+                "opened_shards": self.opened_shards, "retries": self.retries}
 
     @classmethod
     def from_dict(cls, data: dict) -> "RoleState":
         return cls(int(data["draws"]), {k: [int(x) for x in v] for k, v in data["cursors"].items()},
-                   {k: int(v) for k, v in data["bad"].items()}, int(data.get("opened_shards", 0)))
+                   {k: int(v) for k, v in data["bad"].items()}, int(data.get("opened_shards", 0)),
+                   int(data.get("retries", 0)))
 
 
 def name_hash(name: str) -> int:
@@ -197,7 +200,7 @@ class DatasetCursor:
         offset = self.cursor[4] if position else 0
         index = (position - 1) * parts + part + 1 if offset else 0
         selected = position if offset else 0
-        for item in iter_streamed(shard.url, offset, self.source.fetch):
+        for item in iter_streamed(shard.url, offset, self.source.fetch, self._count_retry):
             if isinstance(item, UnreadableSample):
                 self._unit_size = selected + 1
                 yield item
@@ -216,6 +219,9 @@ class DatasetCursor:
             except UnreadableSample as bad:
                 yield bad
         self._unit_size = selected
+
+    def _count_retry(self) -> None:
+        self.state.retries += 1
 
     def _count_bad(self, bad: UnreadableSample) -> None:
         count_bad(self.state, self.role, bad.reason, bad.count, f"{self.current_shard}: {bad.detail}")
@@ -314,5 +320,5 @@ class RoleStream:
                                            "a valid pixel in any crop (is all disparity >= model.max_disp?)")
                     continue
             self.state.draws = draw + 1
-            sample["dataset"] = cursor.source.name
+            sample["dataset"], sample["key"] = cursor.source.name, key
             return sample

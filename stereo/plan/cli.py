@@ -1,5 +1,6 @@
 """`python -m stereo plan CONFIG [a.b=value ...] [--gpu NAME] [--gpus N]`: per-GPU memory and time floor of a
-training config, planned on the CPU before any GPU is involved."""
+training config, planned on the CPU before any GPU is involved. With `--infer HxW [--precision P]`: the inference
+memory of the config's model at that image size, and the largest image that fits (stereo.plan.inference)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import sys
 
 from stereo.config import load_config
+from stereo.config.errors import ConfigError
 from stereo.plan.budget import BYTES, DEEPSPEED_REDUCE_BUCKET, Plan, make_plan
 from stereo.plan.gpus import GIB, GPUS
 
@@ -17,6 +19,20 @@ def add_arguments(parser) -> None:
     parser.add_argument("--gpu", choices=sorted(GPUS), help="the GPU to plan for (default: the config's slurm.gpu)")
     parser.add_argument("--gpus", type=int, help="data-parallel GPUs (default: slurm.nodes x slurm.gpus_per_node)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument("--infer", metavar="HxW", help="plan inference at this image size instead (e.g. 2000x2900)")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                        help="inference autocast (--infer; default fp32)")
+    parser.add_argument("--iters", type=int, help="inference GRU iterations (--infer; default model.valid_iters)")
+
+
+def image_size(text: str) -> tuple[int, int]:
+    try:
+        height, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ConfigError("--infer", f"HEIGHTxWIDTH in pixels, e.g. 2000x2900, got {text!r}") from None
+    if min(height, width) < 32:
+        raise ConfigError("--infer", f"sides of at least 32 px, got {text!r}")
+    return height, width
 
 
 def render(plan: Plan) -> str:
@@ -60,6 +76,13 @@ def render(plan: Plan) -> str:
 def run(args) -> int:
     cfg = load_config(args.config, args.overrides)
     gpu = GPUS[args.gpu or cfg.slurm.gpu]
+    if args.infer:
+        from stereo.plan.inference import plan_inference, render as render_inference
+
+        plan = plan_inference(cfg.model, *image_size(args.infer), args.iters or cfg.model.valid_iters,
+                              args.precision, gpu)
+        print(render_inference(plan, cfg.model.max_disp))
+        return 0
     world_size = args.gpus or max(1, cfg.slurm.nodes * cfg.slurm.gpus_per_node)
     plan = make_plan(cfg, world_size, gpu, config_name=args.config)
     print(json.dumps(plan.to_json(), indent=2) if args.json else render(plan))

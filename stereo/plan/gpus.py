@@ -42,6 +42,8 @@ GPUS = {gpu.name: gpu for gpu in (
     Gpu("h200-141gb", "NVIDIA H200", int(139.8 * GIB)),
     Gpu("a100-80gb", "NVIDIA A100-SXM4-80GB", int(79.15 * GIB)),
     Gpu("a100-40gb", "NVIDIA A100-SXM4-40GB", int(39.39 * GIB)),
+    Gpu("rtx4090-24gb", "NVIDIA GeForce RTX 4090", int(23.65 * GIB)),  # the 24 GB cards inference users have
+    Gpu("rtx3090-24gb", "NVIDIA GeForce RTX 3090", int(23.69 * GIB)),
 )}
 
 

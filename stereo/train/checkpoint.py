@@ -1,7 +1,8 @@
 """Atomic, verified, rotating checkpoints: DeepSpeed's own files plus our per-rank trainer state.
 
 Layout under RUN_DIR/checkpoints/:
-  step_NNNNNNNN.tmp/   being written by every rank (DeepSpeed files in ds/, trainer_state_rank{r}.pt, config.yaml)
+  step_NNNNNNNN.tmp/   being written by every rank (DeepSpeed files in ds/, trainer_state_rank{r}.pt, config.yaml,
+                       layout.json: the world size and batch split it was written with)
   step_NNNNNNNN/       renamed by rank 0 after every rank wrote; complete only once COMPLETE exists (written last)
   latest               text: the newest complete directory name (a convenience; loading scans for COMPLETE)
 COMPLETE is a JSON manifest: the size and xxh3-64 checksum of every file, hashed by the ranks in parallel at save
@@ -9,10 +10,13 @@ and checked again before a resume, so a truncated or damaged file is named and t
 A directory without COMPLETE is never loaded and is removed by the next save, so a crash or kill -9 at any moment
 leaves the previous checkpoint loadable. A save that fails (disk full, permission) names the path and the cause,
 removes its partial directory and raises CheckpointError; the previous checkpoint stays the newest.
+A checkpoint of another world size is loaded through stereo.train.elastic (DeepSpeed's universal format, written
+to universal/ beside the checkpoints and removed once loaded).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -23,11 +27,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from stereo.train import elastic
 from stereo.train.run_files import LATEST, STEP_DIR, read_latest
 
 COMPLETE = "COMPLETE"
 DS_TAG = "ds"
 CONFIG_FILE = "config.yaml"  # the resolved config the checkpoint was trained with (compared on resume)
+UNIVERSAL_DIR = "universal"  # under checkpoints/: a checkpoint of another world size, converted for loading
 _CHUNK = 8 << 20
 
 
@@ -180,7 +186,8 @@ class CheckpointManager:
 
     # ---- save ------------------------------------------------------------------------------------------------------
 
-    def save(self, engine, step: int, trainer_state: dict, config_yaml: str) -> Path:
+    def save(self, engine, step: int, trainer_state: dict, config_yaml: str,
+             layout: elastic.Layout | None = None) -> Path:
         """Collective: every rank calls it at the same step. Raises CheckpointError on every rank if any rank's
         write failed; the partial directory is removed and the previous checkpoint stays the newest."""
         final = self.root / step_dir_name(step)
@@ -192,6 +199,8 @@ class CheckpointManager:
                 shutil.rmtree(tmp, ignore_errors=True)
                 (tmp / DS_TAG).mkdir(parents=True)
                 _fsync_write(tmp / CONFIG_FILE, config_yaml)
+                if layout is not None:
+                    _fsync_write(tmp / elastic.LAYOUT_FILE, layout.to_json())
             except OSError as exc:
                 problem = f"{tmp}: {describe_write_error(tmp, exc)}"
         problem = _first_problem(problem)
@@ -274,16 +283,17 @@ class CheckpointManager:
 
     # ---- load ------------------------------------------------------------------------------------------------------
 
-    def resume(self, engine) -> tuple[Path, dict] | None:
+    def resume(self, engine, seed: int = 0, ema=None) -> tuple[Path, dict] | None:
         """Collective. Load the newest checkpoint whose files verify and load, falling back to older ones (saying
-        why); None when the run has no checkpoint. Raises CheckpointError when checkpoints exist but none loads."""
+        why); None when the run has no checkpoint. One of another world size is moved to this one (the EMA's
+        partitions re-split, new ranks' RNG states derived from `seed`). Raises CheckpointError when checkpoints exist but none loads."""
         failures = []
         for step in reversed(complete_steps(self.root)):
             step_dir = self.root / step_dir_name(step)
             problem = _first_problem(check_files(step_dir, _world()))
             state = None
             if problem is None:
-                state, problem = self._load(engine, step_dir)
+                state, problem = self._load(engine, step_dir, seed, ema)
                 problem = _first_problem(problem)
             if problem is None:
                 if failures and self.rank == 0:
@@ -300,8 +310,11 @@ class CheckpointManager:
                                   "move the damaged directories away to start afresh")
         return None
 
-    def _load(self, engine, step_dir: Path) -> tuple[dict | None, str | None]:
+    def _load(self, engine, step_dir: Path, seed: int, ema) -> tuple[dict | None, str | None]:
         """(this rank's trainer state, None) or (None, what failed)."""
+        saved = elastic.read_layout(step_dir)
+        if saved is not None and saved.world_size != _world()[1]:
+            return self._load_moved(engine, step_dir, saved.world_size, seed, ema)
         state_file = trainer_state_path(step_dir, self.rank)
         if not state_file.is_file():
             return None, f"{state_file}: missing (saved with a different number of processes?)"
@@ -317,6 +330,58 @@ class CheckpointManager:
                 return None, (f"{step_dir / DS_TAG}: size mismatch: the checkpoint's weights do not fit this model "
                               f"(was model.* changed?): {first_line}")
             return None, f"{step_dir / DS_TAG}: {type(exc).__name__}: {first_line}"
+
+
+    def _load_moved(self, engine, step_dir: Path, saved_world: int, seed: int, ema) -> tuple[dict | None, str | None]:
+        """A checkpoint of `saved_world` processes into this world (stereo.train.elastic). Collective."""
+        ds_dir, load_dir, problem = step_dir / DS_TAG, step_dir, None
+        partitioned = elastic.has_partitioned_optimizer(ds_dir)
+        if self.rank == 0:
+            how = (f"converting it to DeepSpeed's universal format in {self.root / UNIVERSAL_DIR / step_dir.name}"
+                   if partitioned else "its optimizer state is not partitioned and loads as it is")
+            print(f"{step_dir}: written by {saved_world} processes, resuming with {_world()[1]}: {how}",
+                  file=sys.stderr, flush=True)
+        if partitioned:
+            load_dir = self.root / UNIVERSAL_DIR / step_dir.name
+            if self.rank == 0:
+                try:
+                    elastic.to_universal(ds_dir, load_dir / DS_TAG)
+                except Exception as exc:  # noqa: BLE001 - named, and an older checkpoint is tried
+                    problem = f"{ds_dir}: conversion to a universal checkpoint failed: {type(exc).__name__}: {exc}"
+            problem = _first_problem(problem)
+        try:
+            if problem is None:
+                states = []
+                for rank in range(saved_world):
+                    path = trainer_state_path(step_dir, rank)
+                    if not path.is_file():
+                        return None, f"{path}: missing (the checkpoint's layout says {saved_world} processes)"
+                    # mapped, not read: every rank's state holds an EMA, and below ZeRO-3 only rank 0's is used
+                    states.append(torch.load(path, map_location="cpu", weights_only=False, mmap=True))
+                with elastic.universal_loading(engine) if partitioned else contextlib.nullcontext():
+                    path, _ = engine.load_checkpoint(str(load_dir), tag=DS_TAG, load_optimizer_states=True,
+                                                     load_lr_scheduler_states=False)
+                if path is None:
+                    return None, f"{load_dir / DS_TAG}: DeepSpeed found no checkpoint there"
+                if partitioned:
+                    elastic.restore_outside_optimizer(engine, step_dir, DS_TAG)
+                restore_loss_scale(engine, states[0].get("loss_scale"))
+                return elastic.merge_trainer_states(states, self.rank, _world()[1], ema, seed), None
+        except Exception as exc:  # noqa: BLE001 - as in _load
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            problem = f"{load_dir / DS_TAG}: {type(exc).__name__}: {first_line}"
+        finally:
+            _barrier()
+            if partitioned and self.rank == 0:
+                shutil.rmtree(self.root / UNIVERSAL_DIR, ignore_errors=True)
+        return None, problem
+
+
+def restore_loss_scale(engine, scale: float | None) -> None:
+    """fp16's dynamic loss scale, which the universal format does not carry (bf16 and fp32 have none)."""
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    if scale is not None and scaler is not None and getattr(scaler, "dynamic", False):
+        scaler.cur_scale = scale
 
 
 def _fsync_write(path: Path, text: str) -> None:

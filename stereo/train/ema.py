@@ -79,6 +79,23 @@ class EMA:
             self.shadow[n].copy_(t)
 
 
+    def resplit(self, saved: list[dict]) -> dict:
+        """A state for this rank's ZeRO-3 partitions from the EMA states of all ranks of another world size: each
+        parameter's shards are joined and this rank's slice of the new partitioning is cut out (zero-padded, as
+        ZeRO-3 pads the last partition)."""
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        shapes = {n: p.ds_shape for n, p in self.params.items()}
+        whole = join_partitions([s["shadow"] for s in saved], shapes)
+        shadow = {}
+        for name, tensor in whole.items():
+            size = self.shadow[name].numel()
+            flat = torch.nn.functional.pad(tensor.reshape(-1), (0, max(0, size * (rank + 1) - tensor.numel())))
+            shadow[name] = flat[rank * size:(rank + 1) * size].clone()
+        return {"decay": saved[0]["decay"], "partitioned": True, "shadow": shadow}
+
+
 def join_partitions(shards: list[dict[str, torch.Tensor]], shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
     """Whole tensors from the ranks' ZeRO-3 EMA shards (rank order): each parameter is the concatenation of its flat
     partitions, cut to its size (ZeRO-3 pads the last partition)."""

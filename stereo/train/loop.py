@@ -29,8 +29,9 @@ from stereo.train.logging import RunLogger
 from stereo.train.loss import stereo_loss
 from stereo.train.batches import batches_forever, started
 from stereo.train.metrics_window import Window
-from stereo.train.rng import seed_everything, set_rng_state
+from stereo.train.rng import seed_everything, seed_micro_batch, set_rng_state
 from stereo.train.run_state import RunState
+from stereo.train.sample_log import SampleLog
 from stereo.train.schedules import lr_multiplier
 from stereo.train.signals import TrainerSignals
 from stereo.train.startup import StartupClock, open_run_dir
@@ -63,13 +64,16 @@ def train(cfg: Config, overrides: list[str], context: ExitContext) -> int:
         initialise(model, cfg.model)
     clock.mark("model_build")
     engine = ds_engine.build_engine(model, cfg, env, precision)
+    engine.module.train()  # applies model.freeze_bn (a module starts in training mode without calling train())
     ema = EMA(engine.module, cfg.train.ema_decay) if cfg.train.ema_decay else None
     compiled = compiling.enabled(cfg, env.device)
     loss_fn = compiling.compile_training(engine.module, cfg, run.path) if compiled else stereo_loss
     clock.mark("deepspeed_init")
-    resumed = ckpts.resume(engine)  # the newest checkpoint that verifies, else an older one, saying why
+    # the newest checkpoint that verifies, else an older one, saying why; moved here from another world size
+    resumed = ckpts.resume(engine, cfg.train.seed, ema)
     clock.mark("checkpoint_load")
-    loader = build_train_loader(cfg.data, cfg.augment, cfg.model.max_disp, env.rank, env.world_size)
+    loader = build_train_loader(cfg.data, cfg.augment, cfg.model.max_disp, env.rank, env.world_size,
+                                cfg.train.grad_accum)
     state, saved = RunState(), resumed[1] if resumed else None
     if saved is not None:
         state = RunState.restore(saved, env.world_size, resumed[0])
@@ -77,6 +81,8 @@ def train(cfg: Config, overrides: list[str], context: ExitContext) -> int:
         if ema is not None:
             ema.load_state_dict(saved["ema"])
     log.truncate_after(state.step if saved is not None else -1)
+    samples = SampleLog(run.path, env.rank, cfg.logging.sample_keys)
+    samples.truncate_after(state.step if saved is not None else -1)
     log.record_config_changes(state.step, run.changes)
     validator = Validator(cfg, engine.module, ema, env, log)
     early_stop = EarlyStop(cfg.early_stop, run.path, env.rank)
@@ -102,6 +108,7 @@ def train(cfg: Config, overrides: list[str], context: ExitContext) -> int:
             wait_start = time.perf_counter()
             batch = next(batches)
             window.data_wait += time.perf_counter() - wait_start
+            seed_micro_batch(cfg.train.seed, batch["origin"])
             init_disp, preds = engine(batch["left"], batch["right"], iters=cfg.model.train_iters, test_mode=False)
             terms = loss_fn(init_disp, preds, batch["disp"], batch["valid"], cfg.model.max_disp, cfg.loss)
             if signals.agree(~torch.isfinite(terms["total"].detach())).bad_loss:
@@ -112,6 +119,7 @@ def train(cfg: Config, overrides: list[str], context: ExitContext) -> int:
             engine.backward(terms["total"])
             engine.step()
             good += 1
+            samples.add(batch["keys"])
             window.add(terms, batch["left"].shape[0] * env.world_size)
         if state.bad_streak >= cfg.train.max_bad_steps:
             print(f"[rank {env.rank}] stopping: {state.bad_streak} non-finite steps in a row at step {state.step + 1} "
@@ -126,6 +134,7 @@ def train(cfg: Config, overrides: list[str], context: ExitContext) -> int:
         else:
             state.count_bad_step(env.rank, "non-finite gradients (the update was skipped)")
         state.step += 1
+        samples.step_done(state.step)
         state.samples_seen += cfg.data.batch_size * cfg.train.grad_accum * env.world_size
         if state.step == first_step:
             clock.mark("first_step")

@@ -1,4 +1,5 @@
-"""The logged training metrics: loss terms summed on the device between two log lines, then averaged."""
+"""The logged training metrics: loss terms summed on the device between two log lines, then averaged (over the
+micro-batches and the ranks: the mean over the global batch, comparable at any world size)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import math
 import time
 
 import torch
+import torch.distributed as dist
 
 
 class Window:
@@ -28,6 +30,11 @@ class Window:
     def flush(self, lr: float, grad_norm, skipped_steps: int, loader) -> dict[str, float]:
         elapsed = time.perf_counter() - self.start
         n = max(self.micro_batches, 1)
+        if self.sums and dist.is_initialized():  # the mean over the global batch: comparable at any world size
+            names = sorted(self.sums)
+            stacked = torch.stack([self.sums[k] for k in names])
+            dist.all_reduce(stacked)
+            self.sums = dict(zip(names, stacked / dist.get_world_size()))
         means = {k: v.item() / n for k, v in self.sums.items()}
         scalars = {"loss": means.get("total", math.nan), "loss/init": means.get("init", math.nan),
                    "loss/seq": means.get("seq", math.nan), "train/epe": means.get("epe", math.nan),
@@ -38,5 +45,6 @@ class Window:
             scalars["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
         for name, count in (loader.bad_sample_counts() or {}).items():
             scalars[f"bad_samples/{name}"] = count
+        scalars["data/retries"] = loader.retries()
         self.__init__()
         return scalars

@@ -1,6 +1,6 @@
-"""What a training config points at, checked before anything is created or queued: the data sets' shard sources,
-the starting weights and the run directory. Each problem names the key and the path; all of them are reported at
-once."""
+"""What a training config points at, checked before anything is created or queued: the data sets' shard sources
+(local and remote), the starting weights and the run directory. Each problem names the key and the path; all of
+them are reported at once."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from stereo.config.errors import ConfigError
 from stereo.config.schema import Config
 
 
-def _streamed(source: str) -> bool:
-    """`pipe:` commands and URLs are read by the data workers; only they can tell whether these exist."""
-    return source.strip().startswith("pipe:") or "://" in source
+def _piped(source: str) -> bool:
+    """`pipe:` commands run in the data workers; only they can tell whether their data exists. Remote sources
+    (s3://, http(s)://) are checked here: a manifest read or a listing per source."""
+    return source.strip().startswith("pipe:")
 
 
 def path_problems(cfg: Config) -> list[tuple[str, str]]:
@@ -25,7 +26,7 @@ def path_problems(cfg: Config) -> list[tuple[str, str]]:
         problems.append(("data.train", "at least one data set to train on, got none"))
     for split in ("train", "val"):
         for i, spec in enumerate(getattr(cfg.data, split)):
-            if _streamed(spec.shards):
+            if _piped(spec.shards):
                 continue
             try:
                 resolve_shards(spec.shards)

@@ -28,3 +28,19 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def derived_state(seed: int, rank: int, step: int) -> dict:
+    """The RNG states `seed_everything` would give a rank that starts at `step` (a rank added by an elastic resume,
+    which has no saved state); the current states are left as they were."""
+    saved = rng_state()
+    seed_everything(seed + step, rank)
+    state = rng_state()
+    set_rng_state(saved)
+    return state
+
+
+def seed_micro_batch(seed: int, origin: tuple[int, int]) -> None:
+    """torch's generators for one micro-batch (dropout), from the seed and the micro-batch's place in the job's data
+    order (stereo.data.loader: its first sample's lane and draw), not from the rank that happens to compute it."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, *origin]).generate_state(1)[0]))

@@ -38,7 +38,8 @@ class RunState:
     @classmethod
     def restore(cls, saved: dict, world_size: int, where: Path) -> "RunState":
         if saved["world_size"] != world_size:
-            raise RuntimeError(f"{where}: saved by {saved['world_size']} processes, resuming with {world_size}; "
-                               "the data-loader and RNG states are per rank, so use the same process count")
+            raise RuntimeError(f"{where}: saved by {saved['world_size']} processes, resuming with {world_size}; it "
+                               "was written by an older version, without layout.json: resume it once with "
+                               f"{saved['world_size']} processes, and its next checkpoint can move")
         return cls(saved["step"], saved["samples_seen"], saved["skipped_steps"], saved["bad_streak"],
                    list(saved["skipped_at"]))

@@ -40,6 +40,8 @@ RESUMABLE = ("name", "train.steps", "train.val_every", "train.max_bad_steps", "t
              "train.run_dir", "train.cudnn_benchmark", "train.check_memory", "train.compile", "train.compile_cache",
              "train.compile_backend", "logging", "checkpoint", "slurm", "eval", "data.val", "data.val_samples",
              "model.valid_iters", "model.init_from", "model.pretrained")
+# How the global batch is split over processes: may change when the global batch stays (stereo.train.elastic)
+BATCH_SPLIT = ("train.grad_accum", "data.batch_size")
 
 
 def _boot_id() -> str:
@@ -193,12 +195,14 @@ def is_resumable(key: str) -> bool:
     return any(key == allowed or key.startswith(allowed + ".") for allowed in RESUMABLE)
 
 
-def check_resume_config(stored_yaml: str | None, cfg: Config, where: Path) -> list[tuple[str, object, object]]:
-    """The changes against the stored config; raises ConfigError for refused ones."""
+def check_resume_config(stored_yaml: str | None, cfg: Config, where: Path, same_global_batch: bool = False,
+                        ) -> list[tuple[str, object, object]]:
+    """The changes against the stored config; raises ConfigError for refused ones. `same_global_batch`: the
+    checkpoint's global batch equals this start's (then its split, BATCH_SPLIT, may change)."""
     if stored_yaml is None:
         return []
     changes = config_changes(stored_yaml, cfg)
-    refused = [c for c in changes if not is_resumable(c[0])]
+    refused = [c for c in changes if not is_resumable(c[0]) and not (same_global_batch and c[0] in BATCH_SPLIT)]
     if refused and not cfg.train.allow_config_change:
         listing = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in refused)
         raise ConfigError("train.allow_config_change",

@@ -4,6 +4,7 @@ resumed, the start recorded), the git revision it runs, and the clock of its sta
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -12,7 +13,9 @@ from pathlib import Path
 import torch.distributed as dist
 
 from stereo.config import Config
+from stereo.config.errors import ConfigError
 from stereo.train.checkpoint import CONFIG_FILE, CheckpointManager, complete_steps, step_dir_name
+from stereo.train.elastic import Layout, keep_global_batch, read_layout
 from stereo.train.failures import ExitContext, agree_on_failure
 from stereo.train.rundir import RunDirLock, check_resume_config, record_start
 
@@ -37,7 +40,8 @@ class RunInfo:
 
 def open_run_dir(cfg: Config, context: ExitContext) -> RunInfo:
     """train.run_dir or runs/<name>-<UTC time> (rank 0 picks the time); rank 0 locks it, tidies the checkpoints,
-    checks the config against the one being resumed and records this start; a failure there stops every rank."""
+    keeps the checkpoint's global batch at this world size (may set train.grad_accum, on every rank), checks the
+    config against the one being resumed and records this start; a failure there stops every rank."""
     chosen = [cfg.train.run_dir or f"runs/{cfg.name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}", git_revision()]
     if dist.is_initialized():
         dist.broadcast_object_list(chosen, src=0)
@@ -50,10 +54,28 @@ def open_run_dir(cfg: Config, context: ExitContext) -> RunInfo:
         context.cleanups.append(lambda _code: lock.release())
         CheckpointManager(path, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every, 0).tidy()
         stored, where = stored_config(path)
-        changes = check_resume_config(stored, cfg, where)
-        return record_start(path, cfg), changes
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
+        saved = read_layout(where.parent) if where is not None else None
+        unkept = None
+        if saved is not None:
+            try:
+                note = keep_global_batch(saved, cfg, world_size)
+                if note:
+                    print(note, file=sys.stderr, flush=True)
+            except ConfigError as exc:  # after the comparison, which names every other difference first
+                unkept = exc
+        same_batch = saved is not None and saved.global_batch == Layout.of(cfg, world_size).global_batch
+        try:
+            changes = check_resume_config(stored, cfg, where, same_global_batch=same_batch)
+        except ConfigError as exc:
+            if unkept is None:
+                raise
+            raise ConfigError(exc.key, f"{exc.expected}. And {unkept.key}: {unkept.expected}") from None
+        if unkept is not None:
+            raise unkept
+        return record_start(path, cfg), changes, cfg.train.grad_accum
 
-    start, changes = agree_on_failure(context, prepare)
+    start, changes, cfg.train.grad_accum = agree_on_failure(context, prepare)
     context.run_dir = path
     return RunInfo(path, revision, start, changes)
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from stereo import exitcodes
 from stereo.config import Config, dump_yaml
@@ -15,6 +16,7 @@ from stereo.progress import TrainProgress, resume_command
 from stereo.train import engine as ds_engine
 from stereo.train.checkpoint import CheckpointManager
 from stereo.train.early_stop import EarlyStop
+from stereo.train.elastic import Layout
 from stereo.train.logging import RunLogger
 from stereo.train.metrics_window import Window
 from stereo.train.rng import rng_state
@@ -79,5 +81,6 @@ class StepEnd:
 
     def save(self) -> None:
         state = self.state.trainer_state(self.loader, self.ema, rng_state(), self.engine, self.cfg, self.git_revision)
-        self.ckpts.save(self.engine, self.state.step, state, dump_yaml(self.cfg))
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.ckpts.save(self.engine, self.state.step, state, dump_yaml(self.cfg), Layout.of(self.cfg, world_size))
         self.signals.checkpoint_done()

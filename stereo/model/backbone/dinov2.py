@@ -21,6 +21,41 @@ from stereo.model.precision import upcast
 POS_INTERPOLATE_OFFSET = 0.1
 
 
+CUBIC_A = -0.75  # torch's (and OpenCV's) bicubic kernel
+
+
+def bicubic_matrix(size: int, in_size: int, like: torch.Tensor, offset: float | None = None) -> torch.Tensor:
+    """(size, in_size) weights of torch's bicubic interpolation (align_corners=False) along one axis: half-pixel
+    source positions, four taps clamped at the borders. The source step is in_size / size, or with `offset` the
+    inverse of DINOv2's scale factor (size + offset) / in_size. The same numbers as `F.interpolate`, built from tensors
+    so that an ONNX export keeps the sizes symbolic (F.interpolate's bicubic sizes and scale factors export as
+    constants, or as a Resize that onnxruntime rejects)."""
+    out = torch.arange(size, device=like.device, dtype=like.dtype)  # fp32 in an export: TensorRT has no fp64
+    columns = torch.arange(in_size, device=like.device)
+    count = torch.ones_like(out).sum()  # the sizes as 0-d tensors (sums of ones export to every runtime)
+    source = torch.ones(in_size, device=like.device, dtype=like.dtype).sum()
+    real = (out + 0.5) * (source / (count + offset if offset is not None else count)) - 0.5
+    first = torch.floor(real)
+    t = real - first
+
+    def near(x: torch.Tensor) -> torch.Tensor:  # |x| <= 1
+        return ((CUBIC_A + 2) * x - (CUBIC_A + 3)) * x * x + 1
+
+    def far(x: torch.Tensor) -> torch.Tensor:  # 1 < |x| < 2
+        return ((CUBIC_A * x - 5 * CUBIC_A) * x + 8 * CUBIC_A) * x - 4 * CUBIC_A
+
+    taps = ((far(t + 1), -1), (near(t), 0), (near(1 - t), 1), (far(2 - t), 2))
+    return sum(weight[:, None] * (columns == (first.long() + k).clamp(0, in_size - 1)[:, None]).to(like.dtype)
+               for weight, k in taps)
+
+
+def bicubic_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """`F.interpolate(x, size, mode="bicubic", align_corners=False)` of (N,C,H,W) as two matrix products."""
+    rows = bicubic_matrix(size[0], x.shape[-2], x)
+    cols = bicubic_matrix(size[1], x.shape[-1], x)
+    return torch.matmul(torch.matmul(rows, x), cols.t())
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -102,12 +137,10 @@ class DinoVisionTransformer(nn.Module):
         if grid_h == m and grid_w == m:
             return pos
         pos = upcast(pos)
-        table = pos[:, 1:].reshape(1, m, m, -1).permute(0, 3, 1, 2)
-        scale = ((grid_h + POS_INTERPOLATE_OFFSET) / m, (grid_w + POS_INTERPOLATE_OFFSET) / m)
-        table = F.interpolate(table, scale_factor=scale, mode="bicubic", antialias=False)
-        if table.shape[-2:] != (grid_h, grid_w):
-            raise RuntimeError(f"pos_embed interpolation gave {tuple(table.shape[-2:])}, wanted {(grid_h, grid_w)}")
-        table = table.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)
+        table = pos[:, 1:].reshape(1, m, m, -1)
+        rows = bicubic_matrix(grid_h, m, pos, POS_INTERPOLATE_OFFSET)
+        cols = bicubic_matrix(grid_w, m, pos, POS_INTERPOLATE_OFFSET)
+        table = torch.einsum("ia,nabc,jb->nijc", rows, table, cols).reshape(1, grid_h * grid_w, -1)
         return torch.cat((pos[:, :1], table), dim=1).to(dtype)
 
     def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:

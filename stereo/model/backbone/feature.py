@@ -15,8 +15,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from stereo.model.backbone.dims import BackboneDims
-from stereo.model.backbone.dinov2 import DinoVisionTransformer
 from stereo.model.backbone.dpt import DepthAnything, DPTHead
+from stereo.model.backbone.dinov2 import DinoVisionTransformer, bicubic_resize
 from stereo.model.backbone.edgenext import edgenext_stages, edgenext_stem, init_edgenext_
 from stereo.model.layers import BasicConv, Conv2xIN, ResidualBlock
 
@@ -29,7 +29,10 @@ def vit_input_size(h: int, w: int) -> tuple[int, int]:
     aspect ratio (rounded up), as the released `get_resize_keep_aspect_ratio`."""
 
     def up(x: float) -> int:
-        return int(math.ceil(x / VIT_SIDE_MULTIPLE) * VIT_SIDE_MULTIPLE)
+        if isinstance(x, float):
+            return int(math.ceil(x / VIT_SIDE_MULTIPLE) * VIT_SIDE_MULTIPLE)
+        # integers: exact, and symbolic in an ONNX export (no negative floor division: ONNX's Div truncates)
+        return (x + VIT_SIDE_MULTIPLE - 1) // VIT_SIDE_MULTIPLE * VIT_SIDE_MULTIPLE
 
     rh, rw = up(h), up(w)
     if rh > VIT_MAX_SIDE or rw > VIT_MAX_SIDE:
@@ -49,8 +52,7 @@ class DepthAnythingFeature(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = vit_input_size(*x.shape[-2:])
-        x = F.interpolate(x, size=size, mode="bicubic", align_corners=False)
-        return self.depth_anything(x)
+        return self.depth_anything(bicubic_resize(x, size))
 
 
 class Feature(nn.Module):
