@@ -182,18 +182,18 @@ def test_compiled_losses_match_eager_within_tolerance(inductor_runs):
     eager, compiled = (by_step(inductor_runs / name) for name in ("eager", "compiled"))
     assert sorted(eager) == sorted(compiled) == list(range(1, 21))
     loss = {s: abs(compiled[s]["loss"] - eager[s]["loss"]) / eager[s]["loss"] for s in eager}
-    # step 1 (the same weights and batch) checks the compiled forward and backward: measured 3.6e-6 relative in the
-    # loss and 1.6e-3 in the gradient's norm before clipping (~9900; Inductor's fused fp32 kernels reorder the sums);
-    # allowed 1e-4 and 1e-2, about 30x and 6x the measured
+    # step 1 (the same weights and batch) checks the compiled forward and backward. Measured in two pairs of runs
+    # (before and after main's data seeding changed the batches): at most 3.6e-6 relative in the loss and 1.6e-3 in the
+    # gradient's norm before clipping (~9900; Inductor's fused fp32 kernels reorder the sums); allowed 1e-4 and 1e-2
     assert loss[1] < 1e-4, loss[1]
     assert abs(compiled[1]["grad_norm"] - eager[1]["grad_norm"]) / eager[1]["grad_norm"] < 1e-2
     # from step 2 on the runs drift apart: AdamW's first updates are about lr * sign(gradient), so a component whose
-    # gradient is at the rounding level takes a full step either way. Measured over 20 steps: at most 6.9e-2 (step
-    # 12), the mean loss of the run 1.6e-2 apart; allowed 0.15 and 5e-2 (about 2x and 3x). A run that stops learning
-    # or diverges, or a graph left stale by an update, is far outside
-    assert max(loss.values()) < 0.15, loss
+    # gradient is at the rounding level takes a full step either way. Measured over 20 steps: at most 6.9e-2 and 9.0e-2
+    # in one step's loss, the runs' mean losses 1.6e-2 and 2.7e-2 apart; allowed 0.2 and 6e-2 (about 2x). A run that
+    # stops learning or diverges, or a graph left stale by an update, is far outside
+    assert max(loss.values()) < 0.2, loss
     mean = {name: sum(r["loss"] for r in run.values()) / len(run) for name, run in (("e", eager), ("c", compiled))}
-    assert abs(mean["c"] - mean["e"]) / mean["e"] < 5e-2, mean
+    assert abs(mean["c"] - mean["e"]) / mean["e"] < 6e-2, mean
 
 
 @pytest.mark.slow
