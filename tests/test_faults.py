@@ -319,7 +319,7 @@ def test_ctrl_c_saves_the_step_in_progress_and_exits_cleanly(tmp_path):
     assert f"checkpointed at step {saved[0]}" in log
     assert "Ctrl-C again to stop without saving" in log
     assert "KeyboardInterrupt" not in log
-    assert assert_clean_exit(code, log, run_dir, 75)[0].endswith("exiting 75 (start the same command again to resume)")
+    assert assert_clean_exit(code, log, run_dir, 75)[0].endswith(f"exiting 75; to resume: make resume RUN={run_dir}")
     assert (run_dir / "checkpoints" / f"step_{saved[0]:08d}" / COMPLETE).is_file()
 
 
