@@ -177,7 +177,7 @@ def inductor_runs(tmp_path_factory):
     return root
 
 
-@pytest.mark.slow
+@pytest.mark.inductor
 def test_compiled_losses_match_eager_within_tolerance(inductor_runs):
     eager, compiled = (by_step(inductor_runs / name) for name in ("eager", "compiled"))
     assert sorted(eager) == sorted(compiled) == list(range(1, 21))
@@ -196,7 +196,7 @@ def test_compiled_losses_match_eager_within_tolerance(inductor_runs):
     assert abs(mean["c"] - mean["e"]) / mean["e"] < 6e-2, mean
 
 
-@pytest.mark.slow
+@pytest.mark.inductor
 def test_kill9_resume_of_a_compiled_run_is_bit_identical_and_compiles_from_the_cache(inductor_runs):
     straight, killed = losses(inductor_runs / "compiled"), losses(inductor_runs / "killed")
     assert straight == killed  # exact, every step
