@@ -106,8 +106,8 @@ def test_make_resume_continues_the_named_or_the_newest_run(tmp_path):
     def command(*args: str) -> str:  # the recipe line, its continuation joined
         return " ".join(make("-n", "resume", python, *args, cwd=tmp_path).stdout.replace("\\\n", " ").split())
 
-    assert f"{sys.executable} -m stereo train runs/newer/config.yaml 'train.run_dir=runs/newer'" in command()
-    assert "runs/older/config.yaml 'train.run_dir=runs/older' 'train.steps=20'" in command("RUN=runs/older",
+    assert f"{sys.executable} -m stereo train 'runs/newer/config.yaml' 'train.run_dir=runs/newer'" in command()
+    assert "'runs/older/config.yaml' 'train.run_dir=runs/older' 'train.steps=20'" in command("RUN=runs/older",
                                                                                           "train.steps=20")
     shutil.rmtree(tmp_path / "runs")
     none = make("resume", python, cwd=tmp_path)
