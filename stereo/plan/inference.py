@@ -55,13 +55,16 @@ def plan_inference(cfg: ModelConfig, height: int, width: int, iters: int, precis
     weights = (trainable + frozen) * BYTES["fp32"]  # inference keeps fp32 weights; autocast lowers activations
     peak = _peak(cfg, height, width, iters, precision, weights)
     half = _peak(cfg, max(32, height // 2), max(32, width // 2), iters, precision, weights)
-    # the line through two sizes of this aspect ratio, in pixels
-    small_scale = 256 / max(height, width)
-    small = (max(32, round(height * small_scale)), max(32, round(width * small_scale)))
-    small_peak = _peak(cfg, *small, iters, precision, weights)
-    slope = (peak - small_peak) / max(1, _pad32(height) * _pad32(width) - _pad32(small[0]) * _pad32(small[1]))
-    scale = math.sqrt(max(0.0, (gpu.usable_bytes - small_peak) / max(slope, 1e-9)
-                          + _pad32(small[0]) * _pad32(small[1])) / (height * width))
+    # the line through two sizes of this aspect ratio, in pixels (the second one 256 px on its long side, or twice
+    # the image where that is too close to it)
+    ref_scale = 256 / max(height, width)
+    ref_scale = 2.0 if abs(ref_scale - 1) < 0.25 else ref_scale
+    ref = (max(32, round(height * ref_scale)), max(32, round(width * ref_scale)))
+    ref_peak = _peak(cfg, *ref, iters, precision, weights)
+    ref_pixels = _pad32(ref[0]) * _pad32(ref[1])
+    pixels = _pad32(height) * _pad32(width) - ref_pixels
+    slope = (peak - ref_peak) / pixels if pixels else 0.0
+    scale = math.sqrt(max(0.0, (gpu.usable_bytes - ref_peak) / max(slope, 1e-9) + ref_pixels) / (height * width))
     best = (int(height * scale) // 32 * 32, int(width * scale) // 32 * 32)
     while min(best) > 32 and _peak(cfg, *best, iters, precision, weights) > gpu.usable_bytes:
         best = (best[0] - 32, max(32, round((best[0] - 32) * width / height) // 32 * 32))
