@@ -203,6 +203,8 @@ srun_pid=$!
 while kill -0 "$srun_pid" 2>/dev/null; do wait "$srun_pid"; done
 wait "$srun_pid"
 status=$?
+# the tasks are done: a signal now (the requeue's own SIGTERM) has nothing to pass on and must not cut the lines below
+for sig in USR1 USR2 TERM INT; do trap '' "$sig"; done
 if [ "$status" = {preempted} ] || [ "$status" -gt 128 ]; then
     state=$(scontrol -o show job "$job" | grep -o 'JobState=[A-Z_]*')
     restarts=${{SLURM_RESTART_COUNT:-0}}
@@ -211,8 +213,10 @@ if [ "$status" = {preempted} ] || [ "$status" -gt 128 ]; then
         say "job ${{state#JobState=}}: Slurm is ending or requeueing it; not requeued from here"
     elif [ "$restarts" -ge {max_requeues} ]; then
         say "not requeued: reached slurm.max_requeues={max_requeues}; submit again with the same train.run_dir"
-    elif (trap '' TERM; exec scontrol requeue "$job"); then  # the requeue's own SIGTERM reaches scontrol
-        say "requeued (restart $((restarts + 1)) of at most {max_requeues})"
+    else
+        # said before the requeue: the requeue ends this shell, after KillWait at the latest
+        say "requeueing (restart $((restarts + 1)) of at most {max_requeues})"
+        scontrol requeue "$job" || say "Slurm refused the requeue; submit again with the same train.run_dir"
     fi
 fi
 exit "$status"

@@ -371,7 +371,7 @@ def test_slurm_job_in_the_image_resumes_exactly_after_preemption_and_requeue(ima
     STEP_SECONDS["Slurm: 3 jobs in the image, 2 resumed"] = round(time.monotonic() - start, 1)
     assert f"bash {ROOT}/docker/slurm_task.sh {image} " in next(Path(reference.folder).glob("*_submission.sh"))\
         .read_text()
-    assert "requeued (restart 1 of at most" in interrupted.log_path().read_text()  # by the batch shell, on the host
+    assert "requeueing (restart 1 of at most" in interrupted.log_path().read_text()  # by the batch shell, on the host
     for submission in (interrupted, requeued):
         assert query(submission.job_id).restarts >= 1, "the job was never requeued"
         assert wandb_run_ids(Path(submission.run_dir)) == {submission.wandb_id}

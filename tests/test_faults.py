@@ -28,11 +28,13 @@ BASE = ["augment.crop=[64,128]", "data.batch_size=1", "model.train_iters=2", "mo
 EXIT_BOUND_S = 120  # generous on a busy 2-core machine; the defects hung forever
 
 
-def trainer(run_dir: Path, *overrides: str, env: dict | None = None) -> subprocess.Popen:
-    """`python -m stereo train tiny ...` (one process, no torchrun), output to RUN_DIR.log."""
+def trainer(run_dir: Path, *overrides: str, env: dict | None = None, slow_steps: float = 0.0) -> subprocess.Popen:
+    """`python -m stereo train tiny ...` (one process, no torchrun), output to RUN_DIR.log; `slow_steps` adds that many
+    seconds to every step (tests/poisoned_train.py)."""
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     log = open(run_dir.parent / f"{run_dir.name}.log", "a")
-    cmd = [sys.executable, "-m", "stereo", "train", "tiny", f"train.run_dir={run_dir}", *BASE, *overrides]
+    entry = [str(REPO / "tests" / "poisoned_train.py"), f"--slow-steps={slow_steps}"] if slow_steps else ["-m", "stereo"]
+    cmd = [sys.executable, *entry, "train", "tiny", f"train.run_dir={run_dir}", *BASE, *overrides]
     return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "MASTER_PORT": str(free_port()), **(env or {})})
 
@@ -401,13 +403,13 @@ def test_run_directory_made_read_only_mid_run_is_a_checkpoint_error_naming_the_p
 
 
 def test_second_ctrl_c_stops_at_once_with_130(tmp_path):
-    """The second Ctrl-C counts after the trainer's debounce (a terminal may deliver one press twice): slow steps
-    (12 GRU iterations on larger crops) keep the step in progress past it."""
+    """The second Ctrl-C counts after the trainer's debounce (a terminal may deliver one press twice): steps slowed
+    well past it keep the step in progress running when it comes, however fast the machine."""
     from stereo.train.signals import INTERRUPT_DEBOUNCE_S
 
     run_dir = tmp_path / "run"
-    proc = trainer(run_dir, "train.steps=500", "checkpoint.every=1000", "data.num_workers=0", "model.train_iters=12",
-                   "augment.crop=[128,256]")
+    proc = trainer(run_dir, "train.steps=500", "checkpoint.every=1000", "data.num_workers=0",
+                   slow_steps=3 * INTERRUPT_DEBOUNCE_S)
     wait_for_step(run_dir, 1, proc)
     os.killpg(proc.pid, signal.SIGINT)
     time.sleep(INTERRUPT_DEBOUNCE_S + 0.3)
