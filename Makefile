@@ -31,7 +31,7 @@ q = '$(subst ','\'',$(1))'
 missing = $(strip $(foreach v,$(1),$(if $($(v)),,$(v))))
 require = $(if $(call missing,$(1)),$(error make $@ needs $(call missing,$(1)), for example: $(2)))
 
-.PHONY: help setup test test-vitl test-inductor test-gpu gpu-check train resume demo-data demo-pair shards shards-upload plan bench \
+.PHONY: help setup test test-deploy-large test-inductor test-gpu gpu-check train resume demo-data demo-pair shards shards-upload plan bench \
         bench-data bench-restart eval compare infer export export-onnx mlflow-upload submit status logs cancel sweep \
         sweep-status slurm-up slurm-down docker docker-build \
         docker-run docker-test config clean
@@ -48,13 +48,13 @@ $(VENV)/.setup-done: requirements.txt docker/install.sh pyproject.toml
 	touch $@
 
 test: ## run the test suite (CPU; real DeepSpeed, webdataset, Slurm, wandb offline, an MLflow server)
-	$(PY) -m pytest -m "not gpu and not docker and not vitl and not inductor" tests
+	$(PY) -m pytest -m "not gpu and not docker and not deploy_large and not inductor" tests
 
 test-inductor: ## compiled-vs-eager parity and the kill -9 resume of a compiled run through Inductor (CPU; ~10 min)
 	$(PY) -m pytest -m inductor tests
 
-test-vitl: ## the ViT-L deployment checks (ONNX export and parity on the CPU; ~15 min, ~16 GB memory)
-	$(PY) -m pytest -m vitl tests
+test-deploy-large: ## ViT-L ONNX parity and the fp16 export at full Middlebury size (CPU; ~20 min, ~16 GB memory)
+	$(PY) -m pytest -m deploy_large tests
 
 test-gpu: ## run the GPU-marked tests (on a GPU node)
 	$(PY) -m pytest -m gpu tests

@@ -282,9 +282,9 @@ def test_inference_plan_grows_with_the_image_and_its_largest_image_fits(monkeypa
     assert _peak(cfg, height + 256, width + 384, 2, "fp32", large.weights_bytes) > gpu.usable_bytes
 
 
-@pytest.mark.vitl
+@pytest.mark.deploy_large
 def test_vitl_onnxruntime_matches_pytorch(tmp_path):
-    """ViT-L (random weights, the released max_disp 416) exported and checked at two sizes: `make test-vitl`."""
+    """ViT-L (random weights, the released max_disp 416) exported and checked at two sizes: `make test-deploy-large`."""
     model = seeded(ModelConfig(size="vitl", valid_iters=ITERS))
     out = tmp_path / "vitl.onnx"
     export_onnx(model, out, ExportSpec(iters=ITERS, height=128, width=192))
@@ -294,3 +294,30 @@ def test_vitl_onnxruntime_matches_pytorch(tmp_path):
         diff = difference(engine(left, right), torch_disparity(model, left, right))
         print(f"vitl {height}x{width}: max {diff['max_abs']:.2e} px, mean {diff['mean_abs']:.2e} px")
         assert diff["finite"] and diff["max_abs"] < MAX_ABS_PX and diff["mean_abs"] < MEAN_ABS_PX
+
+
+FULL_MIDDLEBURY = (1988, 2964)  # (height, width): Middlebury 2014's Motorcycle at full resolution
+
+
+@pytest.mark.deploy_large
+def test_fp16_stays_finite_at_full_middlebury_size(tiny, tmp_path):
+    """The fp16 export at full Middlebury size (static: sides past 1344 px) through onnxruntime, and the torch float16
+    run of the same model, against the fp32 PyTorch disparity: `make test-deploy-large`."""
+    from stereo.deploy.fp16 import torch_fp16_disparity
+
+    model, _ = tiny
+    height, width = FULL_MIDDLEBURY
+    padded = [side + (-side % 32) for side in FULL_MIDDLEBURY]
+    out = tmp_path / "middlebury.fp16.onnx"
+    export_onnx(model, out, ExportSpec(iters=ITERS, height=padded[0], width=padded[1], static=True,
+                                       precision="fp16"))
+    left, right = reference_pair(height, width)
+    fp32 = torch_disparity(model, left, right)
+    onnx16 = difference(OnnxStereo(out)(left, right), fp32)
+    tensors = [torch.from_numpy(x).permute(2, 0, 1)[None].float() for x in (left, right)]
+    torch16 = difference(torch_fp16_disparity(model, *tensors, ITERS)[0, 0].numpy(), fp32)
+    for name, diff in (("onnxruntime fp16", onnx16), ("torch float16", torch16)):
+        print(f"{name} vs fp32 at {height}x{width}: max {diff['max_abs']:.3f} px, mean {diff['mean_abs']:.4f} px, "
+              f"finite {diff['finite']}")
+    assert onnx16["finite"] and onnx16["mean_abs"] < 0.1 and onnx16["max_abs"] < 2.0
+    assert torch16["finite"] and torch16["mean_abs"] < 0.1
