@@ -102,17 +102,21 @@ class ResidualBlock(nn.Module):
         self.conv2 = nn.Conv2d(planes, planes, 3, padding=1)
         self.norm1 = norm_2d(norm, planes)
         self.norm2 = norm_2d(norm, planes)
+        self.stride = stride
         if stride == 1 and in_planes == planes:
             self.downsample = None
         else:
             self.norm3 = norm_2d(norm, planes)
-            self.downsample = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride), self.norm3)
+            # The skip's 1x1 conv of stride s reads every s-th pixel: forward slices them and the conv runs at
+            # stride 1, the same values and state dict. Inductor's CPU backward of a strided 1x1 conv (torch 2.13)
+            # corrupts the heap (docs/performance.md).
+            self.downsample = nn.Sequential(nn.Conv2d(in_planes, planes, 1), self.norm3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.relu(self.norm1(self.conv1(x)))
         y = F.relu(self.norm2(self.conv2(y)))
         if self.downsample is not None:
-            x = self.downsample(x)
+            x = self.downsample(x[:, :, ::self.stride, ::self.stride])
         return F.relu(x + y)
 
 
