@@ -205,6 +205,32 @@ def test_kill9_resume_of_a_compiled_run_is_bit_identical_and_compiles_from_the_c
     assert resumed["fx_cache_hits"] > 0 and resumed["fx_cache_misses"] == 0, resumed
 
 
+STRIDED_SKIP = """
+import torch
+from stereo.model.layers import ResidualBlock
+torch.manual_seed(0)
+block = ResidualBlock(8, 16, norm="batch", stride=2).train()
+x = torch.randn(2, 8, 128, 256, requires_grad=True)
+eager = torch.autograd.grad(block(x).square().mean(), x)[0]
+compiled = torch.compile(block, dynamic=False)
+for _ in range(3):
+    grad = torch.autograd.grad(compiled(x).square().mean(), x)[0]
+print("max difference", float((grad - eager).abs().max()))
+"""
+
+
+@pytest.mark.inductor
+def test_a_strided_residual_block_compiles_through_inductors_backward(tmp_path):
+    """The context network's stride-2 blocks at the bench's crop, compiled forward and backward in a process of their
+    own: with the skip as a strided 1x1 conv, Inductor's CPU backward of it aborted the process ('free(): invalid next
+    size'), silently at smaller sizes (docs/performance.md)."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-c", STRIDED_SKIP], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert float(done.stdout.split("max difference")[1]) < 1e-5
+
+
 CHECKPOINTING = [f"model.activation_checkpointing.{part}=true" for part in ("features", "cost_filtering", "update")]
 
 

@@ -136,6 +136,24 @@ def test_channels_last_is_refused_on_the_cpu(small_pair):
         model(*small_pair, iters=1)
 
 
+def test_strided_residual_skip_is_the_strided_1x1_conv():
+    """The skip of a stride-2 ResidualBlock slices, then runs its 1x1 conv at stride 1: the released model's strided
+    conv with the same parameters, forward and backward, to fp32 rounding (oneDNN sums in another order)."""
+    from stereo.model.layers import ResidualBlock
+
+    torch.manual_seed(0)
+    block = ResidualBlock(8, 16, norm="batch", stride=2).train()
+    conv = block.downsample[0]
+    assert conv.stride == (1, 1) and block.stride == 2
+    x = torch.randn(2, 8, 33, 64, requires_grad=True)  # an odd side: ceil(33 / 2) rows either way
+    ours, released = conv(x[:, :, ::2, ::2]), F.conv2d(x, conv.weight, conv.bias, stride=2)
+    torch.testing.assert_close(ours, released, rtol=1e-5, atol=1e-6)
+    upstream = torch.randn_like(ours)
+    grads = [torch.autograd.grad(out, (x, conv.weight, conv.bias), upstream) for out in (ours, released)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_cost_volumes_match_the_loop_definition():
     g = torch.Generator().manual_seed(0)
     left, right = torch.randn(2, 16, 3, 20, generator=g), torch.randn(2, 16, 3, 20, generator=g)
