@@ -23,9 +23,10 @@ class DisparityGraph(nn.Module):
 
     def __init__(self, model: nn.Module, iters: int, hierarchical: bool = False) -> None:
         super().__init__()
-        self.model = model.eval()
+        self.model = model
         self.iters = iters
         self.hierarchical = hierarchical
+        self.eval()  # the wrapper too: the exporter warns of a module in training mode
 
     @property
     def divisor(self) -> int:
