@@ -37,7 +37,7 @@ require = $(if $(call missing,$(1)),$(error make $@ needs $(call missing,$(1)), 
         docker-run docker-test config clean
 
 help: ## list the targets
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
 setup: $(VENV)/.setup-done ## build .venv with pinned versions (CPU or GPU machine) and the local Slurm packages
 	@bash slurm/local_cluster.sh install
