@@ -301,12 +301,12 @@ FULL_MIDDLEBURY = (1988, 2964)  # (height, width): Middlebury 2014's Motorcycle 
 
 
 @pytest.mark.deploy_large
-def test_fp16_stays_finite_at_full_middlebury_size(tiny, tmp_path):
+def test_fp16_stays_finite_at_full_middlebury_size(tmp_path):
     """The fp16 export at full Middlebury size (static: sides past 1344 px) through onnxruntime, and the torch float16
     run of the same model, against the fp32 PyTorch disparity: `make test-deploy-large`."""
     from stereo.deploy.fp16 import torch_fp16_disparity
 
-    model, _ = tiny
+    model = seeded(tiny_cfg())
     height, width = FULL_MIDDLEBURY
     padded = [side + (-side % 32) for side in FULL_MIDDLEBURY]
     out = tmp_path / "middlebury.fp16.onnx"
